@@ -1,0 +1,37 @@
+"""Shared fixtures: offline environment, seeds, tiny models saved to disk and loaded by path."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """`tiny_model_dir(arch, **kw)` -> path of a tiny random model saved to disk (cached)."""
+    from wiremap.models.tiny import build_tiny_model
+
+    built: dict = {}
+    root = tmp_path_factory.mktemp("tiny_models")
+
+    def make(arch: str = "llama", **kw):
+        key = (arch, tuple(sorted(kw.items())))
+        if key not in built:
+            built[key] = build_tiny_model(arch, root / f"{arch}_{len(built)}", **kw)
+        return built[key]
+
+    return make
