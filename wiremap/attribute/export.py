@@ -1,0 +1,450 @@
+"""Graph JSON for viewers (DESIGN.md §8), its schema check, and a text summary of paths.
+
+    result = write_graph_json(graph, "graph.json", node_threshold=0.8, edge_threshold=0.98)
+    validate_graph_json(json.load(open("graph.json")))   # raises WiremapError on problems
+    print(summarize_paths(graph, k=5, result=result))
+    subgraph_scores(graph, ["3_12_5", "5_7_6"])            # scores of pinned node ids
+
+Node ids: feature `"{layer}_{feature}_{pos}"`, error `"{layer}_-1_{pos}"` (never a feature
+id, since features are >= 0), token `"E_{token_id}_{pos}"`, logit
+`"{n_layers + 1}_{token_id}_{pos}"`; a logit target without a real token id (a custom
+direction) uses `-(index + 1)` in place of the token id so every id stays unique.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from wiremap.attribute.graph import Graph
+from wiremap.attribute.prune import PruneResult, graph_scores, prune_graph
+from wiremap.errors import WiremapError
+
+SCHEMA_VERSION = 1
+FEATURE_TYPES = ("cross layer transcoder", "mlp reconstruction error", "embedding", "logit")
+Labels = Mapping[tuple[int, int], str]  # (layer, feature) -> short description
+
+
+def cantor(layer: int, feature: int) -> int:
+    """Cantor pairing of (layer, feature): one integer per feature across layers."""
+    return (layer + feature) * (layer + feature + 1) // 2 + feature
+
+
+# ---- node ids and names ------------------------------------------------------------------
+def _logit_token_ids(graph: Graph) -> list[int]:
+    seen: set[int] = set()
+    out = []
+    for i, tok in enumerate(graph.logit_tokens.tolist()):
+        tok = tok if tok >= 0 and tok not in seen else -(i + 1)
+        seen.add(tok)
+        out.append(tok)
+    return out
+
+
+def node_ids(graph: Graph) -> list[str]:
+    """The JSON id of every node, in the graph's node order."""
+    ids = [f"{l}_{f}_{p}" for l, p, f in graph.active_features.tolist()]
+    ids += [f"{l}_-1_{p}" for l in range(graph.n_layers) for p in range(graph.n_pos)]
+    ids += [f"E_{tok}_{p}" for p, tok in enumerate(graph.input_ids.tolist())]
+    last, logit_layer = graph.n_pos - 1, graph.n_layers + 1
+    ids += [f"{logit_layer}_{tok}_{last}" for tok in _logit_token_ids(graph)]
+    return ids
+
+
+def node_name(graph: Graph, i: int, labels: Labels | None = None) -> str:
+    """Readable name: "L3 F12 @' Dallas'", "error L2@5", "tok ' Dallas'", "logit ' Austin'"."""
+    kind = graph.node_kind(i)
+    if kind == "feature":
+        layer, pos, feat = graph.active_features[i].tolist()
+        label = (labels or {}).get((layer, feat))
+        suffix = f" [{label}]" if label else ""
+        return f"L{layer} F{feat} @'{graph.token_strings[pos]}'{suffix}"
+    if kind == "error":
+        layer, pos = graph.node_layer_pos(i)
+        return f"error L{layer}@{pos}"
+    if kind == "token":
+        return f"tok '{graph.token_strings[i - graph.token_slice.start]}'"
+    return f"logit '{graph.logit_strings[i - graph.logit_slice.start]}'"
+
+
+# ---- JSON nodes --------------------------------------------------------------------------
+def _feature_node(graph: Graph, i: int, node_id: str, labels: Labels | None) -> dict[str, Any]:
+    layer, pos, feat = graph.active_features[i].tolist()
+    return {
+        "node_id": node_id,
+        "feature": cantor(layer, feat),
+        "layer": str(layer),
+        "ctx_idx": pos,
+        "feature_type": "cross layer transcoder",
+        "jsNodeId": f"{layer}_{feat}-0",
+        "clerp": (labels or {}).get((layer, feat), ""),
+        "activation": float(graph.activations[i]),
+    }
+
+
+def _error_node(graph: Graph, i: int, node_id: str) -> dict[str, Any]:
+    layer, pos = graph.node_layer_pos(i)
+    return {
+        "node_id": node_id,
+        "feature": -1,
+        "layer": str(layer),
+        "ctx_idx": pos,
+        "feature_type": "mlp reconstruction error",
+        "jsNodeId": f"{layer}_-1-{pos}",
+        "clerp": f"Error: layer {layer} at '{graph.token_strings[pos]}'",
+        "activation": None,
+    }
+
+
+def _token_node(graph: Graph, i: int, node_id: str) -> dict[str, Any]:
+    pos = i - graph.token_slice.start
+    return {
+        "node_id": node_id,
+        "feature": pos,
+        "layer": "E",
+        "ctx_idx": pos,
+        "feature_type": "embedding",
+        "jsNodeId": f"E_{int(graph.input_ids[pos])}-{pos}",
+        "clerp": f'Embedding: "{graph.token_strings[pos]}"',
+        "activation": None,
+    }
+
+
+def _logit_node(graph: Graph, i: int, node_id: str) -> dict[str, Any]:
+    j = i - graph.logit_slice.start
+    tok = _logit_token_ids(graph)[j]
+    prob = float(graph.logit_probs[j])
+    pos = graph.n_pos - 1
+    return {
+        "node_id": node_id,
+        "feature": tok,
+        "layer": str(graph.n_layers + 1),
+        "ctx_idx": pos,
+        "feature_type": "logit",
+        "jsNodeId": f"L_{tok}-{pos}",
+        "clerp": f'Output "{graph.logit_strings[j]}" (p={prob:.3f})',
+        "activation": None,
+        "token_prob": prob,
+        "is_target_logit": graph.logit_slice.start + j == graph.top_logit,
+    }
+
+
+def _json_node(graph: Graph, i: int, node_id: str, labels: Labels | None) -> dict[str, Any]:
+    kind = graph.node_kind(i)
+    if kind == "feature":
+        node = _feature_node(graph, i, node_id, labels)
+    elif kind == "error":
+        node = _error_node(graph, i, node_id)
+    elif kind == "token":
+        node = _token_node(graph, i, node_id)
+    else:
+        return _logit_node(graph, i, node_id)
+    return {**node, "token_prob": 0.0, "is_target_logit": False}
+
+
+# ---- the whole document ------------------------------------------------------------------
+def _slug(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:64] or "graph"
+
+
+def _jsonable(value: Any) -> Any:
+    # settings may hold dtypes, paths or tensors: keep JSON plain
+    return json.loads(json.dumps(value, default=str))
+
+
+def _metadata(graph: Graph, result: PruneResult, slug: str | None, scan: str | None) -> dict:
+    from wiremap import __version__
+
+    settings = _jsonable(graph.settings)
+    return {
+        "slug": slug or _slug(graph.prompt),
+        "scan": scan or str(settings.get("scan") or settings.get("model") or "wiremap"),
+        "prompt": graph.prompt,
+        "prompt_tokens": list(graph.token_strings),
+        "node_threshold": result.settings["node_threshold"],
+        "schema_version": SCHEMA_VERSION,
+        "info": {"generator": {"name": "wiremap", "version": __version__}},
+        "generation_settings": settings,
+        "pruning_settings": dict(result.settings),
+        "scores": result.scores,
+    }
+
+
+def graph_to_json(
+    graph: Graph,
+    result: PruneResult | None = None,
+    labels: Labels | None = None,
+    slug: str | None = None,
+    scan: str | None = None,
+    pinned_ids: Iterable[str] = (),
+    supernodes: Iterable[list[str]] = (),
+    **prune_kwargs: Any,
+) -> dict[str, Any]:
+    """The graph JSON of DESIGN.md §8 for the pruned graph (pruned here unless `result`)."""
+    result = result or prune_graph(graph, **prune_kwargs)
+    ids = node_ids(graph)
+    kept = result.node_mask.nonzero().reshape(-1).tolist()
+    nodes = []
+    for i in kept:
+        node = _json_node(graph, i, ids[i], labels)
+        node["influence"] = float(result.cumulative_influence[i])
+        nodes.append(node)
+    targets, sources, weights = result.edges()
+    links = [
+        {"source": ids[s], "target": ids[t], "weight": w}
+        for t, s, w in zip(targets.tolist(), sources.tolist(), weights.tolist(), strict=True)
+    ]
+    q_params = {
+        "pinnedIds": list(pinned_ids),
+        "supernodes": [list(s) for s in supernodes],
+        "linkType": "both",
+        "clickedId": "",
+        "sg_pos": "",
+    }
+    return {
+        "metadata": _metadata(graph, result, slug, scan),
+        "qParams": q_params,
+        "nodes": nodes,
+        "links": links,
+    }
+
+
+def write_graph_json(
+    graph: Graph, path: str | Path, result: PruneResult | None = None, **kwargs: Any
+) -> PruneResult:
+    """Prune (unless `result`), write the graph JSON to `path`, check it; returns the pruning."""
+    prune_keys = ("node_threshold", "edge_threshold", "backend")
+    result = result or prune_graph(graph, **{k: kwargs.pop(k) for k in prune_keys if k in kwargs})
+    obj = graph_to_json(graph, result=result, **kwargs)
+    validate_graph_json(obj)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+    return result
+
+
+def subgraph_scores(graph: Graph, ids: Iterable[str]) -> dict[str, float]:
+    """Replacement/completeness scores of the subgraph made of these node ids (e.g. pinnedIds)."""
+    ids = list(ids)
+    index = {node_id: i for i, node_id in enumerate(node_ids(graph))}
+    unknown = [n for n in ids if n not in index]
+    if unknown:
+        raise WiremapError(f"unknown node ids {unknown[:5]}; use ids from this graph's JSON")
+    return graph_scores(graph, keep_nodes=[index[n] for n in ids])
+
+
+# ---- schema check ------------------------------------------------------------------------
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+_NODE_CHECKS: dict[str, tuple[str, Any]] = {
+    "node_id": ("a string", lambda x: isinstance(x, str) and x != ""),
+    "feature": ("an integer", _is_int),
+    "layer": ("a string", lambda x: isinstance(x, str)),
+    "ctx_idx": ("an integer >= 0", lambda x: _is_int(x) and x >= 0),
+    "feature_type": (f"one of {FEATURE_TYPES}", lambda x: x in FEATURE_TYPES),
+    "jsNodeId": ("a string", lambda x: isinstance(x, str)),
+    "clerp": ("a string", lambda x: isinstance(x, str)),
+    "influence": ("a number or null", lambda x: x is None or _is_number(x)),
+    "activation": ("a number or null", lambda x: x is None or _is_number(x)),
+    "token_prob": ("a number", _is_number),
+    "is_target_logit": ("a boolean", lambda x: isinstance(x, bool)),
+}
+_METADATA_CHECKS: dict[str, tuple[str, Any]] = {
+    "slug": ("a string", lambda x: isinstance(x, str)),
+    "scan": ("a string", lambda x: isinstance(x, str)),
+    "prompt": ("a string", lambda x: isinstance(x, str)),
+    "prompt_tokens": ("a list of strings", lambda x: _list_of(x, str)),
+    "node_threshold": ("a number", _is_number),
+    "schema_version": (f"{SCHEMA_VERSION}", lambda x: x == SCHEMA_VERSION),
+    "info": ("an object with generator {name, version}", lambda x: _has_generator(x)),
+    "generation_settings": ("an object", lambda x: isinstance(x, dict)),
+    "pruning_settings": ("an object", lambda x: isinstance(x, dict)),
+}
+_QPARAMS_CHECKS: dict[str, tuple[str, Any]] = {
+    "pinnedIds": ("a list of node ids", lambda x: _list_of(x, str)),
+    "supernodes": ("a list of [label, nodeId, ...] lists", lambda x: _supernodes_ok(x)),
+    "linkType": ("a string", lambda x: isinstance(x, str)),
+    "clickedId": ("a string", lambda x: isinstance(x, str)),
+    "sg_pos": ("a string", lambda x: isinstance(x, str)),
+}
+
+
+def _list_of(x: Any, kind: type) -> bool:
+    return isinstance(x, list) and all(isinstance(v, kind) for v in x)
+
+
+def _has_generator(info: Any) -> bool:
+    gen = info.get("generator") if isinstance(info, dict) else None
+    return isinstance(gen, dict) and "name" in gen and "version" in gen
+
+
+def _supernodes_ok(x: Any) -> bool:
+    return isinstance(x, list) and all(_list_of(s, str) and len(s) >= 1 for s in x)
+
+
+def _check_fields(obj: Any, checks: dict, where: str, problems: list[str]) -> None:
+    if not isinstance(obj, dict):
+        problems.append(f"{where} is not an object")
+        return
+    for key, (expected, ok) in checks.items():
+        if key not in obj:
+            problems.append(f"{where} misses {key!r}")
+        elif not ok(obj[key]):
+            problems.append(f"{where}.{key} should be {expected}, got {obj[key]!r:.60}")
+
+
+def _check_nodes(nodes: Any, problems: list[str]) -> set[str]:
+    if not isinstance(nodes, list):
+        problems.append("nodes is not a list")
+        return set()
+    seen: set[str] = set()
+    for k, node in enumerate(nodes):
+        _check_fields(node, _NODE_CHECKS, f"nodes[{k}]", problems)
+        node_id = node.get("node_id") if isinstance(node, dict) else None
+        if node_id in seen:
+            problems.append(f"duplicate node id {node_id!r} (nodes[{k}])")
+        if isinstance(node_id, str):
+            seen.add(node_id)
+    return seen
+
+
+def _check_links(links: Any, ids: set[str], problems: list[str]) -> None:
+    if not isinstance(links, list):
+        problems.append("links is not a list")
+        return
+    for k, link in enumerate(links):
+        if not isinstance(link, dict):
+            problems.append(f"links[{k}] is not an object")
+            continue
+        for end in ("source", "target"):
+            if end not in link:
+                problems.append(f"links[{k}] misses {end!r}")
+            elif link[end] not in ids:
+                problems.append(f"links[{k}].{end} {link[end]!r} is not a node id")
+        if not _is_number(link.get("weight")):
+            problems.append(f"links[{k}].weight should be a finite number")
+
+
+def _check_references(q: Any, ids: set[str], problems: list[str]) -> None:
+    if not isinstance(q, dict):
+        return
+    refs = list(q.get("pinnedIds") or []) if _list_of(q.get("pinnedIds"), str) else []
+    if _supernodes_ok(q.get("supernodes")):
+        refs += [n for s in q["supernodes"] for n in s[1:]]
+    if isinstance(q.get("clickedId"), str) and q["clickedId"]:
+        refs.append(q["clickedId"])
+    problems += [f"qParams refers to unknown node id {r!r}" for r in refs if r not in ids]
+
+
+def graph_json_problems(obj: Any) -> list[str]:
+    """Every way `obj` departs from the graph JSON schema (empty when it is valid)."""
+    if not isinstance(obj, dict):
+        return ["the document is not a JSON object"]
+    top = ("metadata", "qParams", "nodes", "links")
+    problems = [f"top level misses {k!r}" for k in top if k not in obj]
+    if "metadata" in obj:
+        _check_fields(obj["metadata"], _METADATA_CHECKS, "metadata", problems)
+    if "qParams" in obj:
+        _check_fields(obj["qParams"], _QPARAMS_CHECKS, "qParams", problems)
+    ids = _check_nodes(obj.get("nodes", []), problems)
+    _check_links(obj.get("links", []), ids, problems)
+    _check_references(obj.get("qParams"), ids, problems)
+    return problems
+
+
+def validate_graph_json(obj: Any, max_listed: int = 20) -> None:
+    """Raise WiremapError listing the problems if `obj` is not a valid graph JSON document."""
+    problems = graph_json_problems(obj)
+    if problems:
+        listed = "; ".join(problems[:max_listed])
+        more = f" (and {len(problems) - max_listed} more)" if len(problems) > max_listed else ""
+        raise WiremapError(
+            f"invalid graph JSON, {len(problems)} problem(s): {listed}{more}. Regenerate it "
+            "with `wiremap attribute` or fix these fields (schema: DESIGN.md §8)"
+        )
+
+
+# ---- strongest paths ---------------------------------------------------------------------
+def _incoming_shares(result: PruneResult) -> dict[int, list[tuple[int, float, float]]]:
+    """target -> [(source, share of the target's kept |input|, signed weight)]."""
+    targets, sources, weights = (t.tolist() for t in result.edges())
+    totals: dict[int, float] = defaultdict(float)
+    for t, w in zip(targets, weights, strict=True):
+        totals[t] += abs(w)
+    incoming: dict[int, list[tuple[int, float, float]]] = defaultdict(list)
+    for t, s, w in zip(targets, sources, weights, strict=True):
+        incoming[t].append((s, abs(w) / totals[t], w))
+    return incoming
+
+
+def strongest_paths(
+    graph: Graph, result: PruneResult, k: int = 5, target: int | None = None
+) -> list[tuple[float, int, list[int]]]:
+    """The k paths from token nodes to `target` (default: top logit) with the largest product
+    of normalised edge weights, as (product, sign, [token, ..., target]).
+
+    Each kept edge weighs |A[t,s]| / Σ_s' |A[t,s']| over the target's kept inputs, so a
+    path's product is the share of the target's attribution that flows along it. Best-first
+    search on -log weights; popping each node at most k times yields the k best (DAG).
+    """
+    target = graph.top_logit if target is None else target
+    incoming = _incoming_shares(result)
+    token_nodes = range(graph.token_slice.start, graph.token_slice.stop)
+    heap: list[tuple[float, int, tuple[int, ...]]] = [(0.0, 1, (target,))]
+    pops: dict[int, int] = defaultdict(int)
+    found = []
+    while heap and len(found) < k:
+        cost, sign, path = heapq.heappop(heap)
+        node = path[-1]
+        pops[node] += 1
+        if pops[node] > k:
+            continue
+        if node in token_nodes:
+            found.append((math.exp(-cost), sign, list(reversed(path))))
+            continue
+        for source, share, weight in incoming.get(node, []):
+            step_sign = sign if weight >= 0 else -sign
+            heapq.heappush(heap, (cost - math.log(share), step_sign, (*path, source)))
+    return found
+
+
+def summarize_paths(
+    graph: Graph,
+    k: int = 5,
+    result: PruneResult | None = None,
+    labels: Labels | None = None,
+    **prune_kwargs: Any,
+) -> str:
+    """A text summary: scores, then the k strongest token-to-top-logit paths."""
+    result = result or prune_graph(graph, **prune_kwargs)
+    top = graph.top_logit
+    j = top - graph.logit_slice.start
+    full, pruned = result.scores["full"], result.scores["pruned"]
+    n_feat = int(result.node_mask[graph.feature_slice].sum())
+    lines = [
+        f"prompt: {graph.prompt!r}",
+        f"scores: replacement {full['replacement']:.3f}, completeness {full['completeness']:.3f}"
+        f" (full graph); {pruned['replacement']:.3f}, {pruned['completeness']:.3f} (pruned: "
+        f"{n_feat} features, {result.n_edges} edges)",
+        f"top {k} paths to {node_name(graph, top)} (p={float(graph.logit_probs[j]):.3f}), "
+        "as the share of its attribution along each path:",
+    ]
+    paths = strongest_paths(graph, result, k, top)
+    if not paths:
+        lines.append("  (no path from a prompt token survives pruning; lower the thresholds)")
+    for rank, (share, sign, path) in enumerate(paths, 1):
+        names = " -> ".join(node_name(graph, i, labels) for i in path)
+        lines.append(f"{rank:>3}. {100 * share:5.1f}% ({'+' if sign > 0 else '-'})  {names}")
+    return "\n".join(lines)
