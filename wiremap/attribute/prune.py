@@ -147,8 +147,11 @@ class SparseMatrix:
 
     def to_tensor(self) -> Tensor:
         indices = torch.stack([self.rows, self.cols])
-        m = torch.sparse_coo_tensor(indices, self.vals, (self.n, self.n), check_invariants=False)
-        return m.coalesce()
+        # Triplets always come from a coalesced tensor or a row-major nonzero(), and
+        # filtering keeps their order, so they are already sorted and unique.
+        return torch.sparse_coo_tensor(
+            indices, self.vals, (self.n, self.n), is_coalesced=True, check_invariants=False
+        )
 
 
 Matrix = DenseMatrix | SparseMatrix
