@@ -190,10 +190,11 @@ def graph_to_json(
     result = result or prune_graph(graph, **prune_kwargs)
     ids = node_ids(graph)
     kept = result.node_mask.nonzero().reshape(-1).tolist()
+    cumulative = result.cumulative_influence.tolist()
     nodes = []
     for i in kept:
         node = _json_node(graph, i, ids[i], labels)
-        node["influence"] = float(result.cumulative_influence[i])
+        node["influence"] = cumulative[i]
         nodes.append(node)
     targets, sources, weights = result.edges()
     links = [
