@@ -272,17 +272,21 @@ class BatchTopK(Activation):
 
     @torch.no_grad()
     def record_batch_threshold(self, threshold: Tensor, layers: list[int] | None = None) -> None:
-        """Fold one batch's per-layer thresholds (`[len(layers)]`) into the moving average."""
+        """Fold one batch's per-layer thresholds (`[len(layers)]`) into the moving average.
+
+        An infinite value (nothing fired in that layer) carries no information and is
+        skipped. Runs on the device without a host sync, so it is cheap every step.
+        """
         layers = list(range(self.n_layers)) if layers is None else layers
-        for value, layer in zip(threshold.tolist(), layers, strict=True):
-            if value == float("inf"):  # nothing fired in this layer: no information
-                continue
-            if self.n_recorded[layer] == 0:
-                self.batch_threshold[layer] = value
-            else:
-                old = self.batch_threshold[layer]
-                self.batch_threshold[layer] = old + self.threshold_momentum * (value - old)
-            self.n_recorded[layer] += 1
+        idx = torch.tensor(layers, device=self.batch_threshold.device)
+        value = threshold.to(self.batch_threshold.device, torch.float32)
+        valid = torch.isfinite(value)
+        old = self.batch_threshold[idx]
+        first = self.n_recorded[idx] == 0
+        ema = old + self.threshold_momentum * (value - old)
+        new = torch.where(first, value, ema)
+        self.batch_threshold[idx] = torch.where(valid, new, old)
+        self.n_recorded[idx] += valid.long()
 
     def calibrated_threshold(self) -> Tensor:
         """The recorded per-layer threshold as a per-feature tensor `[L, F]`."""

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from wiremap.errors import WiremapError
 from wiremap.models.activations import Activation, build_activation
@@ -320,18 +321,14 @@ class CrossLayerTranscoder(Transcoder):
         return w if features is None else w[features]
 
     def decode(self, a: Tensor) -> Tensor:
-        # One matmul per source layer: a^i [N, F] @ W_dec_i [F, (L-i)·d].
-        batch = a.shape[:-2]
-        out = None
-        for i in range(self.n_layers):
-            w = self.decoder(i)
-            part = (a[..., i, :] @ w.reshape(self.d_transcoder, -1)).reshape(
-                *batch, -1, self.d_model
-            )
-            if out is None:
-                out = part.new_zeros(*batch, self.n_layers, self.d_model)
-            out[..., i:, :] += part
-        return out + self.decoder_bias
+        # One matmul per source layer: a^i [..., F] @ W_dec_i [F, (L-i)·d], left-padded to
+        # [..., L·d] and summed. Out-of-place adds keep backward cheap (no zero-filled slice
+        # gradients); starting from the fp32 bias accumulates in fp32 under bf16 autocast.
+        out = self.decoder_bias.reshape(-1)
+        for i, a_i in enumerate(a.unbind(-2)):
+            part = a_i @ self.decoder(i).reshape(self.d_transcoder, -1)
+            out = out + F.pad(part, (i * self.d_model, 0))
+        return out.reshape(*a.shape[:-2], self.n_layers, self.d_model)
 
     def decoder_norms(self) -> Tensor:
         return torch.stack(
