@@ -1,0 +1,335 @@
+"""Lightning callbacks for transcoder training: NaN guard, throughput, replacement quality, export.
+
+    trainer = L.Trainer(callbacks=[NanGuard(), Throughput(every_n_steps=50),
+                                   ReplacementQuality(every_n_steps=1000, n_contexts=16),
+                                   ExportTranscoders("runs/gpt2-clt/transcoders")])
+
+- `NanGuard`: a NaN or inf loss stops training *before* its backward pass (so the weights
+  and the last checkpoint stay finite) with a WiremapError naming the step and the likely
+  cause (bad data in the batch, bf16 overflow, learning rate too high).
+- `Throughput`: logs training tokens/s (all processes together) every N steps.
+- `ReplacementQuality`: every N steps, on held-out contexts rebuilt from the cache's
+  validation rows (token ids and positions are stored beside the activations), splices the
+  transcoders into the language model — every covered layer's `mlp_out` replaced by the
+  transcoder's reconstruction, computed from the inputs of the spliced run itself (closed
+  loop, one forward pass per layer) — and logs the original CE, the spliced CE, the CE with
+  those MLPs zero-ablated, the fraction of CE recovered
+  `(CE_zero − CE_spliced) / (CE_zero − CE_orig)`, the KL(original ‖ spliced) per token and
+  the next-token (argmax) agreement.
+- `ExportTranscoders`: at the end of training writes `<run>/transcoders/` with
+  `io.save_transcoders` (normalisation folded in, BatchTopK made per-token), a training
+  summary in its config.yaml and the resolved training config beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wiremap.errors import WiremapError
+
+
+class NanGuard(L.Callback):
+    """Stop with a WiremapError at the first non-finite loss, before it reaches the weights."""
+
+    def __init__(self) -> None:
+        self._batch: Any = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch = batch
+
+    def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        # Every process must agree, or the healthy ones would wait forever in all-reduce.
+        if trainer.strategy.reduce_boolean_decision(bad, all=False):
+            raise WiremapError(self.message(trainer, pl_module, loss))
+
+    def message(self, trainer, pl_module, loss: Tensor) -> str:
+        value = "NaN" if bool(torch.isnan(loss.detach()).any()) else "inf"
+        lr = _current_lr(trainer)
+        precision = str(trainer.precision)
+        if self._batch is not None and not all(bool(torch.isfinite(t).all()) for t in self._batch):
+            cause = (
+                "bad data: this batch of cached activations itself holds NaN/inf values; "
+                "check the cache with ActivationCache(path, verify=True) or rebuild it"
+            )
+        elif "16" in precision:
+            cause = (
+                f"a bf16/fp16 overflow or a learning rate too high (lr={lr:.3g}); try "
+                "--trainer.precision 32-true, or lower --model.optim.lr"
+            )
+        else:
+            cause = (
+                f"a learning rate too high (lr={lr:.3g}); lower --model.optim.lr, lengthen "
+                "--model.optim.warmup_steps or set --trainer.gradient_clip_val 1.0"
+            )
+        return (
+            f"training stopped: the loss became {value} at step {trainer.global_step} "
+            f"(precision {precision}). Likely cause: {cause}. The last checkpoint is intact; "
+            "resume from it with --ckpt_path after the fix"
+        )
+
+
+def _current_lr(trainer) -> float:
+    if trainer.optimizers:
+        return float(trainer.optimizers[0].param_groups[0]["lr"])
+    return math.nan
+
+
+class Throughput(L.Callback):
+    """Log `perf/tokens_per_s`: training tokens per second over all processes."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every_n_steps = max(1, every_n_steps)
+        self._start: float | None = None
+        self._tokens = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._start is None:  # the first step includes start-up costs: time from its end
+            self._start, self._tokens = now, 0
+            return
+        self._tokens += batch[0].shape[0] * trainer.world_size
+        if trainer.global_step % self.every_n_steps == 0 and now > self._start:
+            rate = self._tokens / (now - self._start)
+            for logger in trainer.loggers:  # direct: self.log would repeat stale values
+                logger.log_metrics({"perf/tokens_per_s": rate}, trainer.global_step)
+            self._start, self._tokens = now, 0
+
+
+class ReplacementQuality(L.Callback):
+    """Every N steps: CE / KL / agreement of the LM with its MLPs replaced by the transcoders."""
+
+    def __init__(self, every_n_steps: int = 1000, n_contexts: int = 16, batch_size: int = 8):
+        self.every_n_steps, self.n_contexts, self.batch_size = every_n_steps, n_contexts, batch_size
+        self._lm = None
+        self._ids: Tensor | None = None
+        self.last: dict[str, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            self.log_metrics(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.every_n_steps > 0 and trainer.is_global_zero:
+            self.log_metrics(trainer, pl_module)
+
+    def log_metrics(self, trainer, pl_module) -> None:
+        metrics = {
+            f"replacement/{k}": v for k, v in self.evaluate(trainer.datamodule, pl_module).items()
+        }
+        self.last = metrics
+        # Straight to the loggers: Lightning forbids self.log in on_train_end.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, trainer.global_step)
+
+    @torch.no_grad()
+    def evaluate(self, datamodule, pl_module) -> dict[str, float]:
+        """The replacement metrics on the held-out contexts (model loaded on first use)."""
+        if self._lm is None:
+            self._lm, self._ids = self._setup(datamodule, pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with pl_module.per_token() as tc:
+                return replacement_metrics(
+                    self._lm, tc, pl_module.in_scale, pl_module.out_scale, self._ids,
+                    self.batch_size,
+                )  # fmt: skip
+        finally:
+            pl_module.train(was_training)
+
+    def _setup(self, datamodule, device):
+        from wiremap.models.loading import load_model
+
+        cache = datamodule.cache
+        model, _ = load_model(
+            cache.manifest["model"], cache.manifest.get("model_dtype", "float32"), device,
+            cache.manifest.get("revision"), load_tokenizer=False,
+        )  # fmt: skip
+        ids = heldout_contexts(cache, datamodule.n_train, self.n_contexts)
+        return model, ids.to(device)
+
+
+class ExportTranscoders(L.Callback):
+    """At the end of training write `folder` (circuit-tracer layout) and the run's config."""
+
+    def __init__(
+        self, folder: str | Path, config_path: str | Path | None = None, upload: bool = False
+    ) -> None:
+        self.folder, self.config_path, self.upload = Path(folder), config_path, upload
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        from wiremap.models.io import save_transcoders
+
+        tc = pl_module.export_transcoder()
+        summary = training_summary(trainer, pl_module)
+        save_transcoders(tc, self.folder, extra_config={"training": summary})
+        if self.config_path is not None and Path(self.config_path).is_file():
+            shutil.copyfile(self.config_path, self.folder / "training_config.yaml")
+        if self.upload:
+            upload_artifact(trainer, self.folder)
+
+
+def upload_artifact(trainer, folder: Path) -> None:
+    """Log `folder` as a W&B artifact of type `transcoders` (synced later when offline)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if not loggers:
+        raise WiremapError("run.upload_artifact needs run.logger: wandb")
+    import wandb
+
+    run = loggers[0].experiment
+    artifact = wandb.Artifact(f"transcoders-{run.id}", type="transcoders")
+    artifact.add_dir(str(folder))
+    run.log_artifact(artifact)
+
+
+def training_summary(trainer, pl_module) -> dict[str, Any]:
+    """Plain-data facts about the run, stored in the export's config.yaml."""
+    from wiremap import __version__
+
+    metrics = {
+        k: round(float(v), 6)
+        for k, v in trainer.callback_metrics.items()
+        if k.startswith(("train/", "val/", "replacement/")) and "/layer_" not in k
+    }
+    for callback in trainer.callbacks:
+        metrics.update(
+            getattr(callback, "last", {}) if isinstance(callback, ReplacementQuality) else {}
+        )
+    info = pl_module.cache_info
+    return {
+        "steps": int(trainer.global_step),
+        "tokens": int(trainer.global_step * _tokens_per_step(trainer)),
+        "precision": str(trainer.precision),
+        "world_size": int(trainer.world_size),
+        "cache": info.get("path"),
+        "loss": pl_module.hparams.loss,
+        "optim": pl_module.hparams.optim,
+        "final_metrics": metrics,
+        "wiremap_version": __version__,
+    }
+
+
+def _tokens_per_step(trainer) -> int:
+    dm = trainer.datamodule
+    size = getattr(dm, "batch_size", 0) or 0
+    return size * trainer.accumulate_grad_batches
+
+
+# -- replacement model evaluation ----------------------------------------------------------
+
+
+def heldout_contexts(cache, start_row: int, n_contexts: int) -> Tensor:
+    """Up to `n_contexts` whole contexts `[n, context_length]` rebuilt from rows >= start_row.
+
+    Falls back to the last contexts of the whole cache (seen in training) when the held-out
+    rows hold no complete context, e.g. with val_fraction 0.
+    """
+    m = cache.manifest
+    first = 1 if m.get("exclude_bos", True) else 0
+    per_context = int(m["context_length"]) - first
+    ids = _contexts_from(cache, start_row, per_context, first, n_contexts)
+    if ids is None:
+        ids = _contexts_from(cache, max(0, cache.n_tokens - n_contexts * per_context * 2),
+                             per_context, first, n_contexts)  # fmt: skip
+    if ids is None:
+        raise WiremapError(
+            f"the cache at {cache.path} holds no complete context for the replacement check; "
+            "cache more tokens or set the ReplacementQuality every_n_steps to 0"
+        )
+    if first:
+        bos = torch.full((len(ids), 1), int(m["bos_token_id"]), dtype=ids.dtype)
+        ids = torch.cat([bos, ids], dim=1)
+    return ids
+
+
+def _contexts_from(cache, lo: int, per_context: int, first: int, n: int) -> Tensor | None:
+    rows = torch.arange(lo, cache.n_tokens)
+    if len(rows) < per_context:
+        return None
+    positions, tokens = cache.positions(rows), cache.tokens(rows)
+    starts = (positions == first).nonzero().flatten()
+    starts = starts[starts + per_context <= len(rows)]
+    # a start is whole when its last row carries the last position of a context
+    starts = starts[positions[starts + per_context - 1] == first + per_context - 1][:n]
+    if len(starts) == 0:
+        return None
+    return torch.stack([tokens[s : s + per_context] for s in starts.tolist()])
+
+
+def replacement_metrics(lm, tc, in_scale: Tensor, out_scale: Tensor, ids: Tensor,
+                        batch_size: int = 8) -> dict[str, float]:  # fmt: skip
+    """CE (original, spliced, zero-ablated), CE recovered, KL and agreement over `ids`."""
+    sums: dict[str, float] = {}
+    for batch in ids.split(batch_size):
+        for key, value in _batch_sums(lm, tc, in_scale, out_scale, batch).items():
+            sums[key] = sums.get(key, 0.0) + value
+    n = sums.pop("n")
+    out = {k: v / n for k, v in sums.items()}
+    gap = out["ce_zero_ablated"] - out["ce_original"]
+    out["ce_recovered"] = (out["ce_zero_ablated"] - out["ce_spliced"]) / gap if gap else math.nan
+    return out
+
+
+def _batch_sums(lm, tc, in_scale, out_scale, ids: Tensor) -> dict[str, float]:
+    from wiremap.models.hooks import replace_mlp_out
+
+    original = lm(ids).logits.float()
+    zeros = {layer: torch.zeros(*ids.shape, tc.d_model, device=ids.device) for layer in tc.layers}
+    with replace_mlp_out(lm, zeros):
+        ablated = lm(ids).logits.float()
+    with replace_mlp_out(lm, spliced_mlp_outputs(lm, tc, in_scale, out_scale, ids)):
+        spliced = lm(ids).logits.float()
+    target = ids[:, 1:].reshape(-1)
+
+    def ce(logits: Tensor) -> float:
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+        return float(F.cross_entropy(flat, target, reduction="sum"))
+
+    log_p, log_q = original.log_softmax(-1), spliced.log_softmax(-1)
+    return {
+        "ce_original": ce(original),
+        "ce_spliced": ce(spliced),
+        "ce_zero_ablated": ce(ablated),
+        "kl": float((log_p.exp() * (log_p - log_q)).sum(-1)[:, :-1].sum()),
+        "agreement": float((original.argmax(-1) == spliced.argmax(-1))[:, :-1].sum()),
+        "n": float(target.numel()),
+    }
+
+
+def spliced_mlp_outputs(lm, tc, in_scale, out_scale, ids: Tensor) -> dict[int, Tensor]:
+    """Closed-loop reconstructions {model layer: mlp_out} of the fully spliced model.
+
+    Layer i's input is read from a forward pass in which layers < i are already replaced,
+    so each reconstruction sees what the replacement model itself computes. Decoder writes
+    of each layer's features are added to all later outputs at once (no [.., L, F] tensor).
+    """
+    from wiremap.models.hooks import capture, replace_mlp_out
+
+    recon: dict[int, Tensor] = {}
+    partial = [tc.b_dec(i).float().expand(*ids.shape, -1).clone() for i in range(tc.n_layers)]
+    for i, layer in enumerate(tc.layers):
+        with replace_mlp_out(lm, recon), capture(lm, [tc.input_hook], layers=[layer]) as store:
+            lm(ids)
+        x = store[tc.input_hook][layer].float() * in_scale[i]
+        a = tc.encode_layer(x, i)
+        dec = tc.decoder(i)  # [F, n_out, d]: writes to layers i .. i + n_out - 1
+        for j in range(dec.shape[1]):
+            partial[i + j] += a @ dec[:, j, :]
+        y = partial[i] + tc.skip_layer(x, i)
+        recon[layer] = y / out_scale[i]
+    return recon

@@ -1,0 +1,343 @@
+"""The LightningModule that trains a transcoder (PLT or CLT) on cached activations.
+
+    module = TranscoderModule(n_layers=12, d_model=768, arch="clt", d_transcoder=4096,
+                              activation="jumprelu", cache_info=datamodule.cache_info)
+    trainer.fit(module, datamodule=datamodule)
+    tc = module.export_transcoder()     # works on raw activations (normalisation folded in)
+
+Loss (DESIGN.md §3), on activations normalised per layer by a scalar so that E‖x‖ = √d:
+- `mse`: Σ_l ‖ŷ^l − y^l‖² (mean over tokens);
+- `sparsity` (relu, jumprelu): λ_t · Σ tanh(c·‖W_dec,i‖·a_i), λ_t ramped linearly from 0
+  over `loss.sparsity_ramp` of the run;
+- `preact` (relu, jumprelu): λ_p · Σ ReLU(θ_i − h_i)·‖W_dec,i‖ against dead features;
+- `auxk` (topk, batchtopk): auxiliary-k loss on features dead for `loss.dead_tokens` tokens.
+
+The per-layer scales come from the cache manifest's `norm_stats` when present, else from
+the first training batch (averaged over processes); they are buffers, so checkpoints keep
+them. Weights, θ and the optimiser state are float32; `bf16-mixed` only autocasts matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from wiremap.errors import WiremapError
+from wiremap.models.activations import BatchTopK
+from wiremap.models.transcoders import Transcoder, build_transcoder, fold_normalisation
+from wiremap.train import losses
+
+SPARSE_BY_K = ("topk", "batchtopk")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the loss terms."""
+
+    sparsity_coef: float = 1e-3
+    """Final λ of the tanh sparsity penalty (relu, jumprelu)."""
+    sparsity_c: float = 4.0
+    """Stretch constant c inside tanh(c·‖W_dec‖·a)."""
+    sparsity_ramp: float = 1.0
+    """Fraction of the run over which λ rises linearly from 0."""
+    preact_coef: float = 3e-6
+    """λ_p of the pre-activation loss against dead features (relu, jumprelu; 0 = off)."""
+    auxk_coef: float = 1 / 32
+    """Weight of the auxiliary-k loss (topk, batchtopk)."""
+    k_aux: int | None = None
+    """Dead features decoded by the auxiliary-k loss per token and layer (None: d_model/2)."""
+    dead_tokens: int = 10_000_000
+    """A feature silent for this many training tokens counts as dead."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up and decay."""
+
+    lr: float = 2e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    warmup_steps: int = 1000
+    """Linear warm-up steps."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay after warm-up, down to min_lr_ratio·lr at the last step."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+
+
+def _as(cls, value):
+    return cls(**value) if isinstance(value, dict) else (value or cls())
+
+
+class TranscoderModule(L.LightningModule):
+    """Loss, optimiser, normalisation, dead-feature tracking and metrics around a Transcoder."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        d_model: int,
+        arch: Literal["plt", "skip_plt", "clt", "skip_clt"] = "clt",
+        d_transcoder: int = 1024,
+        activation: Literal["relu", "jumprelu", "topk", "batchtopk"] = "jumprelu",
+        k: int | None = None,
+        activation_kwargs: dict[str, Any] | None = None,
+        loss: LossConfig | None = None,
+        optim: OptimConfig | None = None,
+        normalise: bool = True,
+        cache_info: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Args:
+            n_layers: Layers covered (read from the cache by `wiremap train`).
+            d_model: Width of the activations (read from the cache by `wiremap train`).
+            arch: Transcoder architecture.
+            d_transcoder: Features per layer.
+            activation: Activation function.
+            k: Active features per token and layer for topk / batchtopk.
+            activation_kwargs: Extra activation options, e.g. {bandwidth: 1e-3,
+                init_threshold: 1e-3} for jumprelu.
+            loss: Loss weights.
+            optim: Optimiser and schedule.
+            normalise: Scale inputs and targets per layer so that E‖x‖ = √d_model.
+            cache_info: Facts about the cache (model, layers, hooks, norm_stats); linked
+                from the data module by `wiremap train`.
+        """
+        super().__init__()
+        self.loss_cfg, self.optim_cfg = _as(LossConfig, loss), _as(OptimConfig, optim)
+        info = cache_info or {}
+        self.cache_info = info
+        self.save_hyperparameters(
+            {
+                "n_layers": n_layers, "d_model": d_model, "arch": arch,
+                "d_transcoder": d_transcoder, "activation": activation, "k": k,
+                "activation_kwargs": activation_kwargs, "loss": asdict(self.loss_cfg),
+                "optim": asdict(self.optim_cfg), "normalise": normalise, "cache_info": info,
+            }
+        )  # fmt: skip
+        self.transcoder: Transcoder = build_transcoder(
+            arch, n_layers, d_model, d_transcoder, activation, k,
+            input_hook=info.get("input_hook", "mlp_in"),
+            output_hook=info.get("output_hook", "mlp_out"),
+            model_name=info.get("model"), layers=info.get("layers"),
+            **(activation_kwargs or {}),
+        )  # fmt: skip
+        self.normalise = normalise
+        self.register_buffer("in_scale", torch.ones(n_layers))
+        self.register_buffer("out_scale", torch.ones(n_layers))
+        self.register_buffer("scales_ready", torch.tensor(not normalise))
+        self.register_buffer("silent_tokens", torch.zeros(n_layers, d_transcoder, dtype=torch.long))
+        if normalise and info.get("norm_stats"):
+            self._scales_from_stats(info["norm_stats"])
+
+    # -- normalisation ----------------------------------------------------------------
+    def _scales_from_stats(self, stats: dict[str, Any]) -> None:
+        root_d = math.sqrt(self.transcoder.d_model)
+        for key, buf in (("input", self.in_scale), ("output", self.out_scale)):
+            norms = torch.as_tensor(stats[key]["mean_norm"], dtype=torch.float32)
+            buf.copy_(root_d / norms.clamp_min(1e-12))
+        self.scales_ready.fill_(True)
+
+    @torch.no_grad()
+    def _estimate_scales(self, x: Tensor, y: Tensor) -> None:
+        norms = torch.stack([x.norm(dim=-1).mean(0), y.norm(dim=-1).mean(0)])  # [2, L]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(norms)
+            norms /= dist.get_world_size()
+        root_d = math.sqrt(self.transcoder.d_model)
+        self.in_scale.copy_(root_d / norms[0].clamp_min(1e-12))
+        self.out_scale.copy_(root_d / norms[1].clamp_min(1e-12))
+        self.scales_ready.fill_(True)
+
+    def normalised(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw x, y [N, L, d] -> the normalised activations the transcoder sees."""
+        if not bool(self.scales_ready):
+            self._estimate_scales(x, y)
+        return x * self.in_scale[:, None], y * self.out_scale[:, None]
+
+    # -- forward and loss -----------------------------------------------------------------
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalised x [N, L, d] -> (y_hat [N, L, d], a [N, L, F], pre [N, L, F])."""
+        tc = self.transcoder
+        pre = tc.pre_activations(x)
+        a = tc.activation(pre)
+        y_hat = tc.decode(a)
+        if tc.has_skip:
+            y_hat = y_hat + tc.skip(x)
+        return y_hat, a, pre
+
+    @property
+    def sparse_by_k(self) -> bool:
+        return self.hparams.activation in SPARSE_BY_K
+
+    def sparsity_lambda(self) -> float:
+        total = self._total_steps()
+        ramp_steps = int(self.loss_cfg.sparsity_ramp * total) if total else 0
+        return losses.ramp(self.global_step, self.loss_cfg.sparsity_coef, ramp_steps)
+
+    def loss_terms(self, y_hat: Tensor, y: Tensor, a: Tensor, pre: Tensor) -> dict[str, Tensor]:
+        """The weighted loss terms (their sum is the training loss)."""
+        cfg, tc = self.loss_cfg, self.transcoder
+        terms = {"mse": losses.reconstruction_loss(y_hat, y)}
+        if self.sparse_by_k:
+            if cfg.auxk_coef > 0:
+                k_aux = cfg.k_aux or tc.d_model // 2
+                aux = losses.auxk_loss(tc, pre, self.dead_mask(), y - y_hat, k_aux)
+                terms["auxk"] = cfg.auxk_coef * aux
+            return terms
+        norms = tc.decoder_norms()
+        lam = self.sparsity_lambda()
+        terms["sparsity"] = lam * losses.tanh_sparsity_loss(a, norms, cfg.sparsity_c)
+        if cfg.preact_coef > 0:
+            theta = tc.activation.threshold()
+            terms["preact"] = cfg.preact_coef * losses.preact_loss(pre, theta, norms)
+        return terms
+
+    # -- dead features -----------------------------------------------------------------
+    def dead_mask(self) -> Tensor:
+        """[L, F] bool: features silent for at least `loss.dead_tokens` training tokens."""
+        return self.silent_tokens >= self.loss_cfg.dead_tokens
+
+    @torch.no_grad()
+    def _track_firing(self, a: Tensor) -> None:
+        fired = (a != 0).any(dim=0).to(torch.int32)  # [L, F]
+        n_tokens = a.shape[0]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+            n_tokens *= dist.get_world_size()
+        self.silent_tokens.add_(n_tokens).masked_fill_(fired.bool(), 0)
+
+    # -- Lightning steps -------------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = self.normalised(*batch)
+        y_hat, a, pre = self(x)
+        terms = self.loss_terms(y_hat, y, a, pre)
+        loss = torch.stack(list(terms.values())).sum()
+        self._track_firing(a)
+        if self._log_now():
+            self._log_train(loss, terms, y_hat, y, a)
+        return loss
+
+    def _log_now(self) -> bool:
+        # Lightning writes on-step metrics when (step + 1) % log_every_n_steps == 0.
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        return every > 0 and (self.global_step + 1) % every == 0
+
+    def _log_train(self, loss, terms, y_hat, y, a) -> None:
+        metrics = {
+            "train/loss": loss.detach(),
+            **{f"train/{k}": v.detach() for k, v in terms.items()},
+        }
+        metrics.update(_per_layer("train/fvu", losses.fvu_per_layer(y_hat, y)))
+        metrics.update(_per_layer("train/l0", losses.l0_per_layer(a)))
+        metrics["train/dead_fraction"] = self.dead_mask().float().mean()
+        metrics["train/lambda"] = self.sparsity_lambda()
+        if self._trainer is not None and self.trainer.lr_scheduler_configs:
+            metrics["train/lr"] = self.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
+        self.log("fvu", metrics["train/fvu"], prog_bar=True, logger=False)
+        self.log("l0", metrics["train/l0"], prog_bar=True, logger=False)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums: dict[str, Tensor] = {}
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = self.normalised(*batch)
+        y_hat, a, _ = self(x)
+        sums = {
+            "err": (y - y_hat).pow(2).sum(dim=(0, -1)),  # [L]
+            "sq": y.pow(2).sum(dim=(0, -1)),
+            "sum": y.sum(dim=0),  # [L, d]
+            "active": (a != 0).float().sum(dim=(0, -1)),
+            "n": torch.tensor(float(x.shape[0]), device=x.device),
+        }
+        for key, value in sums.items():
+            self._val_sums[key] = self._val_sums.get(key, 0) + value.float()
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_sums:
+            return
+        s = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._val_sums.items()}
+        variance = s["sq"] - s["sum"].pow(2).sum(-1) / s["n"]
+        metrics = _per_layer("val/fvu", s["err"] / variance.clamp_min(1e-12))
+        metrics.update(_per_layer("val/l0", s["active"] / s["n"]))
+        self.log_dict(metrics, on_epoch=True, rank_zero_only=True)
+
+    # -- optimiser -----------------------------------------------------------------------
+    def _total_steps(self) -> int:
+        if self._trainer is None:
+            return 0
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            est = self.trainer.estimated_stepping_batches
+            total = int(est) if math.isfinite(est) else 0
+        return total
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_cfg
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        )
+        total = self._total_steps()
+
+        def factor(step: int) -> float:
+            return losses.lr_factor(step, cfg.warmup_steps, total, cfg.decay, cfg.min_lr_ratio)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # -- checkpoints and export -----------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        keys = ("n_layers", "d_model", "arch", "d_transcoder", "activation")
+        diff = [
+            f"{k}: {saved[k]} vs {self.hparams[k]}"
+            for k in keys
+            if k in saved and saved[k] != self.hparams[k]
+        ]  # noqa: E501
+        if diff:
+            raise WiremapError(
+                "the checkpoint does not match this run (checkpoint vs config: "
+                + "; ".join(diff)
+                + "); resume with the preset and cache it was trained with"
+            )
+
+    @contextmanager
+    def per_token(self) -> Iterator[Transcoder]:
+        """The transcoder with BatchTopK temporarily swapped for its calibrated JumpReLU."""
+        tc = self.transcoder
+        act = tc.activation
+        if not isinstance(act, BatchTopK):
+            yield tc
+            return
+        tc.set_activation(act.to_jumprelu())
+        try:
+            yield tc
+        finally:
+            tc.set_activation(act)
+
+    @torch.no_grad()
+    def export_transcoder(self) -> Transcoder:
+        """A float32 CPU copy for raw activations: scales folded, BatchTopK made per-token."""
+        with self.per_token() as tc:
+            folded = fold_normalisation(tc, self.in_scale.cpu(), self.out_scale.cpu())
+        return folded.float().cpu()
+
+
+def _per_layer(name: str, values: Tensor) -> dict[str, Tensor]:
+    out = {f"{name}/layer_{i}": v for i, v in enumerate(values)}
+    out[name] = values.mean()
+    return out

@@ -1,0 +1,214 @@
+"""`wiremap train`: train transcoders on a cached activation dataset (LightningCLI).
+
+    wiremap cache --config configs/gpt2-clt.yaml          # once: the activations
+    wiremap train --config configs/gpt2-clt.yaml          # then: the transcoders
+    wiremap train --config configs/gpt2-clt.yaml --trainer.max_steps 2000 --model.optim.lr 1e-4
+    wiremap train --config configs/gpt2-clt.yaml --ckpt_path last          # resume
+    wiremap train --config configs/gpt2-clt.yaml --trainer.strategy ddp --trainer.devices 8
+    wiremap train --config configs/gpt2-clt.yaml --print_config             # resolved config
+
+A preset has five sections: `run` (name, folder, logging, checkpoints, callbacks: see
+`RunConfig`), `trainer` (any `lightning.Trainer` argument), `model` (`TranscoderModule`),
+`data` (`ActivationDataModule`, whose `cache` section is the `wiremap cache` config) and
+`seed_everything`. `model.n_layers`, `model.d_model` and `model.cache_info` are read from
+the cache manifest, never written in a preset.
+
+Everything a run writes goes to `<run.root>/<run.name>/`: `config.yaml` (the resolved
+config), `checkpoints/` (Lightning .ckpt for resuming; `last.ckpt` too), the logger's files
+and, at the end, `transcoders/` (the export, with `training_config.yaml` beside it).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from wiremap.errors import WiremapError
+from wiremap.train.callbacks import ExportTranscoders, NanGuard, ReplacementQuality, Throughput
+from wiremap.train.data import ActivationDataModule
+from wiremap.train.module import TranscoderModule
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes, how it logs, and how often the callbacks run."""
+
+    name: str = "transcoders"
+    """Run name: the run folder is `<root>/<name>` and the W&B run name."""
+    root: str = "runs"
+    """Folder holding the runs."""
+    logger: Literal["wandb", "csv", "none"] = "wandb"
+    """Where metrics go; `wandb` runs offline when no W&B credentials are configured."""
+    wandb_project: str = "wiremap"
+    """W&B project."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user); None = your default."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    offline: bool | None = None
+    """Force W&B offline (True) or online (False); None = online only with credentials."""
+    upload_artifact: bool = False
+    """Upload the exported transcoders as a W&B artifact at the end."""
+    checkpoint_every: int = 1000
+    """Save a checkpoint (for --ckpt_path) every this many steps."""
+    replacement_every: int = 1000
+    """Splice the transcoders into the LM and log CE/KL every this many steps (0 = off)."""
+    replacement_contexts: int = 16
+    """Held-out contexts for the replacement check."""
+    throughput_every: int = 50
+    """Log tokens/s every this many steps."""
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+def default_precision() -> str:
+    """`bf16-mixed` on a GPU that supports bf16, else `32-true`."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def wandb_has_credentials() -> bool:
+    """True when an API key is configured (env, ~/.netrc or wandb's settings)."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return False
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return True
+    try:
+        import wandb
+
+        return bool(wandb.api.api_key)
+    except Exception:  # no settings file, no key: treat as not logged in
+        return False
+
+
+class WiremapCLI(LightningCLI):
+    """LightningCLI with a `run` section, cache-linked dimensions and wiremap's callbacks."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(RunConfig, "run")
+        parser.add_argument("--ckpt_path", type=str | None, default=None,
+                            help="checkpoint to resume from (a .ckpt path, or `last`)")  # fmt: skip
+        for key in ("n_layers", "d_model", "cache_info"):
+            parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        steps = self.config.trainer.max_steps
+        if steps is None or steps <= 0:
+            raise WiremapError(
+                "set trainer.max_steps (the data stream is endless), e.g. --trainer.max_steps 10000"
+            )
+
+    def instantiate_trainer(self, **kwargs: Any):
+        run = _as_run(self.config_init.run)
+        os.makedirs(run.dir, exist_ok=True)
+        config_path = run.dir / "config.yaml"
+        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+            self.parser.save(self.config, config_path, overwrite=True, skip_check=True)
+        callbacks = list(self.config_init.trainer.get("callbacks") or [])
+        callbacks += wiremap_callbacks(run, config_path)
+        return super().instantiate_trainer(
+            callbacks=callbacks, logger=make_logger(run), default_root_dir=str(run.dir), **kwargs
+        )
+
+
+def _as_run(value) -> RunConfig:
+    if isinstance(value, RunConfig):
+        return value
+    return RunConfig(**dict(value))
+
+
+def wiremap_callbacks(run: RunConfig, config_path: Path) -> list:
+    """The callbacks every `wiremap train` run has, in the order they must run."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    callbacks = [NanGuard(), Throughput(run.throughput_every)]
+    if run.logger != "none":
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if run.replacement_every > 0:
+        callbacks.append(ReplacementQuality(run.replacement_every, run.replacement_contexts))
+    callbacks.append(
+        ModelCheckpoint(
+            dirpath=run.dir / "checkpoints",
+            filename="{step}",
+            every_n_train_steps=run.checkpoint_every,
+            save_top_k=1,
+            save_last=True,
+        )
+    )
+    callbacks.append(ExportTranscoders(run.dir / "transcoders", config_path, run.upload_artifact))
+    return callbacks
+
+
+def make_logger(run: RunConfig):
+    """W&B (offline without credentials), CSV, or nothing."""
+    if run.logger == "none":
+        return False
+    if run.logger == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run.dir), name="csv")
+    from lightning.pytorch.loggers import WandbLogger
+
+    offline = (not wandb_has_credentials()) if run.offline is None else run.offline
+    return WandbLogger(
+        project=run.wandb_project,
+        entity=run.wandb_entity,
+        name=run.name,
+        tags=list(run.tags) or None,
+        save_dir=str(run.dir),
+        offline=offline,
+    )
+
+
+def build_cli(argv: list[str], **kwargs: Any) -> WiremapCLI:
+    """Parse `argv` and instantiate everything (no training); used by `main` and tests."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        return WiremapCLI(
+            TranscoderModule,
+            ActivationDataModule,
+            args=argv,
+            run=False,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+            load_from_checkpoint_support=False,
+            seed_everything_default=0,
+            trainer_defaults=trainer_defaults(),
+            parser_kwargs={"prog": "wiremap train", "description": __doc__.split("\n")[0]},
+            **kwargs,
+        )
+
+
+def trainer_defaults() -> dict[str, Any]:
+    return {
+        "precision": default_precision(),
+        "max_steps": 10_000,
+        "gradient_clip_val": 1.0,
+        "log_every_n_steps": 50,
+        "val_check_interval": 1000,
+        "check_val_every_n_epoch": None,
+        "limit_val_batches": 20,
+        "num_sanity_val_steps": 0,
+    }
+
+
+def main(argv: list[str]) -> int:
+    cli = build_cli(argv)
+    ckpt = cli.config.ckpt_path
+    if ckpt and ckpt != "last" and not Path(ckpt).is_file():
+        raise WiremapError(f"--ckpt_path {ckpt!r} does not exist; give a .ckpt file or `last`")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    return 0
