@@ -18,6 +18,7 @@ from wiremap.errors import WiremapError
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("wiremap.train.cache_cmd:main", "cache a language model's MLP activations to disk"),
+    "train": ("wiremap.train.train_cmd:main", "train transcoders on a cached activation dataset"),
 }
 
 
