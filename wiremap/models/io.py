@@ -220,6 +220,12 @@ class _SafeFile:
         _check_shape(tensor.shape, shape, f"{self.path}: {key}", self.fix)
         return tensor
 
+    def rows(self, key: str, index: Tensor) -> Tensor:
+        """Only the rows `index` of `key` (safetensors slices the file; no full read)."""
+        if key not in self.keys:
+            raise WiremapError(f"{self.path} has no tensor {key!r}; {self.fix}")
+        return self._handle.get_slice(key)[torch.as_tensor(index).cpu()]
+
     def shape(self, key: str) -> list[int]:
         if key not in self.keys:
             raise WiremapError(f"{self.path} has no tensor {key!r}; {self.fix}")
@@ -391,9 +397,7 @@ class SafetensorsDecoders:
         f = self._file(i)
         if features is None:
             return f.get(f"W_dec_{i}", self.shapes[i])
-        # Read only the requested rows (safetensors slices the file, no full load).
-        index = torch.as_tensor(features).cpu()
-        return f._handle.get_slice(f"W_dec_{i}")[index]
+        return f.rows(f"W_dec_{i}", features)
 
 
 def _activation_spec(config: dict[str, Any], thresholds: Tensor | None) -> dict[str, Any]:
