@@ -19,6 +19,8 @@ from wiremap.errors import WiremapError
 COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("wiremap.train.cache_cmd:main", "cache a language model's MLP activations to disk"),
     "train": ("wiremap.train.train_cmd:main", "train transcoders on a cached activation dataset"),
+    "serve": ("wiremap.attribute.viewer_cmd:serve_main", "open graph JSON files in a local viewer"),
+    "features": ("wiremap.attribute.viewer_cmd:features_main", "compute feature cards"),
 }
 
 

@@ -1,0 +1,289 @@
+"""End to end in headless Chromium: load a graph, hover and click a node, pin, group two nodes
+into a supernode, save, reload and find the supernode, take a screenshot; and the
+standalone HTML export opened from disk.
+
+Chromium is driven over the DevTools protocol through `--remote-debugging-pipe` (JSON
+messages separated by NUL bytes on file descriptors 3 and 4), so the test needs nothing
+beyond the standard library and Debian's `chromium` package. Set WIREMAP_SCREENSHOT=path
+to keep the screenshot (the README's docs/viewer.png is made that way).
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import queue
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_viewer_server import make_graph_json
+
+from wiremap.attribute.html import write_html
+from wiremap.attribute.viewer.server import make_server
+
+CHROMIUM = next(
+    (shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)),
+    None,
+)
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (apt-get install -y chromium)"
+)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--remote-debugging-pipe",
+    "--window-size=1500,950",
+]
+TIMEOUT = 30.0
+
+
+class Browser:
+    """A minimal DevTools-protocol client over Chromium's pipe transport."""
+
+    def __init__(self, profile: Path):
+        to_child, self._w = os.pipe()  # we write commands, Chromium reads them on fd 3
+        self._r, from_child = os.pipe()  # Chromium writes replies on fd 4
+        # park the child's ends above 4 so the dup2 onto 3 and 4 cannot clobber them
+        a, b = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_child, from_child))
+        os.close(to_child)
+        os.close(from_child)
+
+        def wire() -> None:  # runs in the child before exec; pass_fds keeps 3 and 4 open
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self.proc = subprocess.Popen(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            preexec_fn=wire,
+            pass_fds=(3, 4),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(a)
+        os.close(b)
+        self._next = 0
+        self._replies: dict[int, dict] = {}
+        self._events: queue.Queue = queue.Queue()
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.session = self._attach()
+
+    def _read(self) -> None:
+        buf = b""
+        while chunk := os.read(self._r, 65536):
+            buf += chunk
+            while b"\0" in buf:
+                raw, buf = buf.split(b"\0", 1)
+                msg = json.loads(raw)
+                with self._cond:
+                    if "id" in msg:
+                        self._replies[msg["id"]] = msg
+                        self._cond.notify_all()
+                    else:
+                        self._events.put(msg)
+
+    def send(self, method: str, params: dict | None = None, session: bool = True) -> dict:
+        self._next += 1
+        msg = {"id": self._next, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = self.session
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self._next in self._replies, timeout=TIMEOUT)
+        assert ok, f"Chromium did not answer {method}"
+        reply = self._replies.pop(self._next)
+        assert "error" not in reply, reply["error"]
+        return reply["result"]
+
+    def _attach(self) -> str:
+        targets = self.send("Target.getTargets", session=False)["targetInfos"]
+        page = next(t for t in targets if t["type"] == "page")
+        got = self.send(
+            "Target.attachToTarget", {"targetId": page["targetId"], "flatten": True}, session=False
+        )
+        return got["sessionId"]
+
+    def js(self, expression: str):
+        result = self.send(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": True},
+        )
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, what: str):
+        end = time.monotonic() + TIMEOUT
+        while time.monotonic() < end:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}: {expression}")
+
+    def goto(self, url: str) -> None:
+        self.send("Page.navigate", {"url": url})
+
+    def mouse(self, kind: str, x: float, y: float, modifiers: int = 0) -> None:
+        self.send(
+            "Input.dispatchMouseEvent",
+            {
+                "type": kind,
+                "x": x,
+                "y": y,
+                "button": "left",
+                "clickCount": 1,
+                "modifiers": modifiers,
+            },
+        )
+
+    def centre(self, selector: str) -> tuple[float, float]:
+        box = self.js(
+            f"(() => {{ const el = document.querySelector({json.dumps(selector)});"
+            "el.scrollIntoView({block: 'center', inline: 'center'});"
+            "const r = el.getBoundingClientRect();"
+            "return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        return box[0], box[1]
+
+    def click(self, selector: str, modifiers: int = 0) -> None:
+        x, y = self.centre(selector)
+        self.mouse("mouseMoved", x, y)
+        self.mouse("mousePressed", x, y, modifiers)
+        self.mouse("mouseReleased", x, y, modifiers)
+
+    def screenshot(self, path: Path) -> Path:
+        data = self.send("Page.captureScreenshot", {"format": "png"})["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close", session=False)
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
+        finally:
+            os.close(self._w)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    b = Browser(tmp_path_factory.mktemp("chromium-profile"))
+    b.send("Page.enable")
+    b.send(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 1500, "height": 950, "deviceScaleFactor": 1, "mobile": False},
+    )
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    folder = tmp_path / "graphs"
+    folder.mkdir()
+    (folder / "capital.json").write_text(json.dumps(make_graph_json()))
+    (folder / "broken.json").write_text("{not a graph")
+    srv = make_server(folder, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv, folder
+    srv.shutdown()
+    srv.server_close()
+
+
+def _features(graph: dict, k: int) -> list[str]:
+    feats = [n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    feats.sort(key=lambda n: n["influence"])  # the most influential are visible at any pruning
+    return [n["node_id"] for n in feats[:k]]
+
+
+def test_viewer_end_to_end(browser, server, tmp_path):
+    srv, folder = server
+    host, port = srv.server_address[:2]
+    graph = json.loads((folder / "capital.json").read_text())
+    first, second = _features(graph, 2)
+    browser.goto(f"http://{host}:{port}/#capital.json")
+    browser.wait_for("document.querySelectorAll('#graph .node').length > 10", "the graph")
+    sel = lambda i: f'#graph .node[data-id="{i}"]'  # noqa: E731
+
+    # hover: the node's edges light up
+    x, y = browser.centre(sel(first))
+    browser.mouse("mouseMoved", x, y)
+    assert browser.js("document.getElementById('graph').classList.contains('hovering')")
+    assert browser.js("document.querySelectorAll('.edge.hl-in, .edge.hl-out').length") > 0
+
+    # click: details with strongest inputs and outputs
+    browser.click(sel(first))
+    panel = browser.wait_for("document.getElementById('node-panel').innerText", "node panel")
+    assert first in panel and "Strongest inputs" in panel and "Strongest outputs" in panel
+
+    # pin one with the button, the other with shift-click; group them into a supernode
+    browser.js("document.getElementById('pin-button').click()")
+    browser.click(sel(second), modifiers=8)  # 8 = shift
+    pinned = browser.js(
+        "[...document.querySelectorAll('#pinned-list li')].map(li => li.dataset.id)"
+    )
+    assert pinned == [first, second]
+    browser.wait_for("!!document.getElementById('pinned-scores')", "pinned-subgraph scores")
+    browser.js("document.querySelectorAll('#pinned-list .tick').forEach(b => b.click())")
+    browser.js("document.getElementById('supernode-label').value = 'capital city'")
+    browser.js("document.getElementById('group').click()")
+    assert (
+        browser.js("document.querySelector('#supernode-list li').dataset.label") == "capital city"
+    )
+
+    # save, check the file, reload, find the supernode again
+    browser.js("document.getElementById('save').click()")
+    browser.wait_for("document.getElementById('status').textContent.startsWith('saved')", "save")
+    saved = json.loads((folder / "capital.json").read_text())
+    assert saved["qParams"]["supernodes"] == [["capital city", first, second]]
+    assert saved["qParams"]["pinnedIds"] == [first, second]
+    browser.send("Page.reload")
+    browser.wait_for("document.querySelectorAll('#supernode-list li').length === 1", "reload")
+    labels = browser.js(
+        "[...document.querySelectorAll('#graph .sn-label')].map(t => t.textContent)"
+    )
+    assert labels == ["capital city"]
+    browser.click(sel(first))
+    browser.wait_for(
+        "document.getElementById('node-panel').innerText.includes('Strongest')",
+        "node panel after reload",
+    )
+    browser.wait_for("!!document.getElementById('pinned-scores')", "scores after reload")
+    out = Path(os.environ.get("WIREMAP_SCREENSHOT") or tmp_path / "viewer.png")
+    assert browser.screenshot(out).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_graph_file_shows_an_error(browser, server):
+    srv, _ = server
+    host, port = srv.server_address[:2]
+    browser.goto(f"http://{host}:{port}/#broken.json")
+    text = browser.wait_for("document.querySelector('#status.error')?.textContent", "an error")
+    assert "broken.json" in text and "not valid JSON" in text
+
+
+def test_standalone_html_opens_from_disk(browser, tmp_path):
+    graph = make_graph_json(seed=2)
+    page = write_html(graph, tmp_path / "graph.html")
+    browser.goto(page.as_uri())
+    n = browser.wait_for("document.querySelectorAll('#graph .node').length", "standalone graph")
+    assert n > 10
+    assert browser.js("getComputedStyle(document.getElementById('steer-panel')).display") == "none"
+    assert browser.js("document.getElementById('save').textContent") == "Download JSON"
+    assert (
+        browser.js("document.getElementById('prompt').textContent") == graph["metadata"]["prompt"]
+    )

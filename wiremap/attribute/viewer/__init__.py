@@ -1,0 +1,9 @@
+"""Local offline viewer for attribution graph JSON files.
+
+    wiremap serve graphs/                       # http://127.0.0.1:8000
+    from wiremap.attribute.viewer.server import make_server
+
+`server.py` (HTTP, standard library only), `graphfile.py` (safe paths, checked loading,
+saved edits), `subgraph.py` (scores of a pinned subgraph), `steer.py` (interventions),
+`static/` (the page: plain JS/SVG, no build step, nothing fetched from the network).
+"""

@@ -1,0 +1,177 @@
+"""Graph JSON files as the viewer sees them: safe paths, checked loading, saved edits.
+
+    path = graph_path(root, "graph.json")          # refuses ../, symlinks out of root, ...
+    obj = read_graph(path)                         # parsed + checked (DESIGN.md §8)
+    apply_edits(obj, {"pinnedIds": [...], "supernodes": [["label", id, ...]]}, {id: "label"})
+    write_graph(path, obj)                         # atomic replace
+
+Every problem raises `ViewerError(status, message)`, which the server turns into a JSON
+error response, so one bad file never takes the server down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MAX_GRAPH_BYTES = 256 * 2**20  # beyond this a browser cannot draw the graph anyway
+MAX_LABEL_CHARS = 500
+QPARAM_KEYS = ("pinnedIds", "supernodes", "clickedId", "linkType", "sg_pos")
+
+
+class ViewerError(Exception):
+    """A request the viewer refuses; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def graph_path(root: Path, name: Any) -> Path:
+    """The file `name` inside `root`, refusing anything that could leave `root`."""
+    if not isinstance(name, str) or not name:
+        raise ViewerError(400, "missing graph name; pass ?name=<file>.json from /api/list")
+    bad = "/" in name or "\\" in name or "\0" in name or name.startswith(".") or len(name) > 255
+    if bad or not name.endswith(".json"):
+        raise ViewerError(
+            403, f"refused graph name {name!r}: give a .json file name from /api/list"
+        )
+    root = root.resolve()
+    path = (root / name).resolve()  # follows symlinks, so a link pointing outside is caught
+    if path.parent != root:
+        raise ViewerError(403, f"refused {name!r}: it resolves outside the served folder")
+    if not path.is_file():
+        raise ViewerError(404, f"no graph file {name!r} in the served folder; see /api/list")
+    return path
+
+
+def list_graphs(root: Path) -> list[dict[str, Any]]:
+    """Graph JSON files directly inside `root` (Graph.save sidecars `*.meta.json` excluded)."""
+    out = []
+    for path in sorted(root.iterdir()):
+        name = path.name
+        if not name.endswith(".json") or name.endswith(".meta.json") or name.startswith("."):
+            continue
+        try:
+            graph_path(root, name)
+        except ViewerError:
+            continue  # e.g. a symlink leading out of the folder: not offered at all
+        out.append({"name": name, "bytes": path.stat().st_size})
+    return out
+
+
+def read_graph(path: Path) -> dict[str, Any]:
+    """Parse and check one graph file; a broken file raises ViewerError(422)."""
+    size = path.stat().st_size
+    if size > MAX_GRAPH_BYTES:
+        raise ViewerError(
+            413, f"{path.name} is {size / 2**20:.0f} MiB, too large to draw; prune it harder"
+        )
+    try:
+        obj = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ViewerError(422, f"{path.name} is not valid JSON ({err}); re-export it") from err
+    problems = check_graph(obj)
+    if problems:
+        raise ViewerError(422, f"{path.name} is not a graph JSON file: " + "; ".join(problems))
+    return obj
+
+
+def check_graph(obj: Any) -> list[str]:
+    """Problems that would stop the viewer from drawing `obj` (empty list = fine)."""
+    if not isinstance(obj, dict):
+        return ["the top level must be an object {metadata, qParams, nodes, links}"]
+    problems = [f"missing key {k!r}" for k in ("metadata", "nodes", "links") if k not in obj]
+    if problems:
+        return problems
+    nodes, links = obj["nodes"], obj["links"]
+    if not isinstance(nodes, list) or not isinstance(links, list):
+        return ["'nodes' and 'links' must be lists"]
+    ids = set()
+    for i, node in enumerate(nodes):
+        if not isinstance(node, dict) or not isinstance(node.get("node_id"), str):
+            return [f"node {i} has no string node_id"]
+        if node["node_id"] in ids:
+            return [f"duplicate node_id {node['node_id']!r}"]
+        ids.add(node["node_id"])
+    for i, link in enumerate(links):
+        ok = isinstance(link, dict) and isinstance(link.get("weight"), (int, float))
+        if not ok or link.get("source") not in ids or link.get("target") not in ids:
+            return [f"link {i} must be {{source, target, weight}} between existing nodes"]
+    if not isinstance(obj.get("qParams", {}), dict):
+        return ["'qParams' must be an object"]
+    return _exporter_problems(obj)
+
+
+def _exporter_problems(obj: dict) -> list[str]:
+    """The graph workstream's full schema check, when that module is installed."""
+    try:
+        from wiremap.attribute.export import validate_graph_json
+    except ImportError:
+        return []
+    try:
+        result = validate_graph_json(obj)
+    except Exception as err:  # its own error type; report the message, never crash
+        return [str(err)]
+    if isinstance(result, (list, tuple)):
+        return [str(p) for p in result]
+    return [] if result in (None, True) else [str(result)]
+
+
+def apply_edits(obj: dict, qparams: Any, labels: Any) -> dict:
+    """Put pinned ids, supernodes and feature labels (node `clerp`) into the graph."""
+    by_id = {n["node_id"]: n for n in obj["nodes"]}
+    qparams = _checked_qparams(qparams or {}, by_id)
+    labels = _checked_labels(labels or {}, by_id)
+    obj.setdefault("qParams", {}).update(qparams)
+    for node_id, text in labels.items():
+        by_id[node_id]["clerp"] = text
+    return obj
+
+
+def _checked_qparams(qparams: Any, by_id: dict) -> dict:
+    if not isinstance(qparams, dict):
+        raise ViewerError(400, "'qParams' must be an object")
+    unknown = set(qparams) - set(QPARAM_KEYS)
+    if unknown:
+        raise ViewerError(400, f"unknown qParams keys {sorted(unknown)}; allowed: {QPARAM_KEYS}")
+    pinned = qparams.get("pinnedIds", [])
+    if not isinstance(pinned, list) or any(p not in by_id for p in pinned):
+        raise ViewerError(400, "'pinnedIds' must be a list of node ids of this graph")
+    for group in qparams.get("supernodes", []):
+        ok = isinstance(group, list) and len(group) >= 2 and isinstance(group[0], str)
+        if not ok or any(m not in by_id for m in group[1:]):
+            raise ViewerError(400, "each supernode must be [label, node_id, ...] of this graph")
+    for key in ("clickedId", "linkType", "sg_pos"):
+        if key in qparams and qparams[key] is None:
+            qparams[key] = ""  # the schema wants strings; "" means none
+        if key in qparams and not isinstance(qparams[key], str):
+            raise ViewerError(400, f"qParams {key!r} must be a string")
+    if qparams.get("clickedId") and qparams["clickedId"] not in by_id:
+        raise ViewerError(400, "'clickedId' must be a node id of this graph or empty")
+    return qparams
+
+
+def _checked_labels(labels: Any, by_id: dict) -> dict:
+    if not isinstance(labels, dict):
+        raise ViewerError(400, "'labels' must be an object {node_id: label}")
+    for node_id, text in labels.items():
+        if node_id not in by_id or not isinstance(text, str) or len(text) > MAX_LABEL_CHARS:
+            raise ViewerError(400, f"bad label for {node_id!r}: a node id and a short string")
+    return labels
+
+
+def write_graph(path: Path, obj: dict) -> None:
+    """Replace `path` atomically, so a crash mid-write never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".wiremap-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

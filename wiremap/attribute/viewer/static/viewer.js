@@ -1,0 +1,572 @@
+// wiremap viewer: draws an attribution graph JSON (DESIGN.md section 8) as SVG.
+// Served by `wiremap serve DIR`, or inlined with the graph by wiremap.attribute.html
+// (then the page has a <script id="wiremap-graph"> holding the graph, and no server).
+// Plain JS, no build step, no third-party code.
+"use strict";
+
+const SVGNS = "http://www.w3.org/2000/svg";
+const ROW_H = 56;
+const MARGIN = { left: 70, right: 30, top: 40, bottom: 50 };
+const MAX_EDGES = 4000; // the strongest visible edges; more would make the SVG crawl
+const SN_COLOURS = ["#e6550d", "#31a354", "#756bb1", "#d6616b", "#3182bd", "#8c6d31"];
+
+const S = {
+  embedded: false, name: null, graph: null, byId: new Map(), kind: new Map(),
+  incoming: new Map(), outgoing: new Map(), pinned: [], supernodes: [], labels: {},
+  ticked: new Set(), clicked: null, threshold: 0.8, showErrors: true, pos: new Map(),
+  edgeEls: new Map(), nodeEls: new Map(), dirty: false,
+};
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs, text) {
+  const ns = ["svg", "g", "line", "circle", "polygon", "rect", "text", "path", "title"];
+  const node = ns.includes(tag) ? document.createElementNS(SVGNS, tag) : document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function status(msg, isError) {
+  const s = $("status");
+  s.textContent = msg;
+  s.className = isError ? "error" : "";
+}
+
+async function api(path, body) {
+  const opts = body === undefined ? {} : {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  };
+  const resp = await fetch(path, opts);
+  let data;
+  try { data = await resp.json(); } catch (e) { data = { error: resp.statusText }; }
+  if (!resp.ok) throw new Error(data.error || resp.statusText);
+  return data;
+}
+
+// ---- graph model ------------------------------------------------------------------------
+const KINDS = { embedding: "token", logit: "logit", "mlp reconstruction error": "error" };
+const kindOf = (n) => KINDS[n.feature_type] || "feature";
+
+function setGraph(name, graph) {
+  S.name = name; S.graph = graph; S.byId = new Map(); S.kind = new Map();
+  S.incoming = new Map(); S.outgoing = new Map(); S.labels = {}; S.ticked = new Set();
+  for (const n of graph.nodes) {
+    S.byId.set(n.node_id, n); S.kind.set(n.node_id, kindOf(n));
+    S.incoming.set(n.node_id, []); S.outgoing.set(n.node_id, []);
+  }
+  for (const l of graph.links) {
+    S.incoming.get(l.target).push(l); S.outgoing.get(l.source).push(l);
+  }
+  const q = graph.qParams || {};
+  S.pinned = (q.pinnedIds || []).filter((id) => S.byId.has(id));
+  S.supernodes = (q.supernodes || []).map((g) => g.slice());
+  S.clicked = S.byId.has(q.clickedId) ? q.clickedId : null;
+  S.dirty = false;
+  $("prompt").textContent = graph.metadata.prompt || "";
+  render(); renderPinned(); showNode(S.clicked); updateScores();
+}
+
+function labelOf(n) {
+  if (S.labels[n.node_id] !== undefined) return S.labels[n.node_id];
+  if (n.clerp) return n.clerp;
+  const k = kindOf(n);
+  if (k === "token") return tokenText(n);
+  if (k === "error") return `error L${n.layer} @${n.ctx_idx}`;
+  return `L${n.layer} #${n.node_id.split("_")[1]}`;
+}
+
+function tokenText(n) {
+  const toks = S.graph.metadata.prompt_tokens || [];
+  return toks[n.ctx_idx] !== undefined ? toks[n.ctx_idx] : n.node_id;
+}
+
+function visible(n) {
+  const k = kindOf(n);
+  if (k === "token" || k === "logit" || S.pinned.includes(n.node_id)) return true;
+  if (k === "error" && !S.showErrors) return false;
+  return n.influence === undefined || n.influence === null || n.influence <= S.threshold;
+}
+
+// ---- layout: x = token position, y = layer (embeddings at the bottom, logits on top) ------
+function layout(nodes) {
+  const numeric = nodes.filter((n) => ["feature", "error"].includes(kindOf(n)))
+    .map((n) => parseInt(n.layer, 10)).filter((v) => !isNaN(v));
+  const nLayers = numeric.length ? Math.max(...numeric) + 1 : 0;
+  const nPos = Math.max((S.graph.metadata.prompt_tokens || []).length,
+    ...S.graph.nodes.map((n) => (n.ctx_idx || 0) + 1));
+  const rowOf = (n) => {
+    const k = kindOf(n);
+    if (k === "token") return 0;
+    if (k === "logit") return nLayers + 1;
+    return parseInt(n.layer, 10) + 1;
+  };
+  const cells = new Map();
+  for (const n of nodes) {
+    const key = `${rowOf(n)},${n.ctx_idx || 0}`;
+    if (!cells.has(key)) cells.set(key, []);
+    cells.get(key).push(n);
+  }
+  const widest = Math.max(1, ...[...cells.values()].map((c) => c.length));
+  const nRows = nLayers + 2;
+  // fill the visible area, but never squeeze a cell below what its nodes need
+  const wrap = $("graph-wrap");
+  const fitW = (wrap.clientWidth - MARGIN.left - MARGIN.right - 4) / nPos;
+  const fitH = (wrap.clientHeight - MARGIN.top - MARGIN.bottom - 4) / Math.max(1, nRows - 1);
+  const colW = Math.max(90, widest * 16, fitW || 0);
+  const rowH = Math.min(120, Math.max(ROW_H, fitH || 0));
+  const pos = new Map();
+  const width = MARGIN.left + nPos * colW + MARGIN.right;
+  for (const [key, cell] of cells) {
+    const [row, col] = key.split(",").map(Number);
+    cell.sort((a, b) => (a.influence ?? 0) - (b.influence ?? 0));
+    // logit boxes carry text: give each room, spilling left of the last column if needed
+    const step = row === nRows - 1 ? Math.max(colW / (cell.length + 1), 84) : colW / (cell.length + 1);
+    const centre = MARGIN.left + (col + 0.5) * colW;
+    const shift = Math.min(0, width - MARGIN.right - 40 - (centre + (step * (cell.length - 1)) / 2));
+    cell.forEach((n, i) => pos.set(n.node_id, {
+      x: centre + shift + (i - (cell.length - 1) / 2) * step,
+      y: MARGIN.top + (nRows - 1 - row) * rowH,
+    }));
+  }
+  const height = MARGIN.top + (nRows - 1) * rowH + MARGIN.bottom;
+  return { pos, width, height, nLayers, nPos, colW, nRows, rowH };
+}
+
+// ---- drawing ----------------------------------------------------------------------------
+function render() {
+  const svg = $("graph");
+  svg.replaceChildren();
+  const nodes = S.graph.nodes.filter(visible);
+  const L = layout(nodes);
+  S.pos = L.pos;
+  svg.setAttribute("width", L.width); svg.setAttribute("height", L.height);
+  svg.setAttribute("viewBox", `0 0 ${L.width} ${L.height}`);
+  drawAxes(svg, L);
+  drawEdges(svg, nodes);
+  drawNodes(svg, nodes);
+  drawSupernodeLabels(svg);
+}
+
+function drawAxes(svg, L) {
+  const g = el("g", { class: "axes" });
+  for (let r = 0; r < L.nRows; r++) {
+    const y = MARGIN.top + (L.nRows - 1 - r) * L.rowH;
+    const name = r === 0 ? "Emb" : r === L.nRows - 1 ? "Logit" : `L${r - 1}`;
+    g.append(el("line", { x1: MARGIN.left, x2: L.width - MARGIN.right, y1: y, y2: y, class: "grid" }));
+    g.append(el("text", { x: 8, y: y + 4, class: "axis-label" }, name));
+  }
+  for (let p = 0; p < L.nPos; p++) { // token text sits in the embedding boxes; here the index
+    const x = MARGIN.left + (p + 0.5) * L.colW;
+    g.append(el("text", { x, y: L.height - 18, class: "axis-label", "text-anchor": "middle" }, `${p}`));
+  }
+  svg.append(g);
+}
+
+function drawEdges(svg, nodes) {
+  const shown = new Set(nodes.map((n) => n.node_id));
+  const links = S.graph.links.filter((l) => shown.has(l.source) && shown.has(l.target))
+    .sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, MAX_EDGES);
+  const maxW = Math.max(1e-12, ...links.map((l) => Math.abs(l.weight)));
+  const g = el("g", { class: "edges" });
+  S.edgeEls = new Map();
+  for (const l of links.reverse()) { // strongest drawn last, on top
+    const a = S.pos.get(l.source), b = S.pos.get(l.target);
+    const line = el("line", {
+      x1: a.x, y1: a.y, x2: b.x, y2: b.y, class: `edge ${l.weight >= 0 ? "pos" : "neg"}`,
+      "stroke-width": (0.4 + 3.6 * Math.abs(l.weight) / maxW).toFixed(2),
+    });
+    for (const id of [l.source, l.target]) {
+      if (!S.edgeEls.has(id)) S.edgeEls.set(id, []);
+      S.edgeEls.get(id).push([line, l]);
+    }
+    g.append(line);
+  }
+  svg.append(g);
+}
+
+function drawNodes(svg, nodes) {
+  const g = el("g", { class: "nodes" });
+  S.nodeEls = new Map();
+  const inSn = supernodeOfMap();
+  for (const n of nodes) {
+    const p = S.pos.get(n.node_id), k = kindOf(n);
+    const ng = el("g", { class: `node ${k}`, "data-id": n.node_id,
+      transform: `translate(${p.x},${p.y})` });
+    if (S.pinned.includes(n.node_id)) ng.classList.add("pinned");
+    if (S.clicked === n.node_id) ng.classList.add("clicked");
+    if (inSn.has(n.node_id)) {
+      ng.append(el("circle", { r: 10, class: "sn-ring", stroke: inSn.get(n.node_id).colour }));
+    }
+    ng.append(nodeShape(n, k));
+    ng.append(el("title", {}, `${labelOf(n)}\n${n.node_id}`));
+    ng.addEventListener("mouseenter", () => highlight(n.node_id, true));
+    ng.addEventListener("mouseleave", () => highlight(n.node_id, false));
+    ng.addEventListener("click", (ev) => (ev.shiftKey ? togglePin(n.node_id) : showNode(n.node_id)));
+    S.nodeEls.set(n.node_id, ng);
+    g.append(ng);
+  }
+  svg.append(g);
+}
+
+function nodeShape(n, k) {
+  if (k === "error") return el("polygon", { points: "0,-6 6,0 0,6 -6,0", class: "shape" });
+  if (k === "feature") return el("circle", { r: 5.5, class: "shape" });
+  const text = k === "logit" ? logitText(n) : tokenText(n);
+  const w = Math.max(24, Math.min(8 + text.length * 6.7, 124));
+  const grp = el("g", { class: "shape" });
+  grp.append(el("rect", { x: -w / 2, y: -9, width: w, height: 18, rx: 4 }));
+  grp.append(el("text", { y: 4, "text-anchor": "middle" }, text.slice(0, 18)));
+  return grp;
+}
+
+function logitText(n) {
+  const m = /^Output "(.*)" \(p=([0-9.]+)\)$/.exec(n.clerp || "");
+  return m ? `${m[1]} ${(+m[2]).toFixed(2)}` : n.clerp || n.node_id;
+}
+
+function supernodeOfMap() {
+  const m = new Map();
+  S.supernodes.forEach((g, i) => g.slice(1).forEach((id) =>
+    m.set(id, { label: g[0], colour: SN_COLOURS[i % SN_COLOURS.length] })));
+  return m;
+}
+
+function drawSupernodeLabels(svg) {
+  const g = el("g", { class: "sn-labels" });
+  S.supernodes.forEach((grp, i) => {
+    const pts = grp.slice(1).map((id) => S.pos.get(id)).filter(Boolean);
+    if (!pts.length) return;
+    const x = Math.min(...pts.map((p) => p.x)), y = Math.min(...pts.map((p) => p.y));
+    g.append(el("text", { x, y: y - 14, class: "sn-label", fill: SN_COLOURS[i % SN_COLOURS.length] },
+      grp[0]));
+  });
+  svg.append(g);
+}
+
+function highlight(id, on) {
+  $("graph").classList.toggle("hovering", on);
+  for (const [line, l] of S.edgeEls.get(id) || []) {
+    line.classList.toggle(l.target === id ? "hl-in" : "hl-out", on);
+  }
+  const ng = S.nodeEls.get(id);
+  if (ng) ng.classList.toggle("hovered", on);
+}
+
+// ---- side panel: one node -------------------------------------------------------------
+function showNode(id) {
+  S.clicked = id;
+  for (const [nid, ng] of S.nodeEls) ng.classList.toggle("clicked", nid === id);
+  const panel = $("node-panel");
+  panel.replaceChildren(el("h2", {}, "Node"));
+  const n = S.byId.get(id);
+  if (!n) { panel.append(el("p", { class: "hint" }, "Click a node for details.")); return; }
+  const k = kindOf(n);
+  panel.append(el("div", { class: "node-title" }, labelOf(n)));
+  const facts = el("div", { class: "facts" },
+    `${k} · id ${n.node_id} · layer ${n.layer} · pos ${n.ctx_idx}` +
+    (n.activation != null ? ` · act ${fmt(n.activation)}` : "") +
+    (n.influence != null ? ` · influence ${fmt(n.influence)}` : ""));
+  panel.append(facts);
+  const pin = el("button", { id: "pin-button" }, S.pinned.includes(id) ? "Unpin" : "Pin");
+  pin.addEventListener("click", () => togglePin(id));
+  panel.append(pin);
+  if (k === "feature") panel.append(labelEditor(n));
+  panel.append(edgeList("Strongest inputs", S.incoming.get(id), "source"));
+  panel.append(edgeList("Strongest outputs", S.outgoing.get(id), "target"));
+  if (k === "feature") panel.append(featureCard(n));
+}
+
+function labelEditor(n) {
+  const row = el("div", { class: "row" });
+  const input = el("input", { id: "label-input", value: labelOf(n), placeholder: "feature label" });
+  const btn = el("button", { id: "label-set" }, "Set label");
+  btn.addEventListener("click", () => {
+    S.labels[n.node_id] = input.value; S.dirty = true;
+    render(); renderPinned(); showNode(n.node_id); status("label changed (unsaved)");
+  });
+  row.append(input, btn);
+  return row;
+}
+
+function edgeList(title, links, end) {
+  const box = el("div", { class: "edge-list" });
+  box.append(el("h3", {}, title));
+  const top = (links || []).slice().sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, 8);
+  if (!top.length) box.append(el("p", { class: "hint" }, "none"));
+  const ul = el("ul");
+  for (const l of top) {
+    const other = S.byId.get(l[end]);
+    const li = el("li", { class: l.weight >= 0 ? "pos" : "neg" });
+    li.append(el("span", { class: "w" }, fmt(l.weight)), el("span", {}, ` ${labelOf(other)}`));
+    li.addEventListener("click", () => showNode(other.node_id));
+    ul.append(li);
+  }
+  box.append(ul);
+  return box;
+}
+
+function featureCard(n) {
+  const box = el("div", { class: "card", id: "feature-card" });
+  box.append(el("h3", {}, "Feature card"));
+  if (S.embedded) {
+    box.append(el("p", { class: "hint" }, "Feature cards are shown by `wiremap serve`."));
+    return box;
+  }
+  box.append(el("p", { class: "hint" }, "loading…"));
+  api(`/api/feature?name=${encodeURIComponent(S.name)}&node=${encodeURIComponent(n.node_id)}`)
+    .then((card) => { if (S.clicked === n.node_id) drawCard(box, card); })
+    .catch((err) => { box.lastChild.textContent = err.message; });
+  return box;
+}
+
+function drawCard(box, card) {
+  box.replaceChildren(el("h3", {}, "Feature card"));
+  box.append(el("div", { class: "facts" },
+    `max ${fmt(card.maxActApprox)} · active on ${(100 * card.frac_nonzero).toPrecision(3)}% of tokens`));
+  box.append(histogram(card.freq_hist_data_bar_values || [], card.freq_hist_data_bar_heights || []));
+  box.append(tokenRow("promotes", card.pos_str, card.pos_values, "pos"));
+  box.append(tokenRow("suppresses", card.neg_str, card.neg_values, "neg"));
+  for (const act of (card.activations || []).slice(0, 12)) box.append(context(act));
+}
+
+function histogram(values, heights) {
+  const w = 240, h = 40, svg = el("svg", { width: w, height: h, class: "hist" });
+  const top = Math.max(1, ...heights);
+  heights.forEach((c, i) => {
+    const bh = (h - 2) * (c / top), bw = w / heights.length;
+    const r = el("rect", { x: i * bw, y: h - bh, width: Math.max(1, bw - 1), height: bh });
+    r.append(el("title", {}, `${fmt(values[i])}: ${c}`));
+    svg.append(r);
+  });
+  return svg;
+}
+
+function tokenRow(title, strs, vals, cls) {
+  const row = el("div", { class: `tokens ${cls}` });
+  row.append(el("span", { class: "hint" }, `${title}: `));
+  (strs || []).forEach((s, i) => row.append(el("code", { title: fmt(vals[i]) }, s)));
+  return row;
+}
+
+function context(act) {
+  const div = el("div", { class: "context" });
+  const max = Math.max(1e-12, act.maxValue || Math.max(...act.values));
+  act.tokens.forEach((t, i) => {
+    const v = act.values[i] || 0;
+    const span = el("span", { title: fmt(v) }, t);
+    if (v > 0) span.style.background = `rgba(255,140,0,${Math.min(1, v / max).toFixed(2)})`;
+    if (i === act.maxValueTokenIndex) span.className = "max";
+    div.append(span);
+  });
+  if (act.binContains !== undefined) div.classList.add("quantile");
+  return div;
+}
+
+// ---- pins, supernodes, scores ----------------------------------------------------------
+function togglePin(id) {
+  const i = S.pinned.indexOf(id);
+  if (i >= 0) {
+    S.pinned.splice(i, 1); S.ticked.delete(id);
+    S.supernodes = S.supernodes.map((g) => g.filter((m, j) => j === 0 || m !== id))
+      .filter((g) => g.length > 1);
+  } else S.pinned.push(id);
+  S.dirty = true;
+  render(); renderPinned(); if (S.clicked) showNode(S.clicked); updateScores();
+}
+
+function renderPinned() {
+  const ul = $("pinned-list");
+  ul.replaceChildren();
+  for (const id of S.pinned) {
+    const n = S.byId.get(id);
+    const li = el("li", { "data-id": id });
+    const box = el("input", { type: "checkbox", class: "tick", "data-id": id });
+    box.checked = S.ticked.has(id);
+    box.addEventListener("change", () => (box.checked ? S.ticked.add(id) : S.ticked.delete(id)));
+    const name = el("span", { class: "link" }, ` ${labelOf(n)} `);
+    name.addEventListener("click", () => showNode(id));
+    const x = el("button", { class: "small" }, "×");
+    x.addEventListener("click", () => togglePin(id));
+    li.append(box, name, x);
+    ul.append(li);
+  }
+  if (!S.pinned.length) ul.append(el("li", { class: "hint" }, "nothing pinned yet"));
+  renderSupernodes();
+}
+
+function renderSupernodes() {
+  const ul = $("supernode-list");
+  ul.replaceChildren();
+  S.supernodes.forEach((g, i) => {
+    const li = el("li", { class: "supernode", "data-label": g[0] });
+    const box = el("input", { type: "checkbox", class: "sn-tick", "data-index": i });
+    const name = el("span", { style: `color:${SN_COLOURS[i % SN_COLOURS.length]}` }, ` ${g[0]} `);
+    const members = el("span", { class: "hint" }, `(${g.length - 1} nodes) `);
+    const x = el("button", { class: "small" }, "ungroup");
+    x.addEventListener("click", () => {
+      S.supernodes.splice(i, 1); S.dirty = true; render(); renderPinned();
+    });
+    li.append(box, name, members, x);
+    ul.append(li);
+  });
+}
+
+function groupTicked() {
+  const ids = S.pinned.filter((id) => S.ticked.has(id));
+  if (ids.length < 1) { status("tick pinned nodes to group them", true); return; }
+  const label = $("supernode-label").value.trim() || `supernode ${S.supernodes.length + 1}`;
+  S.supernodes = S.supernodes.map((g) => g.filter((m, j) => j === 0 || !ids.includes(m)))
+    .filter((g) => g.length > 1);
+  S.supernodes.push([label, ...ids]);
+  S.ticked.clear(); $("supernode-label").value = ""; S.dirty = true;
+  render(); renderPinned(); status(`grouped ${ids.length} nodes as "${label}" (unsaved)`);
+}
+
+let scoreTimer = null;
+function updateScores() {
+  const box = $("scores");
+  if (S.embedded) {
+    const sc = S.graph.metadata.scores || {};
+    box.replaceChildren(...Object.entries(sc).filter(([, v]) => v && v.replacement !== undefined)
+      .map(([k, v]) => el("div", {}, `${k} graph: replacement ${fmt(v.replacement)}, ` +
+        `completeness ${fmt(v.completeness)}`)));
+    return;
+  }
+  clearTimeout(scoreTimer);
+  scoreTimer = setTimeout(() => {
+    const name = S.name;
+    api("/api/scores", { name, pinnedIds: S.pinned }).then((r) => {
+      if (name !== S.name) return;
+      box.replaceChildren(el("div", { id: "pinned-scores" },
+        `pinned subgraph: replacement ${fmt(r.pinned.replacement)}, ` +
+        `completeness ${fmt(r.pinned.completeness)} (${r.pinned.n_features} features)`));
+      box.append(el("div", { class: "hint" }, "Scores use the saved (pruned) links; unpinned " +
+        "features count as error at their layer and position."));
+    }).catch((err) => { box.textContent = err.message; });
+  }, 150);
+}
+
+// ---- steering ---------------------------------------------------------------------------
+function steerTargets() {
+  const ids = new Set(S.pinned.filter((id) => S.ticked.has(id)));
+  document.querySelectorAll(".sn-tick").forEach((b) => {
+    if (b.checked) S.supernodes[+b.dataset.index].slice(1).forEach((id) => ids.add(id));
+  });
+  return [...ids].filter((id) => kindOf(S.byId.get(id)) === "feature");
+}
+
+async function steer(ablate) {
+  const nodes = steerTargets(), out = $("steer-result");
+  if (!nodes.length) { out.textContent = "tick pinned features or supernodes first"; return; }
+  out.textContent = "running the model…";
+  try {
+    const r = await api("/api/steer", {
+      name: S.name, nodes, ablate, scale: parseFloat($("steer-scale").value),
+      all_positions: $("steer-all").checked, max_new_tokens: parseInt($("steer-n").value, 10),
+    });
+    out.replaceChildren(tokenTable(r.baseline, r.steered),
+      el("div", { class: "gen" }, `before: ${r.baseline_text}`),
+      el("div", { class: "gen steered" }, `after: ${r.steered_text}`));
+  } catch (err) { out.textContent = err.message; }
+}
+
+function tokenTable(before, after) {
+  const t = el("table", { class: "steer-table" });
+  const head = el("tr");
+  head.append(el("th", {}, "before"), el("th", {}, "after"));
+  t.append(head);
+  for (let i = 0; i < Math.max(before.length, after.length); i++) {
+    const tr = el("tr");
+    for (const x of [before[i], after[i]]) {
+      tr.append(el("td", {}, x ? `${JSON.stringify(x.token)} ${(100 * x.prob).toFixed(1)}%` : ""));
+    }
+    t.append(tr);
+  }
+  return t;
+}
+
+// ---- saving and loading -----------------------------------------------------------------
+function edits() {
+  return { pinnedIds: S.pinned, supernodes: S.supernodes, clickedId: S.clicked || "" };
+}
+
+async function save() {
+  if (S.embedded) return downloadGraph();
+  try {
+    await api("/api/save", { name: S.name, qParams: edits(), labels: S.labels });
+    S.dirty = false;
+    status(`saved ${S.name}`);
+  } catch (err) { status(`not saved: ${err.message}`, true); }
+}
+
+function downloadGraph() {
+  const g = JSON.parse(JSON.stringify(S.graph));
+  Object.assign(g.qParams = g.qParams || {}, edits());
+  for (const n of g.nodes) if (S.labels[n.node_id] !== undefined) n.clerp = S.labels[n.node_id];
+  const a = el("a", { download: `${g.metadata.slug || "graph"}.json` });
+  a.href = URL.createObjectURL(new Blob([JSON.stringify(g)], { type: "application/json" }));
+  a.click();
+  status("downloaded the edited graph JSON");
+}
+
+async function loadGraph(name) {
+  status(`loading ${name}…`);
+  try {
+    setGraph(name, await api(`/api/graph?name=${encodeURIComponent(name)}`));
+    location.hash = encodeURIComponent(name);
+    status(`${name}: ${S.graph.nodes.length} nodes, ${S.graph.links.length} links`);
+  } catch (err) {
+    $("graph").replaceChildren();
+    status(`${name}: ${err.message}`, true);
+  }
+}
+
+async function init() {
+  $("prune").addEventListener("input", (e) => {
+    S.threshold = parseFloat(e.target.value);
+    $("prune-value").textContent = S.threshold.toFixed(2);
+    if (S.graph) render();
+  });
+  $("show-errors").addEventListener("change", (e) => { S.showErrors = e.target.checked; render(); });
+  let resizeTimer = null;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizeTimer);
+    resizeTimer = setTimeout(() => S.graph && render(), 100);
+  });
+  $("save").addEventListener("click", save);
+  $("group").addEventListener("click", groupTicked);
+  $("steer").addEventListener("click", () => steer(false));
+  $("ablate").addEventListener("click", () => steer(true));
+  const embedded = $("wiremap-graph");
+  if (embedded) {
+    S.embedded = true;
+    document.body.classList.add("embedded");
+    $("save").textContent = "Download JSON";
+    const g = JSON.parse(embedded.textContent);
+    return setGraph(g.metadata.slug || "graph", g);
+  }
+  await listGraphs();
+}
+
+async function listGraphs() {
+  const sel = $("graph-select");
+  let list;
+  try { list = await api("/api/list"); } catch (err) { return status(err.message, true); }
+  sel.replaceChildren(...list.graphs.map((g) => el("option", { value: g.name }, g.name)));
+  sel.onchange = () => loadGraph(sel.value);
+  if (!list.graphs.length) return status(`no graph JSON files in ${list.folder}`, true);
+  const wanted = decodeURIComponent(location.hash.slice(1));
+  const name = list.graphs.some((g) => g.name === wanted) ? wanted : list.graphs[0].name;
+  sel.value = name;
+  await loadGraph(name);
+}
+
+function fmt(x) {
+  if (x === null || x === undefined || isNaN(x)) return "–";
+  const a = Math.abs(x);
+  return a !== 0 && (a < 1e-3 || a >= 1e4) ? x.toExponential(2) : (+x).toPrecision(3);
+}
+
+window.wiremapViewer = { state: S, loadGraph, save, togglePin, showNode, groupTicked };
+document.addEventListener("DOMContentLoaded", init);
