@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from test_viewer_server import make_graph_json
 
+from wiremap.attribute.features import write_layer
 from wiremap.attribute.html import write_html
 from wiremap.attribute.viewer.server import make_server
 
@@ -192,11 +193,56 @@ def browser(tmp_path_factory):
     b.close()
 
 
+def demo_card(layer: int, f: int) -> dict:
+    """A hand-made card in the stored format (real cards are tested in test_features.py)."""
+    words = ["The", " capital", " of", " France", " is", " Paris", ".", " Its", " river"]
+    acts = []
+    for k in range(4):
+        values = [0.0] * len(words)
+        values[3], values[5] = 3.0 - 0.5 * k, 1.0 + 0.2 * k
+        acts.append(
+            {
+                "tokens": words,
+                "values": values,
+                "maxValue": max(values),
+                "minValue": 0.0,
+                "maxValueTokenIndex": 3,
+                "qualifyingTokenIndex": 3,
+                "dataIndex": 100 * k + f,
+            }
+        )
+    return {
+        "modelId": "demo",
+        "layer": str(layer),
+        "index": f,
+        "maxActApprox": 3.0,
+        "frac_nonzero": 0.004,
+        "freq_hist_data_bar_values": [0.5, 1.0, 2.0, 2.8],
+        "freq_hist_data_bar_heights": [40, 22, 9, 3],
+        "pos_str": [" Paris", " Lyon", " French"],
+        "pos_values": [1.2, 0.9, 0.7],
+        "neg_str": [" London", " Berlin"],
+        "neg_values": [-0.8, -0.6],
+        "activations": acts,
+    }
+
+
+def write_demo_cards(folder: Path, n_layers: int = 4, n_features: int = 200) -> None:
+    folder.mkdir(parents=True)
+    layers = {
+        str(i): write_layer(folder, i, [demo_card(i, f) for f in range(n_features)])
+        for i in range(n_layers)
+    }
+    (folder / "index.json").write_text(json.dumps({"layers": layers}))
+
+
 @pytest.fixture
 def server(tmp_path):
     folder = tmp_path / "graphs"
     folder.mkdir()
-    (folder / "capital.json").write_text(json.dumps(make_graph_json()))
+    write_demo_cards(tmp_path / "tc" / "features")
+    graph = make_graph_json(info={"transcoders": str(tmp_path / "tc")})
+    (folder / "capital.json").write_text(json.dumps(graph))
     (folder / "broken.json").write_text("{not a graph")
     srv = make_server(folder, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -230,6 +276,8 @@ def test_viewer_end_to_end(browser, server, tmp_path):
     browser.click(sel(first))
     panel = browser.wait_for("document.getElementById('node-panel').innerText", "node panel")
     assert first in panel and "Strongest inputs" in panel and "Strongest outputs" in panel
+    browser.wait_for("document.querySelectorAll('#feature-card .context').length === 4", "card")
+    assert "Paris" in browser.js("document.getElementById('feature-card').innerText")
 
     # pin one with the button, the other with shift-click; group them into a supernode
     browser.js("document.getElementById('pin-button').click()")
@@ -264,6 +312,7 @@ def test_viewer_end_to_end(browser, server, tmp_path):
         "node panel after reload",
     )
     browser.wait_for("!!document.getElementById('pinned-scores')", "scores after reload")
+    browser.wait_for("document.querySelectorAll('#feature-card .context').length", "card")
     out = Path(os.environ.get("WIREMAP_SCREENSHOT") or tmp_path / "viewer.png")
     assert browser.screenshot(out).read_bytes()[:4] == b"\x89PNG"
 

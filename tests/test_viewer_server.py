@@ -493,3 +493,42 @@ def test_write_png(tmp_path):
     path = write_png(make_graph_json(), tmp_path / "g.png", dpi=60)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_steer_with_a_tiny_replacement_model(served, tiny_model_dir, tmp_path):
+    pytest.importorskip("wiremap.models.replacement", reason="needs the ReplacementModel")
+    pytest.importorskip("wiremap.attribute.interventions", reason="needs the intervention API")
+    import torch
+
+    from wiremap.models.io import save_transcoders
+    from wiremap.models.transcoders import build_transcoder
+
+    folder, request = served
+    model_dir = tiny_model_dir("llama")
+    tc = build_transcoder("plt", n_layers=2, d_model=32, d_transcoder=16, model_name=str(model_dir))
+    with torch.no_grad():
+        tc.encoder_bias.fill_(1.0)  # every feature fires, so scaling one moves the logits
+    tc_dir = save_transcoders(tc, tmp_path / "tc")
+    steerer = Steerer()
+    srv = request.start(steerer=steerer)
+    prompt = "the cat sees the moon"
+    graph = make_graph_json(n_layers=2, info={"model": str(model_dir), "transcoders": str(tc_dir)})
+    graph["metadata"]["prompt"] = prompt
+    rm = steerer.model_for(graph)  # built once here, reused by the endpoint
+    ids = rm.tokenize(prompt)
+    last = int(ids.numel()) - 1
+    node = dict(next(n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder"))
+    node.update(node_id=f"1_3_{last}", layer="1", ctx_idx=last, feature=cantor(1, 3))
+    graph["nodes"].append(node)
+    (folder / "steer.json").write_text(json.dumps(graph))
+    body = {"name": "steer.json", "nodes": [node["node_id"]], "scale": 200.0, "max_new_tokens": 4}
+    status, resp = request("POST", "/api/steer", body, srv=srv)
+    assert status == 200, resp
+    with torch.no_grad():
+        want = rm.model(ids[None]).logits[0, -1].softmax(-1)
+    assert resp["baseline"][0]["id"] == int(want.argmax())
+    assert resp["baseline"][0]["prob"] == pytest.approx(float(want.max()), abs=1e-4)
+    base = {t["id"]: t["prob"] for t in resp["baseline"]}
+    assert any(abs(base.get(t["id"], 0.0) - t["prob"]) > 1e-4 for t in resp["steered"])
+    assert resp["baseline_text"] and resp["steered_text"]
+    assert resp["interventions"] == [[1, last, 3, 200.0]]
