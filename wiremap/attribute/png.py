@@ -10,6 +10,7 @@ logits on top), features as circles, error nodes as diamonds, edges blue (positi
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -91,9 +92,16 @@ def _draw_nodes(ax, graph: dict, pos: dict) -> None:
     for n in graph["nodes"]:
         if node_kind(n) == "logit":
             x, y = pos[n["node_id"]]
-            text = str(n.get("clerp") or "").replace("Output ", "")
+            match = re.match(r'^Output "(.*)" \(p=([0-9.]+)\)$', str(n.get("clerp") or ""))
+            text = f"{match[1]} {float(match[2]):.2f}" if match else str(n.get("clerp") or "")
             ax.annotate(
-                text, (x, y), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=7
+                text,
+                (x, y),
+                xytext=(2, 7),
+                textcoords="offset points",
+                ha="left",
+                rotation=35,
+                fontsize=7,
             )
 
 
