@@ -1,0 +1,322 @@
+"""Attribution graphs with exact edges (DESIGN.md §6).
+
+    rm = ReplacementModel.from_pretrained("path/to/model", "path/to/transcoders")
+    graph = attribute("The capital of France is", rm, max_feature_nodes=2000)
+    graph.adjacency[graph.logit_slice]       # direct effects on the logit targets
+
+Every edge is `A[t, s] = ⟨∂pre_t/∂(residual write of s), write of s⟩` in the frozen model
+(attention patterns, norm scales and MLP outputs held at their values on the prompt), so
+the graph is exact: adding a source's write in the frozen model changes each target by its
+column, and with biases removed each row sums to its target's value.
+
+How the rows are computed: one forward pass of the frozen model (batch 1) on the prefix
+that the batch needs, then one batched vector–Jacobian product (`is_grads_batched`) that
+carries many targets at once — each target's encoder row (or logit direction) is the
+gradient at its own (layer, pos) — and a contraction of the resulting residual gradients
+with every source's write. Rows are visited sorted by (layer, pos), so a batch runs back
+only through the layers below its targets and over the positions up to theirs.
+
+With `max_feature_nodes`, features are visited best-first: after the logit rows, the
+unvisited features with the largest influence on the logits (DESIGN.md §7, computed from
+the rows so far) are taken a batch at a time. The features never visited are not nodes;
+their edges are folded into the error node at their (layer, pos), so each row still sums
+to its target's value.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from wiremap.attribute.graph import Graph
+from wiremap.attribute.sources import SourceTable
+from wiremap.attribute.targets import LogitTargets, select_targets
+from wiremap.errors import WiremapError
+from wiremap.models.linearise import Linearised
+
+FINAL = -1  # site of the logit targets: the final norm's output
+DENSE_MAX_NODES = 4096  # larger graphs get a sparse COO adjacency
+
+
+@dataclass
+class _Targets:
+    """A batch of targets: each reads `vectors[i]` at (site[i], pos[i])."""
+
+    site: Tensor  # [B] layer of the read, or FINAL
+    pos: Tensor  # [B]
+    vectors: Tensor  # [B, d]
+
+
+class RowEngine:
+    """Computes adjacency rows for batches of targets through one frozen model."""
+
+    def __init__(self, lin: Linearised, table: SourceTable) -> None:
+        self.lin, self.table = lin, table
+        self.n_backward = 0
+
+    def rows(self, targets: _Targets) -> Tensor:
+        """[B, n_cols] edges from every source to each target."""
+        n_pos = int(targets.pos.max()) + 1
+        top = self.lin.n_layers if bool((targets.site == FINAL).any()) else int(targets.site.max())
+        ids = self.lin.input_ids[:, :n_pos]
+        d = self.table.tokens.shape[-1]
+        dtype = self.table.tokens.dtype
+        embed = torch.zeros(1, n_pos, d, dtype=dtype, device=ids.device, requires_grad=True)
+        writes = {
+            layer: torch.zeros(1, n_pos, d, dtype=dtype, device=ids.device, requires_grad=True)
+            for layer in range(top)
+        }
+        with torch.enable_grad():
+            run = self.lin.forward(ids, writes=writes, embed_write=embed)
+            outputs, grads = self._injections(run, targets, n_pos)
+            leaves = [embed, *writes.values()]
+            got = torch.autograd.grad(
+                outputs, leaves, grads, is_grads_batched=True, allow_unused=True
+            )
+        self.n_backward += 1
+        g_embed = got[0][:, 0]
+        g_writes = [None if g is None else g[:, 0] for g in got[1:]]
+        return self.table.contract(g_embed, g_writes, n_pos)
+
+    @staticmethod
+    def _injections(run, targets: _Targets, n_pos: int) -> tuple[list[Tensor], list[Tensor]]:
+        outputs, grads = [], []
+        batch = targets.site.numel()
+        rows = torch.arange(batch, device=targets.pos.device)
+        for site in torch.unique(targets.site).tolist():
+            out = run.final if site == FINAL else run.reads[site]
+            mine = targets.site == site
+            g = out.new_zeros(batch, *out.shape)  # [B, 1, n_pos, d]
+            g[rows[mine], 0, targets.pos[mine]] = targets.vectors[mine].to(out.dtype)
+            outputs.append(out)
+            grads.append(g)
+        return outputs, grads
+
+
+def attribute(
+    prompt: str,
+    model,
+    *,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    target_tokens: list[str | int] | None = None,
+    target_directions=None,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 256,
+    zero_bos: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    verbose: bool = True,
+) -> Graph:
+    """The attribution graph of `prompt` under the replacement model `model` (module docstring)."""
+    start = time.perf_counter()
+    rm = _prepare(model, device, dtype)
+    if batch_size < 1:
+        raise WiremapError(f"batch_size={batch_size}; use a positive batch size")
+    ids = rm.tokenize(prompt)
+    run = rm.run(ids)
+    targets = select_targets(
+        rm,
+        run.logits[-1],
+        max_n_logits=max_n_logits,
+        desired_logit_prob=desired_logit_prob,
+        target_tokens=target_tokens,
+        target_directions=target_directions,
+    )
+    table = SourceTable.build(rm, run, zero_bos=zero_bos)
+    _log(verbose, f"{len(ids)} tokens, {table.n_features} active features, {len(targets)} logits")
+    with rm.linearised(ids) as lin:
+        engine = RowEngine(lin, table)
+        logit_rows = engine.rows(_logit_targets(targets, len(ids)))
+        visited, feature_rows = _visit_features(
+            engine, rm, table, targets, logit_rows, max_feature_nodes, batch_size, verbose
+        )
+    graph = _assemble(rm, prompt, ids, table, targets, visited, feature_rows, logit_rows)
+    graph.settings = _settings(rm, table, locals(), engine.n_backward, time.perf_counter() - start)
+    _log(verbose, f"done: {engine.n_backward} backward passes, {graph.settings['seconds']:.2f} s")
+    return graph
+
+
+def _prepare(model, device, dtype):
+    if device is None and dtype is None:
+        return model
+    from wiremap.models.loading import resolve_device, resolve_dtype
+
+    kwargs = {}
+    if device is not None:
+        kwargs["device"] = resolve_device(device)
+    if dtype is not None:
+        kwargs["dtype"] = resolve_dtype(dtype)
+    return model.to(**kwargs)
+
+
+def _logit_targets(targets: LogitTargets, n_pos: int) -> _Targets:
+    n = len(targets)
+    return _Targets(
+        site=torch.full((n,), FINAL, dtype=torch.long),
+        pos=torch.full((n,), n_pos - 1, dtype=torch.long),
+        vectors=targets.directions,
+    )
+
+
+def _feature_targets(rm, table: SourceTable, which: Tensor) -> _Targets:
+    feats = table.features[which]
+    vectors = feats.new_zeros(feats.shape[0], rm.d_model, dtype=table.tokens.dtype)
+    for layer in torch.unique(feats[:, 0]).tolist():
+        mine = feats[:, 0] == layer
+        vectors[mine] = rm.transcoders.W_enc(layer)[feats[mine, 2]].to(vectors.dtype)
+    return _Targets(site=feats[:, 0].cpu(), pos=feats[:, 1].cpu(), vectors=vectors)
+
+
+# -- visiting features -------------------------------------------------------------------
+def _visit_features(engine, rm, table, targets, logit_rows, budget, batch_size, verbose):
+    """(visited feature indices, their rows [n_visited, n_cols])."""
+    n_feat = table.n_features
+    if budget is None or budget >= n_feat:
+        order = torch.arange(n_feat)
+        rows = _rows_in_batches(engine, rm, table, order, batch_size, verbose)
+        return order, rows
+    if budget < 0:
+        raise WiremapError(f"max_feature_nodes={budget}; use a non-negative number or None")
+    return _best_first(engine, rm, table, targets, logit_rows, budget, batch_size, verbose)
+
+
+def _rows_in_batches(engine, rm, table, order: Tensor, batch_size: int, verbose: bool) -> Tensor:
+    rows = torch.empty(order.numel(), table.n_cols, dtype=table.tokens.dtype)
+    for start in range(0, order.numel(), batch_size):
+        which = order[start : start + batch_size]
+        rows[start : start + which.numel()] = engine.rows(_feature_targets(rm, table, which))
+        _log(verbose, f"  rows {start + which.numel()}/{order.numel()}", end="\r")
+    _log(verbose and order.numel() > 0, "")
+    return rows
+
+
+def _best_first(engine, rm, table, targets, logit_rows, budget, batch_size, verbose):
+    rows = torch.empty(budget, table.n_cols, dtype=logit_rows.dtype)
+    visited = torch.zeros(table.n_features, dtype=torch.bool)
+    order: list[int] = []
+    weights = targets.probs.float().to(logit_rows.device)
+    while len(order) < budget:
+        score = feature_influence(logit_rows, rows[: len(order)], order, weights, table.n_features)
+        score[visited] = -1.0
+        take = min(batch_size, budget - len(order))
+        picked = score.topk(take).indices
+        picked = picked[score[picked] >= 0]
+        if picked.numel() == 0:
+            break
+        # sorted by (layer, pos) so the batch runs back through as few layers as possible
+        picked = picked.sort().values
+        rows[len(order) : len(order) + picked.numel()] = engine.rows(
+            _feature_targets(rm, table, picked)
+        )
+        visited[picked] = True
+        order.extend(picked.tolist())
+        _log(verbose, f"  visited {len(order)}/{budget} features", end="\r")
+    _log(verbose, "")
+    order_t = torch.tensor(order, dtype=torch.long)
+    return order_t, rows[: len(order)]
+
+
+def feature_influence(
+    logit_rows: Tensor, feature_rows: Tensor, order: list[int], weights: Tensor, n_feat: int
+) -> Tensor:
+    """[n_feat] influence of each feature on the weighted logits through the rows so far.
+
+    I = w(Â + Â² + …) with Â the absolute rows normalised to sum 1 (DESIGN.md §7); rows
+    not computed yet count as zero. The graph is a DAG, so the series ends.
+    """
+
+    def normalised(r: Tensor) -> Tensor:
+        a = r[:, :n_feat].abs()
+        return a / r.abs().sum(1, keepdim=True).clamp_min(1e-30)
+
+    x = weights @ normalised(logit_rows)
+    total = x.clone()
+    if not order:
+        return total
+    a_rows = normalised(feature_rows)
+    idx = torch.tensor(order, dtype=torch.long)
+    for _ in range(n_feat):
+        x = x[idx] @ a_rows
+        total += x
+        if float(x.abs().sum()) <= 1e-12 * float(total.abs().sum()):
+            break
+    return total
+
+
+# -- the graph ---------------------------------------------------------------------------
+def _assemble(rm, prompt, ids, table, targets, visited, feature_rows, logit_rows) -> Graph:
+    order = torch.argsort(visited)  # graph nodes sorted by (layer, pos, feature)
+    visited, feature_rows = visited[order], feature_rows[order]
+    col_map = _column_map(table, visited)
+    n_nodes = visited.numel() + table.n_layers * table.n_pos + table.n_pos + len(targets)
+    rows = torch.cat([feature_rows, logit_rows])
+    if visited.numel() < table.n_features:
+        # unvisited features are folded into the error node at their (layer, pos)
+        folded = rows.new_zeros(rows.shape[0], n_nodes)
+        folded.index_add_(1, col_map, rows)
+        rows = folded
+    else:
+        rows = torch.cat([rows, rows.new_zeros(rows.shape[0], len(targets))], dim=1)
+    logit_start = n_nodes - len(targets)
+    row_index = torch.cat([torch.arange(visited.numel()), logit_start + torch.arange(len(targets))])
+    return Graph(
+        prompt=prompt,
+        input_ids=ids.cpu(),
+        token_strings=rm.token_strings(ids),
+        active_features=table.features[visited].cpu(),
+        activations=table.activations[visited].cpu(),
+        logit_tokens=targets.tokens.cpu(),
+        logit_probs=targets.probs.cpu(),
+        logit_strings=targets.strings,
+        adjacency=_adjacency(rows.cpu(), row_index, n_nodes),
+        n_layers=table.n_layers,
+    )
+
+
+def _column_map(table: SourceTable, visited: Tensor) -> Tensor:
+    """Graph column of every source column (unvisited features -> their error node)."""
+    n_vis = visited.numel()
+    col = torch.empty(table.n_cols, dtype=torch.long)
+    layer, pos = table.features[:, 0].cpu(), table.features[:, 1].cpu()
+    col[: table.n_features] = n_vis + layer * table.n_pos + pos
+    col[visited] = torch.arange(n_vis)
+    col[table.n_features :] = n_vis + torch.arange(table.n_cols - table.n_features)
+    return col
+
+
+def _adjacency(rows: Tensor, row_index: Tensor, n_nodes: int) -> Tensor:
+    if n_nodes <= DENSE_MAX_NODES:
+        dense = rows.new_zeros(n_nodes, n_nodes)
+        dense[row_index] = rows
+        return dense
+    r, c = rows.nonzero(as_tuple=True)
+    indices = torch.stack([row_index[r], c])
+    return torch.sparse_coo_tensor(indices, rows[r, c], (n_nodes, n_nodes)).coalesce()
+
+
+def _settings(rm, table, args: dict, n_backward: int, seconds: float) -> dict:
+    return {
+        "model": rm.model_name,
+        "transcoders": rm.transcoders_path,
+        "transcoder_arch": rm.transcoders.arch,
+        "max_n_logits": args["max_n_logits"],
+        "desired_logit_prob": args["desired_logit_prob"],
+        "max_feature_nodes": args["max_feature_nodes"],
+        "batch_size": args["batch_size"],
+        "zero_bos": args["zero_bos"],
+        "dtype": str(next(rm.model.parameters()).dtype).removeprefix("torch."),
+        "device": str(rm.device),
+        "n_active_features": table.n_features,
+        "n_backward_passes": n_backward,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _log(verbose: bool, msg: str, end: str = "\n") -> None:
+    if verbose:
+        print(msg, end=end, file=sys.stderr, flush=True)

@@ -1,0 +1,138 @@
+"""Source nodes of an attribution graph and the contraction that turns gradients into edges.
+
+    table = SourceTable.build(rm, run, zero_bos=True)
+    edges = table.contract(g_embed, g_writes, n_pos)     # [batch, table.n_cols]
+
+Columns: active features (sorted by layer, pos, feature), then error nodes (layer-major,
+`layer * n_pos + pos`), then token nodes (one per position) — the graph's node order.
+A source's edge to a target is `⟨∂target/∂(residual write), write⟩`: a feature writes
+`a · W_dec^{l→l'}` into the MLP output of every layer l' it decodes to (one for a PLT,
+all later layers for a CLT), an error node writes its error vector at its layer, a token
+node writes the first layer's input at its position.
+
+Feature writes are stored padded per position (`[pos, d, slots]`), so the contraction for
+one (source layer, output layer) pair is a single batched matmul over positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class _Block:
+    """Writes of the features of `src` into the MLP output of layer `out`."""
+
+    src: int
+    out: int
+    writes: Tensor  # [pos, d, slots] a · decoder vector (zero in unused slots)
+    cols: Tensor  # [pos, slots] column of each slot (n_cols = a scratch column for padding)
+
+
+@dataclass
+class SourceTable:
+    features: Tensor  # [n_feat, 3] (layer, pos, feature)
+    activations: Tensor  # [n_feat]
+    errors: Tensor  # [L, pos, d] (zero at BOS when zero_bos)
+    tokens: Tensor  # [pos, d]
+    blocks: list[_Block]
+    n_layers: int
+    n_pos: int
+
+    @property
+    def n_features(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def error_start(self) -> int:
+        return self.n_features
+
+    @property
+    def token_start(self) -> int:
+        return self.n_features + self.n_layers * self.n_pos
+
+    @property
+    def n_cols(self) -> int:
+        return self.token_start + self.n_pos
+
+    @classmethod
+    def build(cls, rm, run, zero_bos: bool = True) -> SourceTable:
+        acts = run.activations.coalesce()
+        idx, vals = acts.indices(), acts.values()
+        keep = vals != 0
+        if zero_bos:
+            keep &= idx[1] != 0
+        # coalesced indices are sorted lexicographically: (layer, pos, feature)
+        features, activations = idx[:, keep].T.contiguous(), vals[keep]
+        errors = run.errors.clone()
+        if zero_bos:
+            errors[:, 0] = 0
+        n_layers, n_pos = run.reads.shape[:2]
+        blocks = _feature_blocks(rm.transcoders, features, activations, n_layers, n_pos)
+        return cls(features, activations, errors, run.resid0, blocks, n_layers, n_pos)
+
+    def contract(self, g_embed: Tensor, g_writes: list[Tensor | None], n_pos: int) -> Tensor:
+        """Edges [B, n_cols] from residual gradients over the first `n_pos` positions.
+
+        `g_embed [B, n_pos, d]` is the gradient at the first layer's input, `g_writes[l]`
+        the gradient at layer l's MLP output (None where the targets do not depend on it).
+        """
+        batch = g_embed.shape[0]
+        edges = g_embed.new_zeros(batch, self.n_cols + 1)  # last column: padding scratch
+        tok = self.token_start
+        edges[:, tok : tok + n_pos] = torch.einsum("bpd,pd->bp", g_embed, self.tokens[:n_pos])
+        for layer, g in enumerate(g_writes):
+            if g is None:
+                continue
+            start = self.error_start + layer * self.n_pos
+            edges[:, start : start + n_pos] = torch.einsum(
+                "bpd,pd->bp", g, self.errors[layer, :n_pos]
+            )
+        for block in self.blocks:
+            g = g_writes[block.out] if block.out < len(g_writes) else None
+            if g is None:
+                continue
+            # [pos, B, d] @ [pos, d, slots] -> [pos, B, slots]
+            part = torch.bmm(g.transpose(0, 1), block.writes[:n_pos])
+            cols = block.cols[:n_pos].reshape(-1)
+            edges.index_add_(1, cols, part.permute(1, 0, 2).reshape(batch, -1))
+        return edges[:, :-1]
+
+
+def _feature_blocks(tc, features: Tensor, acts: Tensor, n_layers: int, n_pos: int) -> list[_Block]:
+    blocks = []
+    n_cols_scratch = None
+    for src in range(n_layers):
+        rows = (features[:, 0] == src).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        pos, feat = features[rows, 1], features[rows, 2]
+        slot = _slots(pos)
+        n_slots = int(slot.max()) + 1
+        uniq, inverse = torch.unique(feat, return_inverse=True)
+        dec = tc.decoder(src, uniq)[inverse].to(acts.dtype)  # [m, n_out, d]
+        n_cols_scratch = n_cols_scratch or _scratch(features, n_layers, n_pos)
+        cols = torch.full((n_pos, n_slots), n_cols_scratch, dtype=torch.long, device=acts.device)
+        cols[pos, slot] = rows
+        for offset in range(dec.shape[1]):
+            writes = acts.new_zeros(n_pos, dec.shape[-1], n_slots)
+            writes[pos, :, slot] = acts[rows, None] * dec[:, offset, :]
+            blocks.append(_Block(src, src + offset, writes, cols))
+    return blocks
+
+
+def _scratch(features: Tensor, n_layers: int, n_pos: int) -> int:
+    return int(features.shape[0]) + n_layers * n_pos + n_pos
+
+
+def _slots(pos: Tensor) -> Tensor:
+    """Rank of each entry among the entries with the same position (pos is sorted per layer)."""
+    order = torch.argsort(pos, stable=True)
+    sorted_pos = pos[order]
+    first = torch.searchsorted(sorted_pos, sorted_pos, right=False)
+    slot = torch.empty_like(pos)
+    slot[order] = torch.arange(pos.numel(), device=pos.device) - first
+    return slot
