@@ -55,6 +55,14 @@ def test_hand_graph_json_fields():
     assert obj["qParams"]["linkType"] == "both" and obj["qParams"]["pinnedIds"] == []
 
 
+def test_metadata_names_model_and_transcoders():
+    g = hand_graph()
+    g.settings = {**g.settings, "model": "/m/tiny", "transcoders": "/t/clt"}
+    info = graph_to_json(g)["metadata"]["info"]
+    assert (info["model"], info["transcoders"]) == ("/m/tiny", "/t/clt")
+    assert "model" not in graph_to_json(hand_graph())["metadata"]["info"]
+
+
 def test_error_ids_never_collide_with_feature_ids():
     # A naive error id "0_{layer}_{pos}" for error (1, 1) would read "0_1_1", the id of
     # feature 1 at layer 0, position 1.

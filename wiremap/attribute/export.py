@@ -169,11 +169,20 @@ def _metadata(graph: Graph, result: PruneResult, slug: str | None, scan: str | N
         "prompt_tokens": list(graph.token_strings),
         "node_threshold": result.settings["node_threshold"],
         "schema_version": SCHEMA_VERSION,
-        "info": {"generator": {"name": "wiremap", "version": __version__}},
+        "info": _info(settings, __version__),
         "generation_settings": settings,
         "pruning_settings": dict(result.settings),
         "scores": result.scores,
     }
+
+
+def _info(settings: dict, version: str) -> dict:
+    # The viewer rebuilds the replacement model from these to steer.
+    info = {"generator": {"name": "wiremap", "version": version}}
+    for key in ("model", "transcoders"):
+        if settings.get(key):
+            info[key] = str(settings[key])
+    return info
 
 
 def graph_to_json(
