@@ -286,10 +286,13 @@ def test_bad_inputs_give_wiremap_errors(model_dir, corpus, tmp_path):
         "beyond model": dict(context_length=4096),
         "out of range": dict(layers=[0, 5]),
         "not supported": dict(input_hook="mlp_out"),
+        "layers is empty": dict(layers=[]),
     }
     for match, kw in cases.items():
         with pytest.raises(WiremapError, match=match):
             build_cache(_cfg(model_dir, corpus, tmp_path / "c", **kw), progress=False)
+    with pytest.raises(WiremapError, match="is a file"):
+        build_cache(_cfg(model_dir, corpus, corpus), progress=False)
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"text": "   "}) + "\n")
     with pytest.raises(WiremapError, match="holds no text"):

@@ -117,6 +117,10 @@ class CacheConfig:
                 raise WiremapError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.context_length < 2:
             raise WiremapError(f"context_length must be at least 2, got {self.context_length}")
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        if self.layers is not None and len(self.layers) == 0:
+            raise WiremapError("layers is empty; name at least one layer, or leave it out for all")
 
     def text_spec(self) -> TextSpec:
         return TextSpec(
@@ -612,6 +616,8 @@ def build_cache(cfg: CacheConfig, model=None, tokenizer=None, progress: bool = T
     `model` and `tokenizer` may be passed in already loaded (they must be `cfg.model`).
     """
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise WiremapError(f"--out {out} is a file; give a folder for the cache")
     config = _model_config(cfg, model)
     layers = _check_model(cfg, config)
     header = _header(cfg, config, layers)
