@@ -210,5 +210,17 @@ def main(argv: list[str]) -> int:
     ckpt = cli.config.ckpt_path
     if ckpt and ckpt != "last" and not Path(ckpt).is_file():
         raise WiremapError(f"--ckpt_path {ckpt!r} does not exist; give a .ckpt file or `last`")
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    finally:
+        finish_wandb(cli.trainer)
     return 0
+
+
+def finish_wandb(trainer) -> None:
+    """Close the W&B run so that everything logged is flushed to disk (or the server)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()

@@ -1,0 +1,254 @@
+"""TranscoderModule, losses and callbacks on a tiny cache: learning, resume, NaN, export, W&B."""
+
+from __future__ import annotations
+
+import glob
+import json
+import struct
+import time
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from wiremap.errors import WiremapError
+from wiremap.models.tiny import sample_corpus
+from wiremap.train import losses
+from wiremap.train.cache import CacheConfig
+from wiremap.train.callbacks import NanGuard, heldout_contexts, replacement_metrics
+from wiremap.train.data import ActivationDataModule
+from wiremap.train.module import TranscoderModule
+
+ARCHS = ("plt", "skip_plt", "clt", "skip_clt")
+ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
+
+
+@pytest.fixture(scope="module")
+def cache_cfg(tiny_model_dir, tmp_path_factory) -> CacheConfig:
+    root = tmp_path_factory.mktemp("train_cache")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(sample_corpus(120, seed=5)))
+    cfg = CacheConfig(
+        model=str(tiny_model_dir("llama", d_model=16)), dataset=str(corpus), n_tokens=2400,
+        context_length=32, shard_tokens=1024, device="cpu", out=str(root / "cache"),
+    )  # fmt: skip
+    ActivationDataModule(cfg, build_missing=True).cache  # noqa: B018
+    return cfg
+
+
+def make_dm(cfg: CacheConfig, **kw) -> ActivationDataModule:
+    return ActivationDataModule(cfg, **{"batch_size": 128, "buffer_size": 512, **kw})
+
+
+def make_module(dm: ActivationDataModule, **kw) -> TranscoderModule:
+    kw = {"arch": "clt", "d_transcoder": 48, "activation": "jumprelu", **kw}
+    kw.setdefault("optim", {"lr": 3e-3, "warmup_steps": 2})
+    return TranscoderModule(dm.n_layers, dm.d_model, cache_info=dm.cache_info, **kw)
+
+
+def trainer(tmp_path, max_steps: int, callbacks=(), **kw) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, precision="32-true", logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0, default_root_dir=str(tmp_path), callbacks=list(callbacks),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_decreases(cache_cfg, arch, activation):
+    dm = make_dm(cache_cfg)
+    dm.setup("fit")
+    k = 6 if activation in ("topk", "batchtopk") else None
+    # dead_tokens=128: features silent for one batch count as dead, so AuxK runs too
+    module = make_module(
+        dm, arch=arch, activation=activation, k=k, loss={"dead_tokens": 128, "sparsity_coef": 1e-4}
+    )
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    batches = [
+        dm.on_after_batch_transfer(b, 0)
+        for b, _ in zip(dm.train_dataloader(), range(6), strict=False)
+    ]
+    mse = []
+    for step in range(30):
+        x, y = module.normalised(*batches[step % len(batches)])
+        y_hat, a, pre = module(x)
+        terms = module.loss_terms(y_hat, y, a, pre)
+        torch.stack(list(terms.values())).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        module._track_firing(a)
+        mse.append(float(terms["mse"]))
+        assert all(torch.isfinite(t) for t in terms.values())
+    assert sum(mse[-6:]) < 0.7 * sum(mse[:6])
+    assert ("auxk" in terms) == (k is not None)
+
+
+def test_fvu_and_l0_definitions():
+    y = torch.randn(100, 3, 8)
+    assert torch.allclose(losses.fvu_per_layer(y, y), torch.zeros(3))
+    mean = y.mean(0, keepdim=True).expand_as(y)
+    assert torch.allclose(losses.fvu_per_layer(mean, y), torch.ones(3), atol=1e-5)
+    a = torch.zeros(4, 2, 10)
+    a[:, 0, :3] = 1.0
+    assert losses.l0_per_layer(a).tolist() == [3.0, 0.0]
+    assert losses.ramp(5, 2.0, 10) == 1.0 and losses.ramp(50, 2.0, 10) == 2.0
+    assert losses.lr_factor(0, 10, 100, "cosine", 0.1) == pytest.approx(0.1)
+    assert losses.lr_factor(100, 10, 100, "cosine", 0.1) == pytest.approx(0.1)
+
+
+class Crash(L.Callback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_reproduces_the_uninterrupted_run(cache_cfg, tmp_path):
+    def run(callbacks, ckpt_path=None):
+        L.seed_everything(0)
+        dm = make_dm(cache_cfg)
+        module = make_module(dm, activation="batchtopk", k=6, loss={"dead_tokens": 256})
+        trainer(tmp_path, 12, callbacks).fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return module, dm
+
+    straight, _ = run([])
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run([ckpt, Crash(at_step=7)])
+    resumed, dm = run([], ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=5.ckpt"))
+    assert dm.batches_consumed == 12
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_nan_loss_stops_with_step_and_cause(cache_cfg, tmp_path):
+    dm = make_dm(cache_cfg)
+    module = make_module(dm)
+    with torch.no_grad():
+        module.transcoder.encoder_weight[0, 0, 0] = float("nan")
+    with pytest.raises(WiremapError, match=r"NaN at step 0.*learning rate too high"):
+        trainer(tmp_path, 3, [NanGuard()]).fit(module, datamodule=dm)
+
+
+def test_checkpoint_of_another_shape_is_refused(cache_cfg):
+    dm = make_dm(cache_cfg)
+    saved = make_module(dm, d_transcoder=32)
+    with pytest.raises(WiremapError, match="d_transcoder"):
+        make_module(dm).on_load_checkpoint({"hyper_parameters": dict(saved.hparams)})
+
+
+@pytest.mark.parametrize("arch, activation", [("skip_clt", "jumprelu"), ("plt", "batchtopk")])
+def test_export_works_on_raw_activations(cache_cfg, arch, activation):
+    dm = make_dm(cache_cfg)
+    dm.setup("fit")
+    module = make_module(dm, arch=arch, activation=activation, k=6)
+    with torch.no_grad():  # non-trivial thresholds, skip weights and decoder bias
+        module.transcoder.decoder_bias.normal_()
+        if module.transcoder.skip_weight is not None:
+            module.transcoder.skip_weight.normal_(std=0.1)
+    it = iter(dm.train_dataloader())
+    module.train()
+    module(module.normalised(*dm.on_after_batch_transfer(next(it), 0))[0])  # calibrates BatchTopK
+    x, y = dm.on_after_batch_transfer(next(it), 0)  # another batch: no exact threshold ties
+    exported = module.export_transcoder()
+    with module.per_token() as tc, torch.no_grad():
+        xn = x * module.in_scale[:, None]
+        expected = tc(xn)[0] / module.out_scale[:, None]
+        got = exported(x)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert exported.activation.name == "jumprelu"
+
+
+def test_replacement_metrics_of_a_silent_transcoder_recover_nothing(cache_cfg):
+    from wiremap.models.loading import load_model
+
+    dm = make_dm(cache_cfg, val_fraction=0.2)
+    module = make_module(dm, activation="relu")
+    with torch.no_grad():
+        for p in module.transcoder.parameters():
+            p.zero_()  # reconstruction = 0: the same as zero-ablating the MLPs
+    ids = heldout_contexts(dm.cache, dm.n_train, 3)
+    assert ids.shape == (3, 32) and bool((ids[:, 0] == dm.cache.manifest["bos_token_id"]).all())
+    lm, _ = load_model(cache_cfg.model)
+    with torch.no_grad():
+        m = replacement_metrics(lm, module.transcoder, module.in_scale, module.out_scale, ids, 2)
+    assert m["ce_spliced"] == pytest.approx(m["ce_zero_ablated"], rel=1e-5)
+    assert abs(m["ce_recovered"]) < 1e-3
+    assert m["kl"] >= 0 and 0 <= m["agreement"] <= 1
+
+
+def test_cli_run_exports_and_logs_fvu_l0_to_wandb_offline(cache_cfg, tmp_path, monkeypatch):
+    from wiremap.train.train_cmd import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    c = cache_cfg
+    argv = [
+        "--run.name", "t", "--run.root", str(tmp_path), "--run.logger", "wandb",
+        "--run.checkpoint_every", "2", "--run.replacement_every", "2",
+        "--run.replacement_contexts", "2", "--trainer.max_steps", "4",
+        "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false",
+        "--model.d_transcoder", "32", "--data.batch_size", "128", "--data.val_fraction", "0.1",
+        "--trainer.val_check_interval", "2", "--data.cache.model", c.model,
+        "--data.cache.dataset", c.dataset, "--data.cache.n_tokens", str(c.n_tokens),
+        "--data.cache.context_length", "32", "--data.cache.shard_tokens", "1024",
+        "--data.cache.out", c.out,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    run = tmp_path / "t"
+    export = run / "transcoders"
+    assert (export / "config.yaml").is_file() and (export / "training_config.yaml").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    logged = wandb_offline_history(run)
+    assert {"train/fvu", "train/l0", "val/fvu", "replacement/ce_recovered"} <= logged
+
+
+def wandb_offline_history(run_dir) -> set[str]:
+    """Keys of the history rows in a W&B offline run file (LevelDB-log records of protobufs)."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    for _ in range(120):  # wandb's writer process flushes the file shortly after finish()
+        records = list(_log_records(open(path, "rb").read()))
+        if any(_is_exit(r) for r in records):
+            break
+        time.sleep(0.5)
+    keys: set[str] = set()
+    for data in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "history":
+            for item in record.history.item:
+                keys.add(item.key or "/".join(item.nested_key))
+                json.loads(item.value_json)
+    return keys
+
+
+def _is_exit(data: bytes) -> bool:
+    from wandb.proto import wandb_internal_pb2
+
+    record = wandb_internal_pb2.Record()
+    record.ParseFromString(data)
+    return record.WhichOneof("record_type") == "exit"
+
+
+def _log_records(data: bytes, block: int = 32768):
+    """Records of a LevelDB-style log: 7-byte file header, 7-byte record headers, 32 KiB blocks."""
+    pos, buf = 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == kind == 0:
+            break
+        buf += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment
+            yield buf
+            buf = b""
