@@ -1,0 +1,59 @@
+"""Every preset in configs/ parses against the current signatures (no model or cache loaded)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wiremap.errors import WiremapError
+from wiremap.train.cache import CacheConfig
+from wiremap.train.cache_cmd import read_preset
+from wiremap.train.data import ActivationDataModule
+from wiremap.train.module import TranscoderModule
+from wiremap.train.train_cmd import WiremapCLI
+
+PRESETS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+class ParseOnly(WiremapCLI):
+    """Parse and type-check a config, instantiate nothing."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse(argv: list[str]):
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+    cli = ParseOnly(
+        TranscoderModule, ActivationDataModule, args=argv, run=False, save_config_callback=None,
+        auto_configure_optimizers=False, load_from_checkpoint_support=False,
+    )  # fmt: skip
+    return cli.config
+
+
+def test_there_are_presets():
+    names = {p.stem for p in PRESETS}
+    assert {"gpt2-plt", "gpt2-clt", "llama-3.2-1b-clt", "gemma-2-2b-plt"} <= names
+    assert {"qwen3-0.6b-plt", "debug-cpu"} <= names
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_parses(preset):
+    config = parse(["--config", str(preset)])
+    written = yaml.safe_load(preset.read_text())["model"]
+    assert not {"n_layers", "d_model", "cache_info"} & set(written)  # read from the cache
+    assert config.trainer.max_steps > 0
+    assert config.model.activation in ("relu", "jumprelu", "topk", "batchtopk")
+    if config.model.activation in ("topk", "batchtopk"):
+        assert config.model.k and config.model.k <= config.model.d_transcoder
+    # the same file drives `wiremap cache`: its data.cache section is a valid CacheConfig
+    cache = CacheConfig(**read_preset(str(preset)))
+    assert cache.out == config.data.cache.out and cache.model == config.data.cache.model
+
+
+def test_max_steps_is_required():
+    with pytest.raises(WiremapError, match="max_steps"):
+        parse(["--data.cache.model", "m", "--data.cache.dataset", "d", "--trainer.max_steps", "-1"])

@@ -1,0 +1,52 @@
+"""DDP: two CPU processes (gloo) train exactly like one process with the same global batch."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from wiremap.models.tiny import sample_corpus
+from wiremap.train.cache import CacheConfig
+from wiremap.train.data import ActivationDataModule
+from wiremap.train.module import TranscoderModule
+
+
+@pytest.fixture(scope="module")
+def cache_cfg(tiny_model_dir, tmp_path_factory) -> CacheConfig:
+    root = tmp_path_factory.mktemp("ddp_cache")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(sample_corpus(60, seed=7)))
+    cfg = CacheConfig(
+        model=str(tiny_model_dir("llama", d_model=16)), dataset=str(corpus), n_tokens=1200,
+        context_length=32, shard_tokens=512, device="cpu", out=str(root / "cache"),
+    )  # fmt: skip
+    ActivationDataModule(cfg, build_missing=True).cache  # noqa: B018
+    return cfg
+
+
+def train(cfg: CacheConfig, tmp_path, devices: int) -> dict[str, torch.Tensor]:
+    L.seed_everything(0)
+    dm = ActivationDataModule(cfg, batch_size=128, buffer_size=512, val_fraction=0.0)
+    module = TranscoderModule(
+        dm.n_layers, dm.d_model, arch="clt", d_transcoder=32, activation="jumprelu",
+        cache_info=dm.cache_info, loss={"dead_tokens": 256}, optim={"lr": 3e-3, "warmup_steps": 1},
+    )  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=4, accelerator="cpu", devices=devices, precision="32-true",
+        strategy="ddp_spawn" if devices > 1 else "auto", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+        gradient_clip_val=1.0, default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_two_process_ddp_matches_one_process(cache_cfg, tmp_path):
+    single = train(cache_cfg, tmp_path / "one", devices=1)
+    ddp = train(cache_cfg, tmp_path / "two", devices=2)
+    assert not torch.equal(
+        single["transcoder.encoder_weight"], ddp["transcoder.encoder_weight"] * 0
+    )
+    for key, value in single.items():
+        torch.testing.assert_close(ddp[key], value, rtol=1e-5, atol=1e-6, msg=key)
