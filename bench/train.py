@@ -1,0 +1,129 @@
+"""Training throughput of CLT and PLT transcoders, fp32 and bf16-mixed, vs this machine's peak.
+
+    python bench/train.py                   # L=8, d_model=256, F=4096 (the issue's sizes)
+    python bench/train.py --batch-size 8192 --steps 20
+
+Synthetic random activations (no language model), the real TranscoderModule and a Lightning
+Trainer, so the figures include the loss terms, AdamW, gradient clipping and Lightning's
+loop. Achieved FLOP/s counts only the transcoder matmuls: encoder forward + weight gradient
+(the input needs no gradient), decoder forward + input gradient + weight gradient. The peak
+is a large torch.matmul in the same dtype, measured in the same run, so ratios compare like
+with like on whatever machine runs this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from wiremap.train.module import TranscoderModule
+
+
+class RandomBatches(IterableDataset):
+    """Endless random (x, y) batches of shape [B, L, d], generated once and repeated."""
+
+    def __init__(self, batch: int, n_layers: int, d_model: int):
+        gen = torch.Generator().manual_seed(0)
+        self.pool = [
+            (torch.randn(batch, n_layers, d_model, generator=gen),
+             torch.randn(batch, n_layers, d_model, generator=gen))
+            for _ in range(2)
+        ]  # fmt: skip
+
+    def __iter__(self):
+        i = 0
+        while True:
+            yield self.pool[i % 2]
+            i += 1
+
+
+class StepTimer(L.Callback):
+    """Wall time of the steps after `warmup` (synchronising the GPU at both ends)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if trainer.global_step == self.warmup:
+            self.start = now
+        elif trainer.global_step > self.warmup:
+            self.end, self.steps = now, trainer.global_step - self.warmup
+
+
+def matmul_flops_per_token(arch: str, n_layers: int, d_model: int, d_tc: int) -> float:
+    enc = 2 * n_layers * d_model * d_tc
+    writes = n_layers * (n_layers + 1) // 2 if arch == "clt" else n_layers
+    dec = 2 * writes * d_tc * d_model
+    return 2 * enc + 3 * dec
+
+
+def measure_peak(dtype: torch.dtype, device: str, n: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps = 10 if device == "cuda" else 3
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def tokens_per_s(arch: str, precision: str, args, device: str) -> float:
+    L.seed_everything(0)
+    module = TranscoderModule(
+        args.layers, args.d_model, arch=arch, d_transcoder=args.features, activation="jumprelu",
+        optim={"lr": 1e-4, "warmup_steps": 10},
+    )  # fmt: skip
+    timer = StepTimer(args.warmup)
+    trainer = L.Trainer(
+        max_steps=args.warmup + args.steps, accelerator=device, devices=1, precision=precision,
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, limit_val_batches=0, gradient_clip_val=1.0,
+        log_every_n_steps=50, callbacks=[timer],
+    )  # fmt: skip
+    data = DataLoader(RandomBatches(args.batch_size, args.layers, args.d_model), batch_size=None)
+    trainer.fit(module, train_dataloaders=data)
+    return args.batch_size * timer.steps / (timer.end - timer.start)
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--features", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=4096 if cuda else 1024)
+    p.add_argument("--steps", type=int, default=20 if cuda else 3)
+    p.add_argument("--warmup", type=int, default=5 if cuda else 1)
+    args = p.parse_args()
+    device = "cuda" if cuda else "cpu"
+    name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name}; L={args.layers} d_model={args.d_model} F={args.features} "
+          f"batch={args.batch_size}; {args.steps} timed steps after {args.warmup}")  # fmt: skip
+    peaks = {}
+    for precision, dtype in (("32-true", torch.float32), ("bf16-mixed", torch.bfloat16)):
+        peaks[precision] = measure_peak(dtype, device, 8192 if cuda else 2048)
+        print(f"matmul peak {dtype}: {peaks[precision] / 1e12:.2f} TFLOP/s")
+    print(f"{'arch':5} {'precision':11} {'tokens/s':>10} {'TFLOP/s':>8} {'of peak':>8}")
+    for arch in ("plt", "clt"):
+        for precision in ("32-true", "bf16-mixed"):
+            rate = tokens_per_s(arch, precision, args, device)
+            flops = rate * matmul_flops_per_token(arch, args.layers, args.d_model, args.features)
+            print(f"{arch:5} {precision:11} {rate:10.0f} {flops / 1e12:8.3f} "
+                  f"{flops / peaks[precision]:8.1%}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
