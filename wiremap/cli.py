@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("wiremap.train.train_cmd:main", "train transcoders on a cached activation dataset"),
     "serve": ("wiremap.attribute.viewer_cmd:serve_main", "open graph JSON files in a local viewer"),
     "features": ("wiremap.attribute.viewer_cmd:features_main", "compute feature cards"),
+    "attribute": ("wiremap.attribute.cli:attribute_main", "build an attribution graph of a prompt"),
+    "steer": ("wiremap.attribute.cli:steer_main", "intervene on features; steer generation"),
 }
 
 

@@ -294,9 +294,10 @@ def _adjacency(rows: Tensor, row_index: Tensor, n_nodes: int) -> Tensor:
         dense = rows.new_zeros(n_nodes, n_nodes)
         dense[row_index] = rows
         return dense
-    r, c = rows.nonzero(as_tuple=True)
+    r, c = rows.nonzero(as_tuple=True)  # row-major, and row_index is increasing: sorted
     indices = torch.stack([row_index[r], c])
-    return torch.sparse_coo_tensor(indices, rows[r, c], (n_nodes, n_nodes)).coalesce()
+    shape = (n_nodes, n_nodes)
+    return torch.sparse_coo_tensor(indices, rows[r, c], shape, is_coalesced=True)
 
 
 def _settings(rm, table, args: dict, n_backward: int, seconds: float) -> dict:

@@ -253,15 +253,16 @@ def _scale(x: Tensor, kind: str, eps: float) -> Tensor:
 
 def _apply_frozen(norm: nn.Module, x: Tensor, s: Tensor, kind: str) -> Tensor:
     s = s[..., : x.shape[-2], :]
-    w = norm.weight.float() if norm.weight is not None else None
+    w = norm.weight.float() if getattr(norm, "weight", None) is not None else None
+    if kind == "rmsnorm_plus_one":
+        w = 1.0 + w
+    xf = x.float()
     if kind == "layernorm":
-        y = (x.float() - x.float().mean(-1, keepdim=True)) * s
-        y = y * w if w is not None else y
-        y = y + norm.bias.float() if getattr(norm, "bias", None) is not None else y
-    elif kind == "rmsnorm_plus_one":
-        y = x.float() * s * (1.0 + w)
-    else:
-        y = x.float() * s * w
+        xf = xf - xf.mean(-1, keepdim=True)
+    # one multiply by the constant (scale · weight): the backward is one multiply too
+    y = xf * (s * w if w is not None else s)
+    if kind == "layernorm" and getattr(norm, "bias", None) is not None:
+        y = y + norm.bias.float()
     return y.to(x.dtype)
 
 
@@ -296,13 +297,34 @@ def _eager_for(module: nn.Module) -> Callable:
 
 def _frozen_attention_fn(module, query, key, value, attention_mask, **kwargs):
     state: _State = module._wiremap_frozen
+    eager = _eager_for(module)
     if state.recording:
         state.qk[module] = (query.detach(), key.detach())
-    else:
-        q, k = state.qk[module]
-        n = value.shape[-2]
-        query, key = q[..., :n, :], k[..., :n, :]
-    return _eager_for(module)(module, query, key, value, attention_mask, **kwargs)
+        return eager(module, query, key, value, attention_mask, **kwargs)
+    q, k = state.qk[module]
+    n = value.shape[-2]
+    with torch.no_grad():
+        # the model's own function gives the pattern (masks, windows, soft-capping)
+        _, pattern = eager(module, q[..., :n, :], k[..., :n, :], value, attention_mask, **kwargs)
+    return apply_pattern(pattern, value), pattern
+
+
+def apply_pattern(pattern: Tensor, value: Tensor) -> Tensor:
+    """pattern [1, H, q, k] (constant), value [b, H_kv, k, dh] -> output [b, q, H, dh].
+
+    Written per head as a 2-D `mm(vᵀ, Pᵀ)` with the constant pattern on the right: the
+    batched backward (`is_grads_batched`) of such an `mm` folds the batch into its rows,
+    where a batched `matmul` would copy the pattern once per row of the batch.
+    """
+    b, n_kv, k, dh = value.shape
+    n_heads = pattern.shape[1]
+    group = n_heads // n_kv  # grouped-query attention: head h reads kv head h // group
+    kv = [v.transpose(-1, -2).reshape(b * dh, k) for v in value.unbind(1)]
+    heads = []
+    for h in range(n_heads):
+        out = torch.mm(kv[h // group], pattern[0, h].T.to(value.dtype))  # [b·dh, q]
+        heads.append(out.reshape(b, dh, -1).transpose(-1, -2))
+    return torch.stack(heads, dim=2)
 
 
 def _register_attention() -> None:

@@ -1,0 +1,182 @@
+"""`wiremap attribute` and `wiremap steer`: attribution graphs and interventions from the shell.
+
+    wiremap attribute --model gpt2 --transcoders tc/ --prompt "The capital of France is" \\
+        --out graph.json [--node-threshold 0.8 --edge-threshold 0.98 --max-feature-nodes 2000]
+    wiremap steer --model gpt2 --transcoders tc/ --prompt "I love" \\
+        --feature 5:3:1234 --feature 6:*:77=2.5 --scale 4 --generate 20
+
+`attribute` writes the pruned graph JSON (DESIGN.md §8) to --out and the full graph
+(tensors + metadata) next to it (`graph.safetensors`, `graph.meta.json`), then prints the
+scores and the strongest paths from the prompt to the top logit.
+
+`steer` edits features given as `LAYER:POS:FEATURE[=VALUE]` (POS `*` = every position,
+including generated ones): with --scale X they are multiplied by X, with --ablate set to
+zero, with --set they are set to VALUE (default mode when a VALUE is given: set). It
+prints the top next tokens before and after, and with --generate N a continuation.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from wiremap.errors import WiremapError
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="hub name or local model folder")
+    parser.add_argument("--transcoders", required=True, help="folder of exported transcoders")
+    parser.add_argument("--prompt", required=True, help="text to analyse (BOS is prepended)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
+    parser.add_argument("--dtype", default="float32", help="float32 (exact), bfloat16, float16")
+    parser.add_argument(
+        "--no-check-model-name",
+        action="store_true",
+        help="accept transcoders whose config names another model",
+    )
+
+
+def _load(args):
+    from wiremap.models.replacement import ReplacementModel
+
+    if not Path(args.transcoders).exists():
+        raise WiremapError(f"transcoders folder {args.transcoders!r} does not exist")
+    return ReplacementModel.from_pretrained(
+        args.model,
+        args.transcoders,
+        device=args.device,
+        dtype=args.dtype,
+        check_model_name=not args.no_check_model_name,
+    )
+
+
+def attribute_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wiremap attribute", description="Build an attribution graph for a prompt."
+    )
+    _model_args(p)
+    p.add_argument("--out", required=True, help="graph JSON to write (e.g. graph.json)")
+    p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence kept")
+    p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge score kept")
+    p.add_argument("--max-feature-nodes", type=int, default=None, help="feature budget")
+    p.add_argument("--batch-size", type=int, default=256, help="targets per backward pass")
+    p.add_argument(
+        "--target", action="append", default=None, help="a target token (repeatable) or id"
+    )
+    p.add_argument("--max-n-logits", type=int, default=10, help="most logit targets")
+    p.add_argument("--desired-logit-prob", type=float, default=0.95, help="their total prob")
+    p.add_argument("--keep-bos", action="store_true", help="keep BOS features and errors")
+    p.add_argument("--paths", type=int, default=5, help="how many top paths to print")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def attribute_main(argv: list[str]) -> int:
+    from wiremap.attribute.attribute import attribute
+    from wiremap.attribute.export import summarize_paths, write_graph_json
+
+    args = attribute_parser().parse_args(argv)
+    rm = _load(args)
+    graph = attribute(
+        args.prompt,
+        rm,
+        max_n_logits=args.max_n_logits,
+        desired_logit_prob=args.desired_logit_prob,
+        target_tokens=args.target,
+        max_feature_nodes=args.max_feature_nodes,
+        batch_size=args.batch_size,
+        zero_bos=not args.keep_bos,
+        verbose=not args.quiet,
+    )
+    graph.settings.update(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+    out = Path(args.out)
+    result = write_graph_json(
+        graph, out, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold
+    )
+    base = graph.save(out.with_suffix(""))
+    print(summarize_paths(graph, k=args.paths, result=result))
+    print(f"wrote {out} and {base}.safetensors / {base}.meta.json")
+    return 0
+
+
+def steer_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wiremap steer", description="Edit transcoder features and see what the model says."
+    )
+    _model_args(p)
+    p.add_argument(
+        "--feature",
+        action="append",
+        required=True,
+        help="LAYER:POS:FEATURE[=VALUE]; POS * = every position (repeatable)",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--scale", type=float, default=None, help="multiply the features by X")
+    mode.add_argument("--ablate", action="store_true", help="set the features to zero")
+    mode.add_argument("--add", type=float, default=None, help="add X to the features")
+    p.add_argument("--frozen", action="store_true", help="direct effects only (frozen model)")
+    p.add_argument("--generate", type=int, default=0, help="also generate N tokens, steered")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top", type=int, default=5, help="how many next tokens to show")
+    return p
+
+
+def parse_feature(spec: str) -> tuple[int, int | None, int, float | None]:
+    """`L:POS:F[=VALUE]` -> (layer, pos or None, feature, value or None)."""
+    head, _, value = spec.partition("=")
+    parts = head.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        layer, pos, feat = parts
+        return (
+            int(layer),
+            None if pos in ("*", "all") else int(pos),
+            int(feat),
+            float(value) if value else None,
+        )
+    except ValueError:
+        raise WiremapError(
+            f"--feature {spec!r}: write LAYER:POS:FEATURE or LAYER:POS:FEATURE=VALUE, "
+            "e.g. 5:3:1234 or 5:*:1234=2.0"
+        ) from None
+
+
+def _edits(args) -> tuple[list[tuple[int, int | None, int, float]], str]:
+    specs = [parse_feature(s) for s in args.feature]
+    if args.ablate:
+        return [(layer, pos, f, 0.0) for layer, pos, f, _ in specs], "ablate"
+    if args.scale is not None:
+        return [(layer, pos, f, args.scale) for layer, pos, f, _ in specs], "scale"
+    if args.add is not None:
+        return [(layer, pos, f, args.add) for layer, pos, f, _ in specs], "add"
+    if any(v is None for *_, v in specs):
+        raise WiremapError("give --scale X, --ablate, --add X, or a =VALUE for every --feature")
+    return [(layer, pos, f, v) for layer, pos, f, v in specs], "set"
+
+
+def steer_main(argv: list[str]) -> int:
+    from wiremap.attribute.interventions import (
+        feature_intervention,
+        generate_with_interventions,
+        top_tokens,
+    )
+
+    args = steer_parser().parse_args(argv)
+    edits, mode = _edits(args)
+    rm = _load(args)
+    ids = rm.tokenize(args.prompt)
+    before = rm.run(ids).logits
+    after = feature_intervention(rm, ids, edits, frozen=args.frozen, mode=mode).logits
+    kind = "frozen (direct effects)" if args.frozen else "free"
+    print(f"prompt: {args.prompt!r}; {mode} {len(edits)} feature(s), {kind}")
+    for name, logits in (("before", before), ("after", after)):
+        tops = ", ".join(f"{t!r} {p:.3f}" for t, p in top_tokens(rm, logits, args.top))
+        print(f"  {name:>6}: {tops}")
+    if args.generate > 0:
+        for name, chosen in (("plain", []), ("steered", edits)):
+            text = generate_with_interventions(
+                rm, ids, chosen, args.generate, mode=mode, temperature=args.temperature
+            )
+            print(f"  {name:>7}: {args.prompt}{text}")
+    return 0
