@@ -297,7 +297,9 @@ def _adjacency(rows: Tensor, row_index: Tensor, n_nodes: int) -> Tensor:
     r, c = rows.nonzero(as_tuple=True)  # row-major, and row_index is increasing: sorted
     indices = torch.stack([row_index[r], c])
     shape = (n_nodes, n_nodes)
-    return torch.sparse_coo_tensor(indices, rows[r, c], shape, is_coalesced=True)
+    return torch.sparse_coo_tensor(
+        indices, rows[r, c], shape, is_coalesced=True, check_invariants=False
+    )
 
 
 def _settings(rm, table, args: dict, n_backward: int, seconds: float) -> dict:

@@ -244,8 +244,13 @@ def _eps(norm: nn.Module) -> float:
     raise AttributeError(f"{type(norm).__name__} has no eps attribute")
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # norms compute in float32 at least (as the models do); float64 stays float64
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _scale(x: Tensor, kind: str, eps: float) -> Tensor:
-    x = x.float()
+    x = x.to(_compute_dtype(x))
     if kind == "layernorm":
         return torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + eps)
     return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
@@ -253,16 +258,17 @@ def _scale(x: Tensor, kind: str, eps: float) -> Tensor:
 
 def _apply_frozen(norm: nn.Module, x: Tensor, s: Tensor, kind: str) -> Tensor:
     s = s[..., : x.shape[-2], :]
-    w = norm.weight.float() if getattr(norm, "weight", None) is not None else None
+    dtype = _compute_dtype(x)
+    w = norm.weight.to(dtype) if getattr(norm, "weight", None) is not None else None
     if kind == "rmsnorm_plus_one":
         w = 1.0 + w
-    xf = x.float()
+    xf = x.to(dtype)
     if kind == "layernorm":
         xf = xf - xf.mean(-1, keepdim=True)
     # one multiply by the constant (scale · weight): the backward is one multiply too
     y = xf * (s * w if w is not None else s)
     if kind == "layernorm" and getattr(norm, "bias", None) is not None:
-        y = y + norm.bias.float()
+        y = y + norm.bias.to(dtype)
     return y.to(x.dtype)
 
 
