@@ -14,6 +14,10 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Tests run tiny models: intra-op threads only add synchronisation overhead there (and on a
+# loaded 2-core machine OpenMP threads spinning against each other slow tests 10x or more).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

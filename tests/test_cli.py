@@ -70,3 +70,11 @@ def test_subcommand_help(name, capsys):
         cli._resolve(name)(["--help"])
     assert exit_.value.code == 0
     assert "usage" in capsys.readouterr().out.lower()
+
+
+def test_lazy_exports_resolve():
+    import wiremap
+
+    missing = [name for name in wiremap._LAZY if name != "feature_intervention"]
+    for name in missing:
+        assert getattr(wiremap, name) is not None, name

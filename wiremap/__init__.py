@@ -1,6 +1,10 @@
 """wiremap: train transcoders on language models and trace circuits.
 
-    from wiremap import load_model, ActivationCache, WiremapError
+    from wiremap import ReplacementModel, attribute, write_graph_json
+
+    model = ReplacementModel.from_pretrained("gpt2", "runs/gpt2-plt/transcoders")
+    graph = attribute("The capital of France is", model)
+    write_graph_json(graph, "graphs/france.json")
 
 Public names are imported lazily so that `import wiremap` stays light
 (no Lightning, wandb or transformers until they are needed).
@@ -16,8 +20,20 @@ _LAZY = {
     "get_adapter": "wiremap.models.adapters",
     "capture": "wiremap.models.hooks",
     "replace_mlp_out": "wiremap.models.hooks",
+    "build_transcoder": "wiremap.models.transcoders",
+    "save_transcoders": "wiremap.models.io",
+    "load_transcoders": "wiremap.models.io",
+    "ReplacementModel": "wiremap.models.replacement",
     "ActivationCache": "wiremap.train.cache",
+    "CacheConfig": "wiremap.train.cache",
     "build_cache": "wiremap.train.cache",
+    "attribute": "wiremap.attribute.attribute",
+    "Graph": "wiremap.attribute.graph",
+    "prune_graph": "wiremap.attribute.prune",
+    "graph_scores": "wiremap.attribute.prune",
+    "write_graph_json": "wiremap.attribute.export",
+    "summarize_paths": "wiremap.attribute.export",
+    "feature_intervention": "wiremap.attribute.interventions",
 }
 
 
