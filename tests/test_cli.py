@@ -75,6 +75,5 @@ def test_subcommand_help(name, capsys):
 def test_lazy_exports_resolve():
     import wiremap
 
-    missing = [name for name in wiremap._LAZY if name != "feature_intervention"]
-    for name in missing:
+    for name in wiremap._LAZY:
         assert getattr(wiremap, name) is not None, name
