@@ -2,6 +2,7 @@
 
     python bench/attribute.py                 # all cases, each in a fresh process
     python bench/attribute.py --case uncapped # one case
+    python bench/attribute.py --threads 1     # one intra-op thread (a loaded machine)
 
 Model: tiny Llama config, 8 layers, d_model 256 (random weights); transcoders: PLT,
 F = 4096 per layer, TopK k = 32 (random). Cases: a 32-token prompt uncapped and with
@@ -24,9 +25,9 @@ import time
 from pathlib import Path
 
 CASES = {
-    "uncapped": dict(n_tokens=32, budget=None),
-    "budget2000": dict(n_tokens=32, budget=2000),
-    "long": dict(n_tokens=1024, budget=256),
+    "uncapped": dict(n_tokens=32, budget=None, batch_size=256),
+    "budget2000": dict(n_tokens=32, budget=2000, batch_size=256),
+    "long": dict(n_tokens=1024, budget=256, batch_size=64),
 }
 
 
@@ -43,9 +44,9 @@ def _peak_mb() -> float:
 def _setup(root: Path):
     import torch
 
+    from wiremap.models.loading import load_model
     from wiremap.models.replacement import ReplacementModel
     from wiremap.models.tiny import build_tiny_model
-    from wiremap.models.loading import load_model
     from wiremap.models.transcoders import build_transcoder
 
     path = root / "llama8x256"
@@ -65,11 +66,13 @@ def _prompt(rm, n_tokens: int) -> str:
     return rm.tokenizer.decode(ids)
 
 
-def run_case(name: str, root: Path) -> None:
+def run_case(name: str, root: Path, threads: int | None) -> None:
     import torch
 
     from wiremap.attribute.attribute import attribute
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     rm = _setup(root)
     spec = CASES[name]
@@ -77,12 +80,14 @@ def run_case(name: str, root: Path) -> None:
     attribute(_prompt(rm, 8), rm, verbose=False)  # warm-up (allocator, first-call overheads)
     before = _rss_mb()
     start = time.perf_counter()
-    graph = attribute(prompt, rm, max_feature_nodes=spec["budget"], verbose=False)
+    graph = attribute(
+        prompt, rm, max_feature_nodes=spec["budget"], batch_size=spec["batch_size"], verbose=False
+    )
     seconds = time.perf_counter() - start
     peak = _peak_mb()
     s = graph.settings
     print(
-        f"{name:>10}: {graph.n_pos} tokens, budget={spec['budget']}, "
+        f"{name:>10}: {graph.n_pos} tokens, budget={spec['budget']}, batch={spec['batch_size']}, "
         f"{s['n_active_features']} active features, {graph.n_features} feature nodes, "
         f"{s['n_backward_passes']} backward passes, {seconds:.2f} s, "
         f"peak RSS +{max(peak - before, 0):.0f} MiB (baseline {before:.0f} MiB), "
@@ -94,15 +99,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", choices=list(CASES), help="run one case in this process")
     parser.add_argument("--root", default=None, help="folder for the model (default: a temp dir)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
     root = Path(args.root or tempfile.mkdtemp(prefix="wiremap-bench-"))
     if args.case:
-        run_case(args.case, root)
+        run_case(args.case, root, args.threads)
         return
+    extra = ["--threads", str(args.threads)] if args.threads else []
     for name in CASES:
-        subprocess.run(
-            [sys.executable, __file__, "--case", name, "--root", str(root)], check=True
-        )
+        cmd = [sys.executable, __file__, "--case", name, "--root", str(root), *extra]
+        subprocess.run(cmd, check=True)
 
 
 if __name__ == "__main__":

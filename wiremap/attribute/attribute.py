@@ -39,7 +39,9 @@ from wiremap.errors import WiremapError
 from wiremap.models.linearise import Linearised
 
 FINAL = -1  # site of the logit targets: the final norm's output
-DENSE_MAX_NODES = 4096  # larger graphs get a sparse COO adjacency
+# Graphs with more nodes get a sparse COO adjacency. An uncapped graph is ~25% non-zero, so
+# up to here dense storage (4 bytes per entry) is smaller than COO (20 bytes per non-zero).
+DENSE_MAX_NODES = 10_000
 
 
 @dataclass
@@ -70,8 +72,9 @@ class RowEngine:
             layer: torch.zeros(1, n_pos, d, dtype=dtype, device=ids.device, requires_grad=True)
             for layer in range(top)
         }
+        stop = None if top == self.lin.n_layers else top
         with torch.enable_grad():
-            run = self.lin.forward(ids, writes=writes, embed_write=embed)
+            run = self.lin.forward(ids, writes=writes, embed_write=embed, stop_after=stop)
             outputs, grads = self._injections(run, targets, n_pos)
             leaves = [embed, *writes.values()]
             got = torch.autograd.grad(
@@ -129,13 +132,18 @@ def attribute(
     )
     table = SourceTable.build(rm, run, zero_bos=zero_bos)
     _log(verbose, f"{len(ids)} tokens, {table.n_features} active features, {len(targets)} logits")
+    # uncapped graphs of moderate size are written straight into a dense adjacency
+    dense = _dense_buffer(table, len(targets), max_feature_nodes)
     with rm.linearised(ids) as lin:
         engine = RowEngine(lin, table)
         logit_rows = engine.rows(_logit_targets(targets, len(ids)))
+        out = None if dense is None else dense[: table.n_features, : table.n_cols]
         visited, feature_rows = _visit_features(
-            engine, rm, table, targets, logit_rows, max_feature_nodes, batch_size, verbose
+            engine, rm, table, targets, logit_rows, max_feature_nodes, batch_size, verbose, out
         )
-    graph = _assemble(rm, prompt, ids, table, targets, visited, feature_rows, logit_rows)
+    if dense is not None:
+        dense[table.n_cols :, : table.n_cols] = logit_rows
+    graph = _assemble(rm, prompt, ids, table, targets, visited, feature_rows, logit_rows, dense)
     graph.settings = _settings(rm, table, locals(), engine.n_backward, time.perf_counter() - start)
     _log(verbose, f"done: {engine.n_backward} backward passes, {graph.settings['seconds']:.2f} s")
     return graph
@@ -173,20 +181,32 @@ def _feature_targets(rm, table: SourceTable, which: Tensor) -> _Targets:
 
 
 # -- visiting features -------------------------------------------------------------------
-def _visit_features(engine, rm, table, targets, logit_rows, budget, batch_size, verbose):
-    """(visited feature indices, their rows [n_visited, n_cols])."""
-    n_feat = table.n_features
-    if budget is None or budget >= n_feat:
-        order = torch.arange(n_feat)
-        rows = _rows_in_batches(engine, rm, table, order, batch_size, verbose)
+def _uncapped(table: SourceTable, budget: int | None) -> bool:
+    return budget is None or budget >= table.n_features
+
+
+def _dense_buffer(table: SourceTable, n_logits: int, budget: int | None) -> Tensor | None:
+    n_nodes = table.n_cols + n_logits
+    if not _uncapped(table, budget) or n_nodes > DENSE_MAX_NODES:
+        return None
+    return table.tokens.new_zeros(n_nodes, n_nodes, device="cpu")
+
+
+def _visit_features(engine, rm, table, targets, logit_rows, budget, batch_size, verbose, out):
+    """(visited feature indices, their rows [n_visited, n_cols], written into `out` if given)."""
+    if _uncapped(table, budget):
+        order = torch.arange(table.n_features)
+        rows = _rows_in_batches(engine, rm, table, order, batch_size, verbose, out)
         return order, rows
     if budget < 0:
         raise WiremapError(f"max_feature_nodes={budget}; use a non-negative number or None")
     return _best_first(engine, rm, table, targets, logit_rows, budget, batch_size, verbose)
 
 
-def _rows_in_batches(engine, rm, table, order: Tensor, batch_size: int, verbose: bool) -> Tensor:
-    rows = torch.empty(order.numel(), table.n_cols, dtype=table.tokens.dtype)
+def _rows_in_batches(engine, rm, table, order: Tensor, batch_size: int, verbose: bool, out):
+    if out is None:
+        out = torch.empty(order.numel(), table.n_cols, dtype=table.tokens.dtype)
+    rows = out
     for start in range(0, order.numel(), batch_size):
         which = order[start : start + batch_size]
         rows[start : start + which.numel()] = engine.rows(_feature_targets(rm, table, which))
@@ -229,27 +249,32 @@ def feature_influence(
     I = w(Â + Â² + …) with Â the absolute rows normalised to sum 1 (DESIGN.md §7); rows
     not computed yet count as zero. The graph is a DAG, so the series ends.
     """
-
-    def normalised(r: Tensor) -> Tensor:
-        a = r[:, :n_feat].abs()
-        return a / r.abs().sum(1, keepdim=True).clamp_min(1e-30)
-
-    x = weights @ normalised(logit_rows)
+    x = _propagate(weights, logit_rows, n_feat)
     total = x.clone()
     if not order:
         return total
-    a_rows = normalised(feature_rows)
     idx = torch.tensor(order, dtype=torch.long)
     for _ in range(n_feat):
-        x = x[idx] @ a_rows
+        x = _propagate(x[idx], feature_rows, n_feat)
         total += x
         if float(x.abs().sum()) <= 1e-12 * float(total.abs().sum()):
             break
     return total
 
 
+def _propagate(x: Tensor, rows: Tensor, n_feat: int, chunk: int = 256) -> Tensor:
+    """x @ Â[:, :n_feat] for the rows Â = |rows| / Σ|rows|, a chunk of rows at a time."""
+    out = rows.new_zeros(n_feat)
+    for xs, rs in zip(x.split(chunk), rows.split(chunk), strict=True):
+        a = rs.abs()
+        out += (xs / a.sum(1).clamp_min(1e-30)) @ a[:, :n_feat]
+    return out
+
+
 # -- the graph ---------------------------------------------------------------------------
-def _assemble(rm, prompt, ids, table, targets, visited, feature_rows, logit_rows) -> Graph:
+def _assemble(rm, prompt, ids, table, targets, visited, feature_rows, logit_rows, dense) -> Graph:
+    if dense is not None:  # uncapped: the rows are already in place
+        return _graph(rm, prompt, ids, table, targets, visited, dense)
     order = torch.argsort(visited)  # graph nodes sorted by (layer, pos, feature)
     visited, feature_rows = visited[order], feature_rows[order]
     col_map = _column_map(table, visited)
@@ -264,6 +289,11 @@ def _assemble(rm, prompt, ids, table, targets, visited, feature_rows, logit_rows
         rows = torch.cat([rows, rows.new_zeros(rows.shape[0], len(targets))], dim=1)
     logit_start = n_nodes - len(targets)
     row_index = torch.cat([torch.arange(visited.numel()), logit_start + torch.arange(len(targets))])
+    adjacency = _adjacency(rows.cpu(), row_index, n_nodes)
+    return _graph(rm, prompt, ids, table, targets, visited, adjacency)
+
+
+def _graph(rm, prompt, ids, table, targets, visited, adjacency) -> Graph:
     return Graph(
         prompt=prompt,
         input_ids=ids.cpu(),
@@ -273,7 +303,7 @@ def _assemble(rm, prompt, ids, table, targets, visited, feature_rows, logit_rows
         logit_tokens=targets.tokens.cpu(),
         logit_probs=targets.probs.cpu(),
         logit_strings=targets.strings,
-        adjacency=_adjacency(rows.cpu(), row_index, n_nodes),
+        adjacency=adjacency,
         n_layers=table.n_layers,
     )
 

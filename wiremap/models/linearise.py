@@ -79,24 +79,29 @@ class Linearised:
         input_ids: Tensor | None = None,
         writes: dict[int, Tensor] | None = None,
         embed_write: Tensor | None = None,
+        stop_after: int | None = None,
     ) -> FrozenRun:
         """Run the frozen model (on the prompt, or a prefix of it) and return its tensors.
 
         `writes[l]` is added to the residual with layer l's MLP output; `embed_write` to the
-        first layer's input. Both broadcast against `[batch, pos, d_model]`.
+        first layer's input. Both broadcast against `[batch, pos, d_model]`. With
+        `stop_after=l` the pass ends once the transcoder input of layer l is read.
         """
         ids = self.input_ids if input_ids is None else input_ids
         run = FrozenRun()
-        handles = self._record_hooks(run, embed_write)
-        with hooks_removed(handles), _patched_mlps(self, run, writes or {}):
-            self.base(input_ids=ids, use_cache=False)
+        handles = self._record_hooks(run, embed_write, stop_after)
+        try:
+            with hooks_removed(handles), _patched_mlps(self, run, writes or {}):
+                self.base(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
         return run
 
     def logits(self, final: Tensor) -> Tensor:
         """Pre-soft-cap logits from final norm outputs."""
         return get_module(self.model, self.adapter.unembed)(final)
 
-    def _record_hooks(self, run: FrozenRun, embed_write: Tensor | None) -> list:
+    def _record_hooks(self, run: FrozenRun, embed_write: Tensor | None, stop_after) -> list:
         adapter, model = self.adapter, self.model
 
         def first_layer(_m, args, kwargs):
@@ -109,7 +114,7 @@ class Linearised:
         handles = [adapter.layer(model, 0).register_forward_pre_hook(first_layer, with_kwargs=True)]
         for layer in range(self.n_layers):
             module, side = adapter.hook_site(model, layer, self.input_hook)
-            handles.append(_keep(module, side, run.reads, layer))
+            handles.append(_keep(module, side, run.reads, layer, stop=layer == stop_after))
             out_module, _ = adapter.hook_site(model, layer, "mlp_out")
             handles.append(_keep(out_module, "output", run.mlp_outs, layer))
         final_norm = get_module(model, adapter.final_norm)
@@ -121,9 +126,15 @@ def _set_final(run: FrozenRun, out) -> None:
     run.final = _output_tensor(out)
 
 
-def _keep(module: nn.Module, side: str, slot: dict, layer: int):
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early (nothing later is needed)."""
+
+
+def _keep(module: nn.Module, side: str, slot: dict, layer: int, stop: bool = False):
     def store(t: Tensor) -> None:
         slot[layer] = t
+        if stop:
+            raise _Stop
 
     if side == "input":
         return module.register_forward_pre_hook(
