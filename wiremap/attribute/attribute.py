@@ -216,10 +216,12 @@ def _rows_in_batches(engine, rm, table, order: Tensor, batch_size: int, verbose:
 
 
 def _best_first(engine, rm, table, targets, logit_rows, budget, batch_size, verbose):
+    # rows are kept (and ranked) on the CPU whatever device computes them
+    logit_rows = logit_rows.cpu()
     rows = torch.empty(budget, table.n_cols, dtype=logit_rows.dtype)
     visited = torch.zeros(table.n_features, dtype=torch.bool)
     order: list[int] = []
-    weights = targets.probs.float().to(logit_rows.device)
+    weights = targets.probs.float().cpu().to(logit_rows.dtype)
     while len(order) < budget:
         score = feature_influence(logit_rows, rows[: len(order)], order, weights, table.n_features)
         score[visited] = -1.0
@@ -279,7 +281,7 @@ def _assemble(rm, prompt, ids, table, targets, visited, feature_rows, logit_rows
     visited, feature_rows = visited[order], feature_rows[order]
     col_map = _column_map(table, visited)
     n_nodes = visited.numel() + table.n_layers * table.n_pos + table.n_pos + len(targets)
-    rows = torch.cat([feature_rows, logit_rows])
+    rows = torch.cat([feature_rows.cpu(), logit_rows.cpu()])
     if visited.numel() < table.n_features:
         # unvisited features are folded into the error node at their (layer, pos)
         folded = rows.new_zeros(rows.shape[0], n_nodes)
