@@ -10,8 +10,9 @@ A source's edge to a target is `⟨∂target/∂(residual write), write⟩`: a f
 all later layers for a CLT), an error node writes its error vector at its layer, a token
 node writes the first layer's input at its position.
 
-Feature writes are stored padded per position (`[pos, d, slots]`), so the contraction for
-one (source layer, output layer) pair is a single batched matmul over positions.
+All writes into one layer (features of every source layer that decodes to it, and the
+error) are stored padded per position (`[pos, d, slots]`), so the contraction reads each
+layer's gradient once, in one batched matmul over positions.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ from torch import Tensor
 
 @dataclass
 class _Block:
-    """Writes of the features of `src` into the MLP output of layer `out`."""
+    """Everything the sources write into the MLP output of layer `out`, padded per position."""
 
-    src: int
     out: int
-    writes: Tensor  # [pos, d, slots] a · decoder vector (zero in unused slots)
+    writes: Tensor  # [pos, d, slots] a · decoder vectors and the error vector (zero padding)
     cols: Tensor  # [pos, slots] column of each slot (n_cols = a scratch column for padding)
 
 
@@ -71,7 +71,7 @@ class SourceTable:
         if zero_bos:
             errors[:, 0] = 0
         n_layers, n_pos = run.reads.shape[:2]
-        blocks = _feature_blocks(rm.transcoders, features, activations, n_layers, n_pos)
+        blocks = _blocks(rm.transcoders, features, activations, errors, n_layers, n_pos)
         return cls(features, activations, errors, run.resid0, blocks, n_layers, n_pos)
 
     def contract(self, g_embed: Tensor, g_writes: list[Tensor | None], n_pos: int) -> Tensor:
@@ -84,27 +84,21 @@ class SourceTable:
         edges = g_embed.new_zeros(batch, self.n_cols + 1)  # last column: padding scratch
         tok = self.token_start
         edges[:, tok : tok + n_pos] = torch.einsum("bpd,pd->bp", g_embed, self.tokens[:n_pos])
-        for layer, g in enumerate(g_writes):
-            if g is None:
-                continue
-            start = self.error_start + layer * self.n_pos
-            edges[:, start : start + n_pos] = torch.einsum(
-                "bpd,pd->bp", g, self.errors[layer, :n_pos]
-            )
         for block in self.blocks:
             g = g_writes[block.out] if block.out < len(g_writes) else None
             if g is None:
                 continue
-            # [pos, B, d] @ [pos, d, slots] -> [pos, B, slots]
+            # one read of the gradient per layer: [pos, B, d] @ [pos, d, slots]
             part = torch.bmm(g.transpose(0, 1), block.writes[:n_pos])
             cols = block.cols[:n_pos].reshape(-1)
             edges.index_add_(1, cols, part.permute(1, 0, 2).reshape(batch, -1))
         return edges[:, :-1]
 
 
-def _feature_blocks(tc, features: Tensor, acts: Tensor, n_layers: int, n_pos: int) -> list[_Block]:
-    blocks = []
-    n_cols_scratch = None
+def _blocks(tc, features, acts, errors, n_layers: int, n_pos: int) -> list[_Block]:
+    """One block per output layer: the writes of every feature decoding to it, and its error."""
+    scratch = _scratch(features, n_layers, n_pos)
+    parts: dict[int, list[tuple[Tensor, Tensor]]] = {layer: [] for layer in range(n_layers)}
     for src in range(n_layers):
         rows = (features[:, 0] == src).nonzero().flatten()
         if rows.numel() == 0:
@@ -114,13 +108,19 @@ def _feature_blocks(tc, features: Tensor, acts: Tensor, n_layers: int, n_pos: in
         n_slots = int(slot.max()) + 1
         uniq, inverse = torch.unique(feat, return_inverse=True)
         dec = tc.decoder(src, uniq)[inverse].to(acts.dtype)  # [m, n_out, d]
-        n_cols_scratch = n_cols_scratch or _scratch(features, n_layers, n_pos)
-        cols = torch.full((n_pos, n_slots), n_cols_scratch, dtype=torch.long, device=acts.device)
+        cols = torch.full((n_pos, n_slots), scratch, dtype=torch.long, device=acts.device)
         cols[pos, slot] = rows
         for offset in range(dec.shape[1]):
             writes = acts.new_zeros(n_pos, dec.shape[-1], n_slots)
             writes[pos, :, slot] = acts[rows, None] * dec[:, offset, :]
-            blocks.append(_Block(src, src + offset, writes, cols))
+            parts[src + offset].append((writes, cols))
+    n_feat = int(features.shape[0])
+    blocks = []
+    for out in range(n_layers):
+        err_cols = n_feat + out * n_pos + torch.arange(n_pos, device=errors.device)
+        parts[out].append((errors[out].to(acts.dtype).unsqueeze(-1), err_cols.unsqueeze(-1)))
+        writes, cols = zip(*parts[out], strict=True)
+        blocks.append(_Block(out, torch.cat(writes, dim=2), torch.cat(cols, dim=1)))
     return blocks
 
 

@@ -329,18 +329,17 @@ def _frozen_attention_fn(module, query, key, value, attention_mask, **kwargs):
 def apply_pattern(pattern: Tensor, value: Tensor) -> Tensor:
     """pattern [1, H, q, k] (constant), value [b, H_kv, k, dh] -> output [b, q, H, dh].
 
-    Written per head as a 2-D `mm(vᵀ, Pᵀ)` with the constant pattern on the right: the
-    batched backward (`is_grads_batched`) of such an `mm` folds the batch into its rows,
-    where a batched `matmul` would copy the pattern once per row of the batch.
+    Written per head as `linear(vᵀ, P)` (= vᵀ Pᵀ) with the constant pattern as the weight:
+    the batched backward (`is_grads_batched`) of a linear layer folds the batch into its
+    rows, where that of `matmul`/`mm` copies the pattern once per row of the batch.
     """
-    b, n_kv, k, dh = value.shape
-    n_heads = pattern.shape[1]
+    n_heads, n_kv = pattern.shape[1], value.shape[1]
     group = n_heads // n_kv  # grouped-query attention: head h reads kv head h // group
-    kv = [v.transpose(-1, -2).reshape(b * dh, k) for v in value.unbind(1)]
+    kv = [v.transpose(-1, -2) for v in value.unbind(1)]  # [b, dh, k] each
     heads = []
     for h in range(n_heads):
-        out = torch.mm(kv[h // group], pattern[0, h].T.to(value.dtype))  # [b·dh, q]
-        heads.append(out.reshape(b, dh, -1).transpose(-1, -2))
+        out = nn.functional.linear(kv[h // group], pattern[0, h].to(value.dtype))  # [b, dh, q]
+        heads.append(out.transpose(-1, -2))
     return torch.stack(heads, dim=2)
 
 
