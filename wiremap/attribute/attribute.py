@@ -144,7 +144,14 @@ def attribute(
     if dense is not None:
         dense[table.n_cols :, : table.n_cols] = logit_rows
     graph = _assemble(rm, prompt, ids, table, targets, visited, feature_rows, logit_rows, dense)
-    graph.settings = _settings(rm, table, locals(), engine.n_backward, time.perf_counter() - start)
+    options = dict(
+        max_n_logits=max_n_logits,
+        desired_logit_prob=desired_logit_prob,
+        max_feature_nodes=max_feature_nodes,
+        batch_size=batch_size,
+        zero_bos=zero_bos,
+    )
+    graph.settings = _settings(rm, table, options, engine.n_backward, time.perf_counter() - start)
     _log(verbose, f"done: {engine.n_backward} backward passes, {graph.settings['seconds']:.2f} s")
     return graph
 
@@ -334,16 +341,12 @@ def _adjacency(rows: Tensor, row_index: Tensor, n_nodes: int) -> Tensor:
     )
 
 
-def _settings(rm, table, args: dict, n_backward: int, seconds: float) -> dict:
+def _settings(rm, table, options: dict, n_backward: int, seconds: float) -> dict:
     return {
         "model": rm.model_name,
         "transcoders": rm.transcoders_path,
         "transcoder_arch": rm.transcoders.arch,
-        "max_n_logits": args["max_n_logits"],
-        "desired_logit_prob": args["desired_logit_prob"],
-        "max_feature_nodes": args["max_feature_nodes"],
-        "batch_size": args["batch_size"],
-        "zero_bos": args["zero_bos"],
+        **options,
         "dtype": str(next(rm.model.parameters()).dtype).removeprefix("torch."),
         "device": str(rm.device),
         "n_active_features": table.n_features,
