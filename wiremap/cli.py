@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("wiremap.attribute.viewer_cmd:features_main", "compute feature cards"),
     "attribute": ("wiremap.attribute.cli:attribute_main", "build an attribution graph of a prompt"),
     "steer": ("wiremap.attribute.cli:steer_main", "intervene on features; steer generation"),
+    "organism": ("wiremap.train.organism_cmd:main", "build or evaluate the bundled model organism"),
+    "demo": ("wiremap.demo_cmd:main", "run the whole pipeline offline on the built-in model organism"),
 }
 
 
