@@ -19,15 +19,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny ops on a shared 2-core machine: a second intra-op thread only adds wake-up waits
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_rm(tiny_model_dir, arch="llama", tc_arch="plt", no_bias=False, n_feat=48):
     model, tokenizer = load_model(str(tiny_model_dir(arch, n_layers=3)))
     torch.manual_seed(2)

@@ -14,15 +14,6 @@ PROMPT = "The cat sees the moon today."
 MAIN = ("llama", "gpt2", "gemma2", "gpt_neox")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny ops on a shared 2-core machine: a second intra-op thread only adds wake-up waits
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_rm(tiny_model_dir, arch="llama", tc_arch="plt", n_layers=3, dtype=torch.float32, **tc_kw):
     """A replacement model; float64 where a test checks identities to rounding error."""
     model, tokenizer = load_model(str(tiny_model_dir(arch, n_layers=n_layers)), dtype=dtype)
