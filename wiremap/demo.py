@@ -1,0 +1,595 @@
+"""The whole pipeline, offline, on the built-in model organism (`wiremap demo`).
+
+    from wiremap.demo import DemoConfig, run_demo
+    report = run_demo(DemoConfig(out="wiremap_out/demo"))     # ~3-5 min on 2 CPU cores
+    report.swap.worked, report.graphs["clt/dallas"].scores
+
+Stages, one function each, in the order `run_demo` calls them:
+1. `write_corpus`      — the organism's own synthetic corpus as a .txt file;
+2. `cache_stage`       — the organism's MLP inputs/outputs on it (`wiremap.train.cache`);
+3. `train_stage`       — a CLT and a PLT trained with Lightning on that cache, exported;
+4. `attribute_stage`   — attribution graphs of the Dallas prompt and one antonym prompt per
+                         language: graph JSON, standalone HTML, scores, strongest paths;
+5. `swap_stage`        — the Texas→California feature swap (`wiremap.attribute.circuits`):
+                         does the organism now answer " Sacramento"?
+6. `cards_stage`       — feature cards of the CLT, so the viewer shows them.
+
+Everything lands in `cfg.out`: `corpus.txt`, `cache/`, `clt/` and `plt/` (exported
+transcoders; `clt/features/` holds the cards), `graphs/` (`*.json` + `*.html`) and
+`report.json`. Open the graphs with `wiremap serve <out>/graphs`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from wiremap.errors import WiremapError
+
+DALLAS = "Fact: the capital of the state containing Dallas is"
+TARGET_STATE, SWAP_STATE = "Texas", "California"
+Say = Callable[[str], None]
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and switches of the demo; the defaults fit in about 5 minutes on 2 CPU cores."""
+
+    out: str = "wiremap_out/demo"
+    """Output folder (cache, transcoders, graphs, report)."""
+    organism: str | None = None
+    """Organism folder (default: the one shipped with wiremap)."""
+    n_tokens: int = 40_000
+    """Token positions of organism activations to cache."""
+    context_length: int = 64
+    """Tokens per cached context."""
+    d_transcoder: int = 256
+    """Features per layer of each transcoder."""
+    steps: int = 1200
+    """Optimizer steps per transcoder."""
+    batch_size: int = 512
+    """Tokens per optimizer step."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+    sparsity_coef: float = 2e-3
+    """Final weight of the tanh sparsity penalty."""
+    activation: Literal["relu", "jumprelu"] = "jumprelu"
+    """Transcoder activation function."""
+    plt: bool = True
+    """Also train a per-layer transcoder, to compare its graph scores with the CLT's."""
+    feature_cards: bool = True
+    """Compute the CLT's feature cards (shown by the viewer)."""
+    n_paths: int = 3
+    """Strongest paths printed per graph."""
+    swap_city: str = "Oakland"
+    """California city whose prompt provides the California features injected by the swap."""
+    insert_scale: float = 1.0
+    """Injected California features = this times their activation on the swap city's prompt."""
+    remove_value: float = 0.0
+    """Value the Texas features are set to (0 = ablated; negative = pushed the other way)."""
+    threads: int | None = None
+    """Torch CPU threads (default: torch's; 1 is much faster when other jobs share the CPU)."""
+    seed: int = 0
+    """Seed of the corpus, the data order and the transcoder initialisation."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_tokens", "d_transcoder", "steps", "batch_size", "n_paths"):
+            if int(getattr(self, name)) < 1:
+                raise WiremapError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_tokens < 2 * self.batch_size:
+            raise WiremapError(
+                f"n_tokens={self.n_tokens} is less than two batches of {self.batch_size}; "
+                "cache more tokens or lower the batch size"
+            )
+
+    @property
+    def path(self) -> Path:
+        return Path(self.out)
+
+
+@dataclass
+class GraphReport:
+    """One attribution graph: where it is, its scores and its strongest paths."""
+
+    prompt: str
+    transcoder: str  # "clt" | "plt"
+    json_path: str
+    html_path: str
+    top_token: str
+    scores: dict[str, dict[str, float]]
+    n_features: int
+    summary: str
+
+
+@dataclass
+class DemoReport:
+    """What `run_demo` did; `report.json` in the output folder holds the same."""
+
+    out: str
+    organism: str
+    transcoders: dict[str, str]
+    graphs: dict[str, GraphReport] = field(default_factory=dict)
+    swap: Any = None  # wiremap.attribute.circuits.SwapResult
+    features: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    training: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        obj = asdict(self)
+        obj["swap"] = None if self.swap is None else self.swap.to_json()
+        return obj
+
+
+# -- stage 1-2: text and activations -----------------------------------------------------
+def write_corpus(cfg: DemoConfig, tokens_per_doc: float = 16.0) -> Path:
+    """The organism's training corpus (same generator, same seed) as `<out>/corpus.txt`.
+
+    Enough documents to fill `n_tokens` cached positions, one document per line.
+    """
+    from wiremap.train.organism import build_corpus
+
+    n_docs = math.ceil(1.2 * cfg.n_tokens / tokens_per_doc)
+    path = cfg.path / "corpus.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    docs = build_corpus(n_docs=n_docs, seed=cfg.seed).documents
+    path.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def cache_stage(cfg: DemoConfig, organism: str, model, tokenizer, corpus: Path) -> Path:
+    """Cache the organism's `mlp_in` -> `mlp_out` activations (float32: they are tiny)."""
+    from wiremap.train.cache import build_cache
+
+    cache_cfg = cache_config(cfg, organism, corpus)
+    return build_cache(cache_cfg, model=model, tokenizer=tokenizer, progress=cfg.progress)
+
+
+def cache_config(cfg: DemoConfig, organism: str, corpus: Path):
+    from wiremap.train.cache import CacheConfig
+
+    return CacheConfig(
+        model=organism,
+        dataset=str(corpus),
+        n_tokens=cfg.n_tokens,
+        context_length=cfg.context_length,
+        batch_size=64,
+        dtype="float32",
+        device="cpu",
+        out=str(cfg.path / "cache"),
+        shard_tokens=16384,
+    )
+
+
+# -- stage 3: transcoders ------------------------------------------------------------------
+def train_stage(cfg: DemoConfig, cache_cfg, arch: str) -> tuple[Path, dict[str, float]]:
+    """Train one transcoder (`clt` or `plt`) on the cache; export it to `<out>/<arch>`.
+
+    Drives Lightning directly with wiremap's TranscoderModule and ActivationDataModule.
+    """
+    import lightning as L
+
+    from wiremap.models.io import save_transcoders
+    from wiremap.train.data import ActivationDataModule
+    from wiremap.train.module import LossConfig, OptimConfig, TranscoderModule
+
+    L.seed_everything(cfg.seed, verbose=False)
+    data = ActivationDataModule(
+        cache_cfg,
+        batch_size=cfg.batch_size,
+        buffer_size=16 * cfg.batch_size,
+        val_fraction=0.0,
+        seed=cfg.seed,
+        pin_memory=False,
+    )
+    module = TranscoderModule(
+        n_layers=data.n_layers,
+        d_model=data.d_model,
+        arch=arch,
+        d_transcoder=cfg.d_transcoder,
+        activation=cfg.activation,
+        cache_info=data.cache_info,
+        loss=LossConfig(
+            sparsity_coef=cfg.sparsity_coef, sparsity_ramp=0.5, dead_tokens=50 * cfg.batch_size
+        ),
+        optim=OptimConfig(lr=cfg.lr, warmup_steps=max(1, cfg.steps // 20)),
+    )
+    trainer = L.Trainer(
+        max_steps=cfg.steps,
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=cfg.progress,
+        gradient_clip_val=1.0,
+        log_every_n_steps=max(1, cfg.steps // 20),
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=data)
+    metrics = _final_metrics(trainer)
+    folder = cfg.path / arch
+    save_transcoders(module.export_transcoder(), folder, extra_config={"training": metrics})
+    return folder, metrics
+
+
+def _final_metrics(trainer) -> dict[str, float]:
+    keep = {"fvu": "fvu", "l0": "l0", "train/dead_fraction": "dead_fraction"}
+    got = trainer.callback_metrics
+    return {short: round(float(got[k]), 4) for k, short in keep.items() if k in got}
+
+
+# -- stage 4: attribution graphs -----------------------------------------------------------
+def demo_prompts() -> dict[str, str]:
+    """name -> prompt: the two-hop Dallas question and one antonym prompt per language."""
+    from wiremap.train.organism import ANTONYMS
+
+    prompts = {"dallas": DALLAS}
+    for lang, (template, pairs) in ANTONYMS.items():
+        prompts[f"antonym_{lang}"] = template.format(a=pairs[0][0], b="").rstrip()
+    return prompts
+
+
+def replacement_model(model, tokenizer, organism: str, transcoders: Path):
+    """The organism with the transcoders exported in `transcoders` spliced in."""
+    from wiremap.models.io import load_transcoders
+    from wiremap.models.replacement import ReplacementModel
+
+    return ReplacementModel(
+        model,
+        tokenizer,
+        load_transcoders(transcoders),
+        model_name=organism,
+        transcoders_path=str(transcoders),
+    )
+
+
+def attribute_prompt(rm, prompt: str):
+    """(graph, pruning) of one prompt with every active feature visited (graphs are small)."""
+    from wiremap.attribute.attribute import attribute
+    from wiremap.attribute.prune import prune_graph
+
+    graph = attribute(prompt, rm, verbose=False)
+    return graph, prune_graph(graph)
+
+
+def write_graph(
+    graph, result, folder: Path, name: str, labels=None, supernodes=(), pinned=()
+) -> tuple[Path, Path]:
+    """`<folder>/<name>.json` (viewer format, checked) and the standalone `<name>.html`."""
+    from wiremap.attribute.export import write_graph_json
+    from wiremap.attribute.html import write_html
+
+    json_path = folder / f"{name}.json"
+    write_graph_json(
+        graph,
+        json_path,
+        result=result,
+        labels=labels,
+        slug=name,
+        supernodes=[list(s) for s in supernodes],
+        pinned_ids=list(pinned),
+    )
+    obj = json.loads(json_path.read_text(encoding="utf-8"))
+    return json_path, write_html(obj, folder / f"{name}.html")
+
+
+def graph_report(graph, result, arch: str, paths: tuple[Path, Path], k: int, labels=None):
+    from wiremap.attribute.export import summarize_paths
+
+    top = graph.logit_strings[int(graph.logit_probs.argmax())]
+    return GraphReport(
+        prompt=graph.prompt,
+        transcoder=arch,
+        json_path=str(paths[0]),
+        html_path=str(paths[1]),
+        top_token=top,
+        scores=result.scores,
+        n_features=graph.n_features,
+        summary=summarize_paths(graph, k=k, result=result, labels=labels),
+    )
+
+
+# -- stage 5: the Texas -> California swap -------------------------------------------------
+def state_prompts(state: str) -> list[str]:
+    """The two-hop question for every city of `state` (all the same length in tokens)."""
+    from wiremap.train.organism import STATES, TWO_HOP
+
+    return [TWO_HOP.format(city=c) for c in STATES[state][1]]
+
+
+def capital(state: str) -> str:
+    from wiremap.train.organism import STATES
+
+    return " " + STATES[state][0]
+
+
+def state_features(rm, graph, state: str, other: str, positions=None, everywhere=False):
+    """Features of `graph` that stand for `state`: fire on the two-hop prompts of `state`'s
+    cities and not on `other`'s, and push the capital's logit up (total effect in the graph);
+    see `wiremap.attribute.circuits.concept_features`. `everywhere`: all of them, unranked
+    cut-off; otherwise the strongest carrying 90% of their effect."""
+    from wiremap.attribute.circuits import concept_features, contrast
+
+    stats = contrast(rm, state_prompts(state), state_prompts(other))
+    if everywhere:
+        return concept_features(graph, stats, capital(state), share=1.0, max_features=10**9)
+    return concept_features(graph, stats, capital(state), positions=positions)
+
+
+def swap_prompt(city: str) -> str:
+    from wiremap.train.organism import TWO_HOP
+
+    return TWO_HOP.format(city=city)
+
+
+def swap_stage(cfg: DemoConfig, rm, dallas_graph, dallas_result):
+    """The Texas -> California swap on the Dallas prompt (circuit-tracer's Dallas experiment).
+
+    The Texas features are looked for everywhere in the Dallas graph, but swapped only at the
+    city's position: there the organism looks the state up from the city, while the ones at
+    the last position read that state to say the capital. The California features come from
+    the `cfg.swap_city` prompt, at the same position. Returns (SwapResult, extras).
+    """
+    from wiremap.attribute.circuits import insertion_values, swap
+
+    _check_answers(dallas_graph, capital(TARGET_STATE))
+    city = dallas_graph.token_strings.index(" Dallas")
+    found = state_features(rm, dallas_graph, TARGET_STATE, SWAP_STATE, everywhere=True)
+    texas = state_features(rm, dallas_graph, TARGET_STATE, SWAP_STATE, positions={city})
+    other_graph, other_result = attribute_prompt(rm, swap_prompt(cfg.swap_city))
+    california = state_features(rm, other_graph, SWAP_STATE, TARGET_STATE, positions={city})
+    insert = insertion_values(rm, swap_prompt(cfg.swap_city), california, cfg.insert_scale)
+    result = swap(rm, DALLAS, texas, insert, cfg.remove_value, expected=capital(SWAP_STATE))
+    result.extra["where"] = _where(dallas_graph, found)
+    result.extra["path"] = _dallas_path(dallas_graph, dallas_result, texas, city)
+    return result, (other_graph, other_result, california)
+
+
+def _check_answers(graph, token: str) -> None:
+    if token not in graph.logit_strings:
+        raise WiremapError(
+            f"the organism does not answer {token!r} to {graph.prompt!r} (its top tokens: "
+            f"{graph.logit_strings[:3]}); rebuild it with `wiremap organism train`"
+        )
+
+
+def _where(graph, features) -> dict[str, dict]:
+    """'<token>@<pos>' -> {n, layers} of the features found, position by position."""
+    out: dict[str, dict] = {}
+    for layer, pos, _ in sorted(features, key=lambda f: f[1]):
+        entry = out.setdefault(f"{graph.token_strings[pos]!r}@{pos}", {"n": 0, "layers": []})
+        entry["n"] += 1
+        entry["layers"] = sorted(set(entry["layers"]) | {layer})
+    return out
+
+
+def _dallas_path(graph, result, texas, city: int) -> bool:
+    """Does the pruned graph hold a path ' Dallas' -> a Texas feature -> ' Austin'?"""
+    from wiremap.attribute.circuits import feature_nodes, logit_node, path_through
+
+    austin = logit_node(graph, capital(TARGET_STATE))
+    return path_through(graph, result, graph.token_index(city), feature_nodes(graph, texas), austin)
+
+
+# -- stage 6: feature cards ----------------------------------------------------------------
+def cards_stage(cfg: DemoConfig, cache: Path, clt: Path, organism: str, model, tokenizer) -> Path:
+    """Feature cards of the CLT in `<clt>/features`, where `wiremap serve` looks for them."""
+    from wiremap.attribute.features import FeatureCardConfig, build_feature_cards
+
+    cards = FeatureCardConfig(
+        cache=str(cache),
+        transcoders=str(clt),
+        model=organism,
+        top_k=10,
+        n_samples=12,
+        context=16,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+    return build_feature_cards(cards, model=model, tokenizer=tokenizer)
+
+
+# -- the whole run -------------------------------------------------------------------------
+class _Clock:
+    """Seconds per stage, for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.start = self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 1)
+        self._last = now
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 1)
+
+
+def run_demo(cfg: DemoConfig, say: Say = print) -> DemoReport:
+    """Run every stage, printing what each finds; write `<out>/report.json`; return the report."""
+    import torch
+
+    from wiremap.models.loading import load_model
+    from wiremap.models.organism import organism_path
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    clock = _Clock()
+    organism = str(Path(cfg.organism).resolve() if cfg.organism else organism_path())
+    model, tokenizer = load_model(organism)
+    say(f"[1/6] organism {organism}: {_describe(model)}")
+    corpus = write_corpus(cfg)
+    say(f"[2/6] caching {cfg.n_tokens:,} tokens of its MLP activations -> {cfg.path / 'cache'}")
+    cache = cache_stage(cfg, organism, model, tokenizer, corpus)
+    clock.lap("cache")
+    archs = ["clt", "plt"] if cfg.plt else ["clt"]
+    report = DemoReport(out=str(cfg.path.resolve()), organism=organism, transcoders={})
+    say(
+        f"[3/6] training {' and '.join(a.upper() for a in archs)}: {cfg.d_transcoder} features "
+        f"per layer, {cfg.steps} steps of {cfg.batch_size} tokens"
+    )
+    for arch in archs:
+        folder, metrics = train_stage(cfg, cache_config(cfg, organism, corpus), arch)
+        report.transcoders[arch], report.training[arch] = str(folder.resolve()), metrics
+        say(f"      {arch.upper()}: {_metrics_line(metrics)} -> {folder}")
+    clock.lap("train")
+    _graphs_and_swap(cfg, report, model, tokenizer, organism, say, clock)
+    if cfg.feature_cards:
+        say(f"[6/6] feature cards of the CLT -> {Path(report.transcoders['clt']) / 'features'}")
+        report.features = str(
+            cards_stage(cfg, cache, Path(report.transcoders["clt"]), organism, model, tokenizer)
+        )
+        clock.lap("feature_cards")
+    report.seconds = {**clock.seconds, "total": clock.total()}
+    (cfg.path / "report.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    _print_outputs(cfg, report, say)
+    return report
+
+
+def _graphs_and_swap(cfg, report: DemoReport, model, tokenizer, organism, say, clock) -> None:
+    """Stages 4 and 5: graphs for every transcoder, then the swap with the CLT."""
+    folder = cfg.path / "graphs"
+    prompts = demo_prompts()
+    say(f"[4/6] attribution graphs of {len(prompts)} prompts -> {folder}")
+    rms = {
+        a: replacement_model(model, tokenizer, organism, Path(p))
+        for a, p in report.transcoders.items()
+    }
+    computed = {
+        a: {n: attribute_prompt(rm, p) for n, p in _bar(prompts.items(), a, cfg)}
+        for a, rm in rms.items()
+    }
+    clock.lap("attribute")
+    dallas, dallas_result = computed["clt"]["dallas"]
+    swap, (other, other_result, california) = swap_stage(cfg, rms["clt"], dallas, dallas_result)
+    computed["clt"][cfg.swap_city.lower()] = (other, other_result)
+    clock.lap("swap")
+    labels = _state_labels(swap.removed, california)
+    for arch, graphs in computed.items():
+        for name, (graph, result) in graphs.items():
+            marks = _supernodes(graph, result, labels) if arch == "clt" else []
+            paths = write_graph(graph, result, folder, f"{arch}-{name}", labels, marks)
+            lbl = labels if arch == "clt" else None
+            report.graphs[f"{arch}/{name}"] = graph_report(
+                graph, result, arch, paths, cfg.n_paths, lbl
+            )
+    clock.lap("write_graphs")
+    _print_graphs(report, say)
+    report.swap = swap
+    say(f"[5/6] swap: {TARGET_STATE} features -> {SWAP_STATE} features on {DALLAS!r}")
+    _print_swap(swap, cfg.swap_city, say)
+
+
+def _bar(items, arch: str, cfg: DemoConfig):
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    return tqdm(items, desc=f"attributing ({arch.upper()})", disable=not cfg.progress)
+
+
+def _state_labels(texas, california) -> dict[tuple[int, int], str]:
+    labels = {(l, f): TARGET_STATE for l, _, f in texas}
+    labels.update({(l, f): SWAP_STATE for l, _, f in california})
+    return labels
+
+
+def _supernodes(graph, result, labels) -> list[list[str]]:
+    """One supernode per state label, made of that state's features kept in the pruned graph."""
+    from wiremap.attribute.export import node_ids
+
+    ids, kept = node_ids(graph), result.node_mask.tolist()
+    groups: dict[str, list[str]] = {}
+    for i, (layer, _, feat) in enumerate(graph.active_features.tolist()):
+        if (layer, feat) in labels and kept[i]:
+            groups.setdefault(labels[(layer, feat)], []).append(ids[i])
+    return [[name, *members] for name, members in groups.items()]
+
+
+# -- printing ------------------------------------------------------------------------------
+def _describe(model) -> str:
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    size = f"{c.num_hidden_layers} layers, d_model {c.hidden_size}"
+    return f"{c.model_type}, {size}, {n / 1e6:.1f}M parameters"
+
+
+def _metrics_line(m: dict[str, float]) -> str:
+    parts = []
+    if "fvu" in m:
+        parts.append(f"FVU {m['fvu']:.3f}")
+    if "l0" in m:
+        parts.append(f"L0 {m['l0']:.1f} features/token (all layers)")
+    if "dead_fraction" in m:
+        parts.append(f"dead {100 * m['dead_fraction']:.0f}%")
+    return ", ".join(parts) or "trained"
+
+
+def _print_graphs(report: DemoReport, say: Say) -> None:
+    say("      scores: replacement / completeness of the full graph (1 = no error nodes)")
+    names = list(dict.fromkeys(k.split("/", 1)[1] for k in report.graphs))
+    for name in names:
+        cells = [
+            f"{arch.upper()} {g.scores['full']['replacement']:.2f} / "
+            f"{g.scores['full']['completeness']:.2f}"
+            for arch in ("clt", "plt")
+            if (g := report.graphs.get(f"{arch}/{name}")) is not None
+        ]
+        g = report.graphs[f"clt/{name}"]
+        say(f"      {g.prompt!r:<56} -> {g.top_token!r:<13} {'   '.join(cells)}")
+    say("      strongest paths in the CLT graphs (share of the top logit's attribution):")
+    for name in names:
+        g = report.graphs[f"clt/{name}"]
+        say(f"      {g.prompt!r} -> {g.top_token!r}")
+        say("\n".join("      " + line for line in g.summary.splitlines()[3:]))
+
+
+def _print_swap(swap, city: str, say: Say) -> None:
+    tx, ca, austin = TARGET_STATE, SWAP_STATE, capital(TARGET_STATE)
+    where = swap.extra.get("where", {})
+    places = "; ".join(
+        f"{w['n']} at {k} (layers {', '.join(map(str, w['layers']))})" for k, w in where.items()
+    )
+    say(f"      {tx} features of the Dallas graph (fire for {tx} cities, not {ca}'s; push")
+    say(f"      '{austin}' up): {places or 'none'}")
+    say("      swapped at the city's position, where the organism looks the state up:")
+    say(f"        {tx} features removed:    {_feature_list(swap.removed)}")
+    inserted = _feature_list([f[:3] for f in swap.inserted])
+    say(f"        {ca} features inserted: {inserted}  (values from the {city} prompt)")
+    if swap.extra.get("path") is not None:
+        found = "yes" if swap.extra["path"] else "no"
+        say(f"      path ' Dallas' -> {tx} feature -> '{austin}' in the pruned graph: {found}")
+    rows = (("before", swap.before), (f"{tx} removed", swap.ablated), ("swapped", swap.after))
+    for label, tops in rows:
+        say(f"      {label:<14} " + "  ".join(f"{t!r} {p:.3f}" for t, p in tops))
+    say(f"      does the model now say {swap.expected!r}? {'yes' if swap.worked else 'no'}")
+
+
+def _feature_list(features, limit: int = 8) -> str:
+    if not features:
+        return "(none found)"
+    shown = ", ".join(f"L{l}/F{f}@{p}" for l, p, f in features[:limit])
+    more = f" and {len(features) - limit} more" if len(features) > limit else ""
+    return f"{len(features)}: {shown}{more}"
+
+
+def _print_outputs(cfg: DemoConfig, report: DemoReport, say: Say) -> None:
+    out = cfg.path
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items() if k != "total")
+    say(f"done in {report.seconds['total']:.0f} s ({stages})")
+    say(f"outputs in {out}:")
+    say(f"  graphs/        graph JSON + standalone HTML ({len(report.graphs)} graphs)")
+    for arch in report.transcoders:
+        say(f"  {arch}/           exported {arch.upper()} (circuit-tracer layout)")
+    if report.features:
+        say("  clt/features/  feature cards")
+    say("  cache/         organism activations;  report.json  everything printed above")
+    say(f"open the viewer:  wiremap serve {out / 'graphs'}")
