@@ -250,6 +250,7 @@ def test_attribute_cli(tiny_model_dir, tmp_path, capsys):
     save_transcoders(build_transcoder("plt", 3, 32, 48, model_name=str(path)), tmp_path / "tc")
     out = tmp_path / "graph.json"
     args = ["attribute", "--model", str(path), "--transcoders", str(tmp_path / "tc")]
+    pictures = ["--html", str(tmp_path / "g.html"), "--png", str(tmp_path / "g.png")]
     code = main([*args, "--prompt", PROMPT, "--out", str(out), "--quiet", "--target", " moon"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -258,5 +259,9 @@ def test_attribute_cli(tiny_model_dir, tmp_path, capsys):
     validate_graph_json(obj)
     assert obj["metadata"]["info"]["model"] == str(path)
     assert Graph.load(tmp_path / "graph").n_logits == 1
+    out2 = str(tmp_path / "g2.json")
+    assert main([*args, "--prompt", PROMPT, "--out", out2, "--quiet", *pictures]) == 0
+    assert '"nodes"' in (tmp_path / "g.html").read_text()
+    assert (tmp_path / "g.png").read_bytes().startswith(b"\x89PNG")
     assert main([*args, "--prompt", "", "--out", str(out)]) == 2
     assert "empty" in capsys.readouterr().err

@@ -67,6 +67,8 @@ def attribute_parser() -> argparse.ArgumentParser:
     p.add_argument("--desired-logit-prob", type=float, default=0.95, help="their total prob")
     p.add_argument("--keep-bos", action="store_true", help="keep BOS features and errors")
     p.add_argument("--paths", type=int, default=5, help="how many top paths to print")
+    p.add_argument("--html", default=None, help="also write a self-contained HTML view here")
+    p.add_argument("--png", default=None, help="also write a static PNG of the pruned graph")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -96,7 +98,24 @@ def attribute_main(argv: list[str]) -> int:
     base = graph.save(out.with_suffix(""))
     print(summarize_paths(graph, k=args.paths, result=result))
     print(f"wrote {out} and {base}.safetensors / {base}.meta.json")
+    _write_pictures(out, args.html, args.png)
     return 0
+
+
+def _write_pictures(graph_json: Path, html: str | None, png: str | None) -> None:
+    if not (html or png):
+        return
+    import json
+
+    obj = json.loads(graph_json.read_text(encoding="utf-8"))
+    if html:
+        from wiremap.attribute.html import write_html
+
+        print(f"wrote {write_html(obj, html)}")
+    if png:
+        from wiremap.attribute.png import write_png
+
+        print(f"wrote {write_png(obj, png)}")
 
 
 def steer_parser() -> argparse.ArgumentParser:
