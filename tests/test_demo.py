@@ -6,6 +6,9 @@ one (the Dallas path and the Texas -> California swap at the demo's defaults) is
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,3 +90,122 @@ def test_path_through_follows_kept_edges():
     assert path_through(g, result, tok1, feature_nodes(g, [(1, 1, 5)]), logit)
     assert not path_through(g, result, g.token_index(0), feature_nodes(g, [(1, 1, 5)]), logit)
     assert not path_through(g, result, tok1, feature_nodes(g, [(0, 1, 4)]), logit)
+
+
+# -- the demo end to end on the shipped organism ---------------------------------------------
+REDUCED = dict(n_tokens=20_000, d_transcoder=128, steps=300)  # ~15 s of training on one core
+PROMPTS = ("dallas", "antonym_en", "antonym_fr", "antonym_es")
+
+
+def _run(out: Path, **sizes):
+    from wiremap.demo import DemoConfig, run_demo
+
+    lines: list[str] = []
+    report = run_demo(DemoConfig(out=str(out), progress=False, **sizes), say=lines.append)
+    return report, "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("demo"), **REDUCED)
+
+
+def test_reduced_demo_writes_valid_graph_json_html_cards_and_report(reduced):
+    from wiremap.attribute.export import validate_graph_json
+    from wiremap.attribute.features import FeatureStore
+
+    report, printed = reduced
+    assert {k for k in report.graphs if k.startswith("plt/")} == {f"plt/{n}" for n in PROMPTS}
+    assert {f"clt/{n}" for n in PROMPTS} | {"clt/oakland"} <= set(report.graphs)
+    for g in report.graphs.values():
+        obj = json.loads(Path(g.json_path).read_text(encoding="utf-8"))
+        validate_graph_json(obj)
+        assert obj["metadata"]["prompt"] == g.prompt
+        assert Path(obj["metadata"]["info"]["transcoders"]).name == g.transcoder
+        html = Path(g.html_path).read_text(encoding="utf-8")
+        assert 'id="wiremap-graph"' in html and "static/viewer.js" not in html
+    saved = json.loads((Path(report.out) / "report.json").read_text())
+    assert saved["swap"]["expected"] == " Sacramento"
+    assert set(saved["graphs"]) == set(report.graphs)
+    assert FeatureStore(report.features).card(layer=0, index=0)["index"] == 0
+    assert f"wiremap serve {report.out}/graphs" in printed
+    for answer in (" Austin", " large", " grand", " grande"):  # the organism answers right
+        assert any(g.top_token == answer for g in report.graphs.values())
+
+
+def _check_dallas_circuit_and_swap(report) -> None:
+    """The Dallas graph routes ' Dallas' through Texas features to ' Austin' (checked on the
+    written JSON), those features respond to Texas, and swapping them makes ' Sacramento'."""
+    from wiremap.demo import state_prompts
+    from wiremap.models.replacement import ReplacementModel
+
+    swap = report.swap
+    assert swap.removed and swap.inserted
+    assert swap.before[0][0] == " Austin" and swap.after[0][0] == " Sacramento" and swap.worked
+    rm = ReplacementModel.from_pretrained(report.organism, report.transcoders["clt"])
+    graph = json.loads(Path(report.graphs["clt/dallas"].json_path).read_text(encoding="utf-8"))
+    city = graph["metadata"]["prompt_tokens"].index(" Dallas")
+    texas_ids = {f"{layer}_{feat}_{pos}" for layer, pos, feat in swap.removed}
+    assert all(pos == city for _, pos, _ in swap.removed)
+    assert _json_path_through(graph, city, texas_ids, " Austin")
+    on_texas = _activations(rm, state_prompts("Texas"), swap.removed)  # [cities, features]
+    on_california = _activations(rm, state_prompts("California"), swap.removed)
+    assert bool(((on_texas > 0).float().mean(0) >= 0.5).all())
+    assert bool((on_texas.mean(0) > 3 * on_california.mean(0)).all())
+
+
+def _activations(rm, prompts: list[str], features) -> torch.Tensor:
+    rows = []
+    for prompt in prompts:
+        acts = rm.run(rm.tokenize(prompt)).activations.to_dense()
+        rows.append(torch.stack([acts[layer, pos, feat] for layer, pos, feat in features]))
+    return torch.stack(rows)
+
+
+def _json_path_through(graph: dict, city: int, via: set[str], answer: str) -> bool:
+    """Links of the graph JSON: is there a path embedding(city) -> a `via` node -> answer?"""
+    nodes = {n["node_id"]: n for n in graph["nodes"]}
+    start = next(i for i, n in nodes.items() if n["layer"] == "E" and n["ctx_idx"] == city)
+    end = next(i for i, n in nodes.items() if n["clerp"].startswith(f'Output "{answer}"'))
+    forward: dict[str, list[str]] = {}
+    backward: dict[str, list[str]] = {}
+    for link in graph["links"]:
+        forward.setdefault(link["source"], []).append(link["target"])
+        backward.setdefault(link["target"], []).append(link["source"])
+    return bool(_reach(forward, start) & _reach(backward, end) & via)
+
+
+def _reach(edges: dict[str, list[str]], start: str) -> set[str]:
+    seen, todo = {start}, [start]
+    while todo:
+        for nxt in edges.get(todo.pop(), []):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_reduced_demo_finds_the_texas_path_and_the_swap_says_sacramento(reduced):
+    report, printed = reduced
+    _check_dallas_circuit_and_swap(report)
+    assert "does the model now say ' Sacramento'? yes" in printed
+
+
+@pytest.mark.slow
+def test_full_size_demo_swap_says_sacramento(tmp_path):
+    report, printed = _run(tmp_path / "demo")  # the defaults of `wiremap demo`
+    _check_dallas_circuit_and_swap(report)
+    assert report.graphs["clt/dallas"].scores["full"]["replacement"] > 0.9
+
+
+def test_demo_command_help_and_bad_sizes(capsys):
+    from wiremap.cli import main
+    from wiremap.demo import DemoConfig
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "--features-per-layer" in capsys.readouterr().out
+    with pytest.raises(WiremapError, match="two batches"):
+        DemoConfig(n_tokens=100, batch_size=512)
+    assert main(["demo", "--n-tokens", "100", "--out", "unused"]) == 2
+    assert "two batches" in capsys.readouterr().err
