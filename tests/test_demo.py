@@ -127,7 +127,11 @@ def test_reduced_demo_writes_valid_graph_json_html_cards_and_report(reduced):
     saved = json.loads((Path(report.out) / "report.json").read_text())
     assert saved["swap"]["expected"] == " Sacramento"
     assert set(saved["graphs"]) == set(report.graphs)
-    assert FeatureStore(report.features).card(layer=0, index=0)["index"] == 0
+    for arch in ("clt", "plt"):
+        assert FeatureStore(report.features[arch]).card(layer=0, index=0)["index"] == 0
+    dallas = json.loads(Path(report.graphs["clt/dallas"].json_path).read_text(encoding="utf-8"))
+    texas = dallas["qParams"]["supernodes"][0]
+    assert texas[0] == "Texas" and set(texas[1:]) <= set(dallas["qParams"]["pinnedIds"])
     assert f"wiremap serve {report.out}/graphs" in printed
     for answer in (" Austin", " large", " grand", " grande"):  # the organism answers right
         assert any(g.top_token == answer for g in report.graphs.values())

@@ -1,7 +1,7 @@
 """The whole pipeline, offline, on the built-in model organism (`wiremap demo`).
 
     from wiremap.demo import DemoConfig, run_demo
-    report = run_demo(DemoConfig(out="wiremap_out/demo"))     # ~3-5 min on 2 CPU cores
+    report = run_demo(DemoConfig(out="wiremap_out/demo"))     # ~1-2 min on 2 CPU cores
     report.swap.worked, report.graphs["clt/dallas"].scores
 
 Stages, one function each, in the order `run_demo` calls them:
@@ -9,13 +9,15 @@ Stages, one function each, in the order `run_demo` calls them:
 2. `cache_stage`       — the organism's MLP inputs/outputs on it (`wiremap.train.cache`);
 3. `train_stage`       — a CLT and a PLT trained with Lightning on that cache, exported;
 4. `attribute_stage`   — attribution graphs of the Dallas prompt and one antonym prompt per
-                         language: graph JSON, standalone HTML, scores, strongest paths;
+                         language, for each transcoder;
 5. `swap_stage`        — the Texas→California feature swap (`wiremap.attribute.circuits`):
                          does the organism now answer " Sacramento"?
+   `write_stage`       — every graph as graph JSON + standalone HTML (state features
+                         labelled, grouped and pinned), with scores and strongest paths;
 6. `cards_stage`       — feature cards of the CLT, so the viewer shows them.
 
 Everything lands in `cfg.out`: `corpus.txt`, `cache/`, `clt/` and `plt/` (exported
-transcoders; `clt/features/` holds the cards), `graphs/` (`*.json` + `*.html`) and
+transcoders, with their feature cards in `features/`), `graphs/` (`*.json` + `*.html`) and
 `report.json`. Open the graphs with `wiremap serve <out>/graphs`.
 """
 
@@ -41,7 +43,7 @@ Say = Callable[[str], None]
 
 @dataclass
 class DemoConfig:
-    """Sizes and switches of the demo; the defaults fit in about 5 minutes on 2 CPU cores."""
+    """Sizes and switches of the demo; the defaults take 1-2 minutes on 2 CPU cores."""
 
     out: str = "wiremap_out/demo"
     """Output folder (cache, transcoders, graphs, report)."""
@@ -66,7 +68,7 @@ class DemoConfig:
     plt: bool = True
     """Also train a per-layer transcoder, to compare its graph scores with the CLT's."""
     feature_cards: bool = True
-    """Compute the CLT's feature cards (shown by the viewer)."""
+    """Compute feature cards of the transcoders (the viewer shows them)."""
     n_paths: int = 3
     """Strongest paths printed per graph."""
     swap_city: str = "Oakland"
@@ -121,7 +123,7 @@ class DemoReport:
     transcoders: dict[str, str]
     graphs: dict[str, GraphReport] = field(default_factory=dict)
     swap: Any = None  # wiremap.attribute.circuits.SwapResult
-    features: str | None = None
+    features: dict[str, str] = field(default_factory=dict)  # arch -> feature-card folder
     seconds: dict[str, float] = field(default_factory=dict)
     training: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -407,13 +409,13 @@ def _dallas_path(graph, result, texas, city: int) -> bool:
 
 
 # -- stage 6: feature cards ----------------------------------------------------------------
-def cards_stage(cfg: DemoConfig, cache: Path, clt: Path, organism: str, model, tokenizer) -> Path:
-    """Feature cards of the CLT in `<clt>/features`, where `wiremap serve` looks for them."""
+def cards_stage(cfg: DemoConfig, cache: Path, folder: Path, organism: str, model, tokenizer):
+    """Feature cards of one transcoder in `<folder>/features`, where `wiremap serve` looks."""
     from wiremap.attribute.features import FeatureCardConfig, build_feature_cards
 
     cards = FeatureCardConfig(
         cache=str(cache),
-        transcoders=str(clt),
+        transcoders=str(folder),
         model=organism,
         top_k=10,
         n_samples=12,
@@ -470,10 +472,10 @@ def run_demo(cfg: DemoConfig, say: Say = print) -> DemoReport:
     clock.lap("train")
     _graphs_and_swap(cfg, report, model, tokenizer, organism, say, clock)
     if cfg.feature_cards:
-        say(f"[6/6] feature cards of the CLT -> {Path(report.transcoders['clt']) / 'features'}")
-        report.features = str(
-            cards_stage(cfg, cache, Path(report.transcoders["clt"]), organism, model, tokenizer)
-        )
+        say("[6/6] feature cards (top contexts, logit lens) -> <out>/<clt|plt>/features")
+        for arch, folder in report.transcoders.items():
+            cards = cards_stage(cfg, cache, Path(folder), organism, model, tokenizer)
+            report.features[arch] = str(cards)
         clock.lap("feature_cards")
     report.seconds = {**clock.seconds, "total": clock.total()}
     (cfg.path / "report.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
@@ -481,37 +483,74 @@ def run_demo(cfg: DemoConfig, say: Say = print) -> DemoReport:
     return report
 
 
+def attribute_stage(cfg: DemoConfig, rms: dict) -> dict[str, dict[str, tuple]]:
+    """{arch: {prompt name: (graph, pruning)}} for every demo prompt and replacement model."""
+    prompts = demo_prompts()
+    return {
+        arch: {name: attribute_prompt(rm, p) for name, p in _bar(prompts.items(), arch, cfg)}
+        for arch, rm in rms.items()
+    }
+
+
+def write_stage(cfg: DemoConfig, computed: dict, states: dict) -> dict[str, GraphReport]:
+    """Write every graph as `<out>/graphs/<arch>-<name>.json` + `.html`; return their reports.
+
+    `states` maps "<arch>/<name>" to (state, its features, its city's position) for the graphs
+    where the swap found them: those features get the state as label, form a supernode, and
+    are pinned with the city token and the capital's logit, so the viewer opens on them.
+    """
+    folder, reports = cfg.path / "graphs", {}
+    for arch, graphs in computed.items():
+        for name, (graph, result) in graphs.items():
+            key = f"{arch}/{name}"
+            labels, marks, pins = _state_marks(graph, result, *states.get(key, (None, [], 0)))
+            paths = write_graph(graph, result, folder, f"{arch}-{name}", labels, marks, pins)
+            reports[key] = graph_report(graph, result, arch, paths, cfg.n_paths, labels)
+    return reports
+
+
+def _state_marks(graph, result, state: str | None, features, city: int):
+    """(labels, supernodes, pinned ids) naming `features` as `state` in one graph."""
+    from wiremap.attribute.circuits import logit_node
+    from wiremap.attribute.export import node_ids
+
+    if state is None or not features:
+        return None, [], []
+    # Labels are per (layer, feature): only this graph, where the features were found, gets them.
+    labels = {(layer, feat): state for layer, _, feat in features}
+    ids, kept = node_ids(graph), result.node_mask.tolist()
+    wanted = {tuple(f) for f in features}
+    members = [
+        ids[i]
+        for i, f in enumerate(graph.active_features.tolist())
+        if tuple(f) in wanted and kept[i]
+    ]
+    if not members:
+        return labels, [], []
+    ends = [ids[graph.token_index(city)], ids[logit_node(graph, capital(state))]]
+    return labels, [[state, *members]], [ends[0], *members, ends[1]]
+
+
 def _graphs_and_swap(cfg, report: DemoReport, model, tokenizer, organism, say, clock) -> None:
     """Stages 4 and 5: graphs for every transcoder, then the swap with the CLT."""
-    folder = cfg.path / "graphs"
-    prompts = demo_prompts()
-    say(f"[4/6] attribution graphs of {len(prompts)} prompts -> {folder}")
+    say(f"[4/6] attribution graphs of {len(demo_prompts())} prompts -> {cfg.path / 'graphs'}")
     rms = {
         a: replacement_model(model, tokenizer, organism, Path(p))
         for a, p in report.transcoders.items()
     }
-    computed = {
-        a: {n: attribute_prompt(rm, p) for n, p in _bar(prompts.items(), a, cfg)}
-        for a, rm in rms.items()
-    }
+    computed = attribute_stage(cfg, rms)
     clock.lap("attribute")
     dallas, dallas_result = computed["clt"]["dallas"]
     swap, (other, other_result, california) = swap_stage(cfg, rms["clt"], dallas, dallas_result)
-    computed["clt"][cfg.swap_city.lower()] = (other, other_result)
+    other_name = cfg.swap_city.lower()
+    computed["clt"][other_name] = (other, other_result)
     clock.lap("swap")
-    # Labels are per (layer, feature), so each graph only names the features found in it.
-    labels = {
-        "clt/dallas": _state_labels(swap.removed, TARGET_STATE),
-        f"clt/{cfg.swap_city.lower()}": _state_labels(california, SWAP_STATE),
+    city = dallas.token_strings.index(" Dallas")
+    states = {
+        "clt/dallas": (TARGET_STATE, swap.removed, city),
+        f"clt/{other_name}": (SWAP_STATE, california, city),
     }
-    for arch, graphs in computed.items():
-        for name, (graph, result) in graphs.items():
-            lbl = labels.get(f"{arch}/{name}")
-            marks = _supernodes(graph, result, lbl) if lbl else []
-            paths = write_graph(graph, result, folder, f"{arch}-{name}", lbl, marks)
-            report.graphs[f"{arch}/{name}"] = graph_report(
-                graph, result, arch, paths, cfg.n_paths, lbl
-            )
+    report.graphs = write_stage(cfg, computed, states)
     clock.lap("write_graphs")
     _print_graphs(report, say)
     report.swap = swap
@@ -524,22 +563,6 @@ def _bar(items, arch: str, cfg: DemoConfig):
 
     items = list(items)
     return tqdm(items, desc=f"attributing ({arch.upper()})", disable=not cfg.progress)
-
-
-def _state_labels(features, state: str) -> dict[tuple[int, int], str]:
-    return {(layer, feat): state for layer, _, feat in features}
-
-
-def _supernodes(graph, result, labels) -> list[list[str]]:
-    """One supernode per state label, made of that state's features kept in the pruned graph."""
-    from wiremap.attribute.export import node_ids
-
-    ids, kept = node_ids(graph), result.node_mask.tolist()
-    groups: dict[str, list[str]] = {}
-    for i, (layer, _, feat) in enumerate(graph.active_features.tolist()):
-        if (layer, feat) in labels and kept[i]:
-            groups.setdefault(labels[(layer, feat)], []).append(ids[i])
-    return [[name, *members] for name, members in groups.items()]
 
 
 # -- printing ------------------------------------------------------------------------------
@@ -617,7 +640,7 @@ def _print_outputs(cfg: DemoConfig, report: DemoReport, say: Say) -> None:
     say(f"  graphs/        graph JSON + standalone HTML ({len(report.graphs)} graphs)")
     for arch in report.transcoders:
         say(f"  {arch}/           exported {arch.upper()} (circuit-tracer layout)")
-    if report.features:
-        say("  clt/features/  feature cards")
+    for arch in report.features:
+        say(f"  {arch}/features/  feature cards")
     say("  cache/         organism activations;  report.json  everything printed above")
     say(f"open the viewer:  wiremap serve {out / 'graphs'}")

@@ -36,13 +36,13 @@ def _parser():
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="tokens per step")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of corpus, data and init")
     p.add_argument("--organism", default=None, help="organism folder (default: the shipped one)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default 1: fastest on a shared CPU)")
     p.add_argument("--no-plt", dest="plt", action="store_false", help="skip the PLT")
     p.add_argument(
         "--no-feature-cards",
         dest="feature_cards",
         action="store_false",
-        help="skip the CLT's feature cards",
+        help="skip the feature cards",
     )
     p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
     return p
