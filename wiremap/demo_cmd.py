@@ -17,13 +17,14 @@ def _parser():
     d = DemoConfig()
     p = argparse.ArgumentParser(
         prog="wiremap demo",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=(
             "Cache the built-in organism's activations, train a CLT and a PLT, attribute the "
             "Dallas two-hop prompt and antonym prompts, write graph JSON + HTML, and swap the "
             "Texas features for California's. Offline, CPU."
         ),
     )
-    p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
+    p.add_argument("--out", default=d.out, help="output folder")
     p.add_argument("--n-tokens", type=int, default=d.n_tokens, help="tokens to cache")
     p.add_argument(
         "--features-per-layer",
@@ -35,8 +36,13 @@ def _parser():
     p.add_argument("--steps", type=int, default=d.steps, help="training steps per transcoder")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="tokens per step")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of corpus, data and init")
-    p.add_argument("--organism", default=None, help="organism folder (default: the shipped one)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default 1: fastest on a shared CPU)")
+    p.add_argument("--organism", default=None, help="organism folder (None: the shipped one)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="torch CPU threads (1 is fastest on a shared CPU)",
+    )
     p.add_argument("--no-plt", dest="plt", action="store_false", help="skip the PLT")
     p.add_argument(
         "--no-feature-cards",
