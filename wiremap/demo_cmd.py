@@ -17,31 +17,47 @@ def _parser():
     d = DemoConfig()
     p = argparse.ArgumentParser(
         prog="wiremap demo",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=(
             "Cache the built-in organism's activations, train a CLT and a PLT, attribute the "
             "Dallas two-hop prompt and antonym prompts, write graph JSON + HTML, and swap the "
             "Texas features for California's. Offline, CPU."
         ),
     )
-    p.add_argument("--out", default=d.out, help="output folder")
-    p.add_argument("--n-tokens", type=int, default=d.n_tokens, help="tokens to cache")
+    p.add_argument("--out", default=d.out, help=f"output folder (default: {d.out})")
+    p.add_argument(
+        "--n-tokens", type=int, default=d.n_tokens, help=f"tokens to cache (default: {d.n_tokens})"
+    )
     p.add_argument(
         "--features-per-layer",
         dest="d_transcoder",
         type=int,
         default=d.d_transcoder,
-        help="transcoder features per layer",
+        help=f"transcoder features per layer (default: {d.d_transcoder})",
     )
-    p.add_argument("--steps", type=int, default=d.steps, help="training steps per transcoder")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="tokens per step")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of corpus, data and init")
-    p.add_argument("--organism", default=None, help="organism folder (None: the shipped one)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=d.steps,
+        help=f"training steps per transcoder (default: {d.steps})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"tokens per step (default: {d.batch_size})",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help=f"seed of corpus, data and init (default: {d.seed})",
+    )
+    p.add_argument("--organism", default=None, help="organism folder (default: the shipped one)")
     p.add_argument(
         "--threads",
         type=int,
         default=d.threads,
-        help="torch CPU threads (1 is fastest on a shared CPU)",
+        help=f"torch CPU threads (default: {d.threads}, fastest on a shared CPU)",
     )
     p.add_argument("--no-plt", dest="plt", action="store_false", help="skip the PLT")
     p.add_argument(
