@@ -30,6 +30,7 @@ def _parser():
     p.add_argument(
         "--features-per-layer",
         dest="d_transcoder",
+        metavar="N",
         type=int,
         default=d.d_transcoder,
         help=f"transcoder features per layer (default: {d.d_transcoder})",
