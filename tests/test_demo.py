@@ -152,6 +152,7 @@ def _check_dallas_circuit_and_swap(report) -> None:
     texas_ids = {f"{layer}_{feat}_{pos}" for layer, pos, feat in swap.removed}
     assert all(pos == city for _, pos, _ in swap.removed)
     assert _json_path_through(graph, city, texas_ids, " Austin")
+    assert swap.extra["path"]["exists"] and "[Texas]" in swap.extra["path"]["strongest"]
     on_texas = _activations(rm, state_prompts("Texas"), swap.removed)  # [cities, features]
     on_california = _activations(rm, state_prompts("California"), swap.removed)
     assert bool(((on_texas > 0).float().mean(0) >= 0.5).all())

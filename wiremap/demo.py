@@ -400,12 +400,27 @@ def _where(graph, features) -> dict[str, dict]:
     return out
 
 
-def _dallas_path(graph, result, texas, city: int) -> bool:
-    """Does the pruned graph hold a path ' Dallas' -> a Texas feature -> ' Austin'?"""
-    from wiremap.attribute.circuits import feature_nodes, logit_node, path_through
+def _dallas_path(graph, result, texas, city: int) -> dict[str, Any]:
+    """Is there a path ' Dallas' -> a Texas feature -> ' Austin' in the pruned graph, and
+    which is the strongest (as text, with its share of the logit's attribution)?"""
+    from wiremap.attribute.circuits import (
+        feature_nodes,
+        logit_node,
+        path_through,
+        strongest_path_through,
+    )
+    from wiremap.attribute.export import node_name
 
-    austin = logit_node(graph, capital(TARGET_STATE))
-    return path_through(graph, result, graph.token_index(city), feature_nodes(graph, texas), austin)
+    austin, start = logit_node(graph, capital(TARGET_STATE)), graph.token_index(city)
+    via = feature_nodes(graph, texas)
+    best = strongest_path_through(graph, result, start, via, austin)
+    labels = {(layer, feat): TARGET_STATE for layer, _, feat in texas}
+    text = None if best is None else " -> ".join(node_name(graph, i, labels) for i in best[2])
+    return {
+        "exists": path_through(graph, result, start, via, austin),
+        "strongest": text,
+        "share": None if best is None else round(best[0], 4),
+    }
 
 
 # -- stage 6: feature cards ----------------------------------------------------------------
@@ -615,9 +630,12 @@ def _print_swap(swap, city: str, say: Say) -> None:
     say(f"        {tx} features removed:    {_feature_list(swap.removed)}")
     inserted = _feature_list([f[:3] for f in swap.inserted])
     say(f"        {ca} features inserted: {inserted}  (values from the {city} prompt)")
-    if swap.extra.get("path") is not None:
-        found = "yes" if swap.extra["path"] else "no"
+    path = swap.extra.get("path") or {}
+    if path:
+        found = "yes" if path["exists"] else "no"
         say(f"      path ' Dallas' -> {tx} feature -> '{austin}' in the pruned graph: {found}")
+    if path.get("strongest"):
+        say(f"        strongest: {path['strongest']} ({100 * path['share']:.1f}%)")
     rows = (("before", swap.before), (f"{tx} removed", swap.ablated), ("swapped", swap.after))
     for label, tops in rows:
         say(f"      {label:<14} " + "  ".join(f"{t!r} {p:.3f}" for t, p in tops))

@@ -159,6 +159,19 @@ def path_through(graph: Graph, result, source: int, via: set[int], target: int) 
     return any(v in reach_from_source and v in reach_to_target for v in via)
 
 
+def strongest_path_through(
+    graph: Graph, result, source: int, via: set[int], target: int, k: int = 1000
+) -> tuple[float, int, list[int]] | None:
+    """The strongest token-to-`target` path (`export.strongest_paths`) that starts at
+    `source` and passes through a node of `via`, among the `k` strongest; None if none."""
+    from wiremap.attribute.export import strongest_paths
+
+    for share, sign, path in strongest_paths(graph, result, k=k, target=target):
+        if path[0] == source and via & set(path):
+            return share, sign, path
+    return None
+
+
 def _reachable(edges: dict[int, list[int]], start: int) -> set[int]:
     seen, todo = {start}, [start]
     while todo:
