@@ -212,5 +212,7 @@ def test_demo_command_help_and_bad_sizes(capsys):
     assert "--features-per-layer" in capsys.readouterr().out
     with pytest.raises(WiremapError, match="two batches"):
         DemoConfig(n_tokens=100, batch_size=512)
+    with pytest.raises(WiremapError, match="Fresno"):
+        DemoConfig(swap_city="Dallas")
     assert main(["demo", "--n-tokens", "100", "--out", "unused"]) == 2
     assert "two batches" in capsys.readouterr().err

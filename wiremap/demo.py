@@ -94,6 +94,13 @@ class DemoConfig:
                 f"n_tokens={self.n_tokens} is less than two batches of {self.batch_size}; "
                 "cache more tokens or lower the batch size"
             )
+        from wiremap.train.organism import STATES
+
+        if self.swap_city not in STATES[SWAP_STATE][1]:
+            raise WiremapError(
+                f"swap_city {self.swap_city!r} is not one of the organism's {SWAP_STATE} cities; "
+                f"choose one of {', '.join(STATES[SWAP_STATE][1])}"
+            )
 
     @property
     def path(self) -> Path:
