@@ -6,6 +6,9 @@
 
 const SVGNS = "http://www.w3.org/2000/svg";
 const ROW_H = 56;
+const MIN_COL_W = 70;   // px for a position with few nodes (room for its token label)
+const NODE_STEP = 12;  // px per node in a crowded cell
+const MIN_NODE_STEP = 4;  // ... squeezed to no less than this when the graph is too wide
 const MARGIN = { left: 70, right: 30, top: 40, bottom: 50 };
 const MAX_EDGES = 4000; // the strongest visible edges; more would make the SVG crawl
 const SN_COLOURS = ["#e6550d", "#31a354", "#756bb1", "#d6616b", "#3182bd", "#8c6d31"];
@@ -107,22 +110,22 @@ function layout(nodes) {
     if (!cells.has(key)) cells.set(key, []);
     cells.get(key).push(n);
   }
-  const widest = Math.max(1, ...[...cells.values()].map((c) => c.length));
   const nRows = nLayers + 2;
-  // fill the visible area, but never squeeze a cell below what its nodes need
   const wrap = $("graph-wrap");
-  const fitW = (wrap.clientWidth - MARGIN.left - MARGIN.right - 4) / nPos;
+  const colW = columnWidths(cells, nPos, wrap.clientWidth - MARGIN.left - MARGIN.right - 4);
+  const colX = [MARGIN.left];
+  colW.forEach((w, p) => colX.push(colX[p] + w));
   const fitH = (wrap.clientHeight - MARGIN.top - MARGIN.bottom - 4) / Math.max(1, nRows - 1);
-  const colW = Math.max(90, widest * 16, fitW || 0);
   const rowH = Math.min(120, Math.max(ROW_H, fitH || 0));
   const pos = new Map();
-  const width = MARGIN.left + nPos * colW + MARGIN.right;
+  const width = colX[nPos] + MARGIN.right;
   for (const [key, cell] of cells) {
     const [row, col] = key.split(",").map(Number);
     cell.sort((a, b) => (a.influence ?? 0) - (b.influence ?? 0));
     // logit boxes carry text: give each room, spilling left of the last column if needed
-    const step = row === nRows - 1 ? Math.max(colW / (cell.length + 1), 84) : colW / (cell.length + 1);
-    const centre = MARGIN.left + (col + 0.5) * colW;
+    const inner = colW[col] / (cell.length + 1);
+    const step = row === nRows - 1 ? Math.max(inner, 84) : inner;
+    const centre = colX[col] + colW[col] / 2;
     const shift = Math.min(0, width - MARGIN.right - 40 - (centre + (step * (cell.length - 1)) / 2));
     cell.forEach((n, i) => pos.set(n.node_id, {
       x: centre + shift + (i - (cell.length - 1) / 2) * step,
@@ -130,7 +133,24 @@ function layout(nodes) {
     }));
   }
   const height = MARGIN.top + (nRows - 1) * rowH + MARGIN.bottom;
-  return { pos, width, height, nLayers, nPos, colW, nRows, rowH };
+  return { pos, width, height, nLayers, nPos, colW, colX, nRows, rowH };
+}
+
+// Each position is as wide as its most crowded cell needs (a token with many features gets a
+// wide column, the others stay narrow). Spare room in the visible area is shared out evenly;
+// when the graph is too wide, crowded columns are squeezed (down to MIN_NODE_STEP per node).
+function columnWidths(cells, nPos, available) {
+  const need = new Array(nPos).fill(MIN_COL_W);
+  for (const [key, cell] of cells) {
+    const col = Number(key.split(",")[1]);
+    need[col] = Math.max(need[col], cell.length * NODE_STEP);
+  }
+  const base = nPos * MIN_COL_W;
+  const total = need.reduce((a, b) => a + b, 0);
+  if (!available || total === base) return need;
+  if (total <= available) return need.map((w) => w + (available - total) / nPos);
+  const squeeze = Math.max(MIN_NODE_STEP / NODE_STEP, (available - base) / (total - base));
+  return need.map((w) => MIN_COL_W + (w - MIN_COL_W) * squeeze);
 }
 
 // ---- drawing ----------------------------------------------------------------------------
@@ -157,7 +177,7 @@ function drawAxes(svg, L) {
     g.append(el("text", { x: 8, y: y + 4, class: "axis-label" }, name));
   }
   for (let p = 0; p < L.nPos; p++) { // token text sits in the embedding boxes; here the index
-    const x = MARGIN.left + (p + 0.5) * L.colW;
+    const x = L.colX[p] + L.colW[p] / 2;
     g.append(el("text", { x, y: L.height - 18, class: "axis-label", "text-anchor": "middle" }, `${p}`));
   }
   svg.append(g);
