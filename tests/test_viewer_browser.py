@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_viewer_server import make_graph_json
+from test_viewer_server import cantor, make_graph_json
 
 from wiremap.attribute.features import write_layer
 from wiremap.attribute.html import write_html
@@ -336,3 +336,19 @@ def test_standalone_html_opens_from_disk(browser, tmp_path):
     assert (
         browser.js("document.getElementById('prompt').textContent") == graph["metadata"]["prompt"]
     )
+
+
+def test_crowded_position_still_fits_the_view(browser, tmp_path):
+    # One position with 80 features used to make every column 80 nodes wide, pushing most of
+    # the prompt off screen.
+    graph = make_graph_json(seed=2)
+    crowd = [
+        {**n, "node_id": f"0_{1000 + i}_2", "feature": cantor(0, 1000 + i), "ctx_idx": 2}
+        for i, n in enumerate([graph["nodes"][0]] * 80)
+    ]
+    graph["nodes"] += crowd
+    browser.goto(write_html(graph, tmp_path / "crowded.html").as_uri())
+    browser.wait_for("document.querySelectorAll('#graph .node').length", "crowded graph")
+    width = browser.js("Number(document.querySelector('#graph-wrap svg').getAttribute('width'))")
+    visible = browser.js("document.getElementById('graph-wrap').clientWidth")
+    assert width <= visible + 1
