@@ -1,12 +1,14 @@
 """wiremap: train transcoders on language models and trace circuits.
 
-    from wiremap import ReplacementModel, attribute, write_graph_json
+    from wiremap import ReplacementModel, write_graph_json
+    from wiremap.attribute.attribute import attribute
 
     model = ReplacementModel.from_pretrained("gpt2", "runs/gpt2-plt/transcoders")
     graph = attribute("The capital of France is", model)
     write_graph_json(graph, "graphs/france.json")
 
-Public names are imported lazily so that `import wiremap` stays light
+(`attribute` itself lives in `wiremap.attribute.attribute`: the name `wiremap.attribute` is
+the subpackage.) Public names are imported lazily so that `import wiremap` stays light
 (no Lightning, wandb or transformers until they are needed).
 """
 
@@ -27,7 +29,6 @@ _LAZY = {
     "ActivationCache": "wiremap.train.cache",
     "CacheConfig": "wiremap.train.cache",
     "build_cache": "wiremap.train.cache",
-    "attribute": "wiremap.attribute.attribute",
     "Graph": "wiremap.attribute.graph",
     "prune_graph": "wiremap.attribute.prune",
     "graph_scores": "wiremap.attribute.prune",
