@@ -104,19 +104,23 @@ class _JumpReLUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(x, theta)
+        on = x > theta
+        ctx.save_for_backward(x, theta, on)  # the mask is reused, not recomputed, in backward
         ctx.bandwidth = bandwidth
-        return x * (x > theta)
+        return x * on
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, theta = ctx.saved_tensors
+        x, theta, on = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_x = grad * (x > theta) if ctx.needs_input_grad[0] else None
+        grad_x = grad * on if ctx.needs_input_grad[0] else None
         grad_theta = None
         if ctx.needs_input_grad[1]:
             window = (x - theta).abs() < eps / 2
-            grad_theta = (-(theta / eps) * window * grad).sum_to_size(theta.shape)
+            # reduce over the batch first (in θ's float32, as before), then scale by -θ/ε on
+            # the small [.., F] result
+            masked = (window * grad).to(theta.dtype)
+            grad_theta = masked.sum_to_size(theta.shape) * (-(theta / eps))
         return grad_x, grad_theta, None
 
 

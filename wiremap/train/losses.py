@@ -29,7 +29,8 @@ def reconstruction_loss(y_hat: Tensor, y: Tensor) -> Tensor:
 
 def tanh_sparsity_loss(a: Tensor, decoder_norms: Tensor, c: float = 4.0) -> Tensor:
     """Σ_l Σ_i tanh(c · ‖W_dec,i‖ · a_i^l) per token, averaged over tokens."""
-    return torch.tanh(c * a * decoder_norms).sum(dim=(-1, -2)).mean()
+    # c folds into the [L, F] norms first: one full-size multiply instead of two
+    return torch.tanh(a * (c * decoder_norms)).sum(dim=(-1, -2)).mean()
 
 
 def preact_loss(pre: Tensor, threshold: Tensor | None, decoder_norms: Tensor) -> Tensor:
