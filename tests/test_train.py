@@ -176,10 +176,35 @@ def test_replacement_metrics_of_a_silent_transcoder_recover_nothing(cache_cfg):
     assert ids.shape == (3, 32) and bool((ids[:, 0] == dm.cache.manifest["bos_token_id"]).all())
     lm, _ = load_model(cache_cfg.model)
     with torch.no_grad():
-        m = replacement_metrics(lm, module.transcoder, module.in_scale, module.out_scale, ids, 2)
+        tc, scales = module.transcoder, (module.in_scale, module.out_scale)
+        m = replacement_metrics(lm, tc, *scales, ids, 2, keep_bos=False)
     assert m["ce_spliced"] == pytest.approx(m["ce_zero_ablated"], rel=1e-5)
     assert abs(m["ce_recovered"]) < 1e-3
     assert m["kl"] >= 0 and 0 <= m["agreement"] <= 1
+
+
+def test_splice_keeps_bos_mlp_outputs(cache_cfg):
+    # The cache leaves BOS rows out, so the transcoders never saw them: position 0 keeps the
+    # clean model's MLP outputs, every other position gets the reconstruction.
+    from wiremap.models.hooks import capture
+    from wiremap.models.loading import load_model
+    from wiremap.train.callbacks import spliced_mlp_outputs
+
+    dm = make_dm(cache_cfg, val_fraction=0.2)
+    module = make_module(dm, activation="relu")
+    with torch.no_grad():
+        for p in module.transcoder.parameters():
+            p.zero_()
+    ids = heldout_contexts(dm.cache, dm.n_train, 2)
+    lm, _ = load_model(cache_cfg.model)
+    with torch.no_grad():
+        with capture(lm, ["mlp_out"]) as clean:
+            lm(ids)
+        out = spliced_mlp_outputs(lm, module.transcoder, module.in_scale, module.out_scale, ids)
+    for layer, value in out.items():
+        torch.testing.assert_close(value[:, 0], clean["mlp_out"][layer][:, 0])
+        assert bool((value[:, 1:] == 0).all())
+        assert clean["mlp_out"][layer][:, 0].abs().max() > 0
 
 
 def test_cli_run_exports_and_logs_fvu_l0_to_wandb_offline(cache_cfg, tmp_path, monkeypatch):

@@ -143,7 +143,7 @@ class ReplacementQuality(L.Callback):
             with pl_module.per_token() as tc:
                 return replacement_metrics(
                     self._lm, tc, pl_module.in_scale, pl_module.out_scale, self._ids,
-                    self.batch_size,
+                    self.batch_size, keep_bos=datamodule.cache.manifest.get("exclude_bos", True),
                 )  # fmt: skip
         finally:
             pl_module.train(was_training)
@@ -271,12 +271,18 @@ def _contexts_from(cache, lo: int, per_context: int, first: int, n: int) -> Tens
     return torch.stack([tokens[s : s + per_context] for s in starts.tolist()])
 
 
-def replacement_metrics(lm, tc, in_scale: Tensor, out_scale: Tensor, ids: Tensor,
-                        batch_size: int = 8) -> dict[str, float]:  # fmt: skip
-    """CE (original, spliced, zero-ablated), CE recovered, KL and agreement over `ids`."""
+def replacement_metrics(
+    lm, tc, in_scale: Tensor, out_scale: Tensor, ids: Tensor, batch_size: int = 8,
+    keep_bos: bool = True,
+) -> dict[str, float]:  # fmt: skip
+    """CE (original, spliced, zero-ablated), CE recovered, KL and agreement over `ids`.
+
+    `keep_bos`: position 0 (BOS) keeps its own MLP outputs, as transcoders trained on a
+    cache without BOS rows (the default) never saw them.
+    """
     sums: dict[str, float] = {}
     for batch in ids.split(batch_size):
-        for key, value in _batch_sums(lm, tc, in_scale, out_scale, batch).items():
+        for key, value in _batch_sums(lm, tc, in_scale, out_scale, batch, keep_bos).items():
             sums[key] = sums.get(key, 0.0) + value
     n = sums.pop("n")
     out = {k: v / n for k, v in sums.items()}
@@ -285,14 +291,14 @@ def replacement_metrics(lm, tc, in_scale: Tensor, out_scale: Tensor, ids: Tensor
     return out
 
 
-def _batch_sums(lm, tc, in_scale, out_scale, ids: Tensor) -> dict[str, float]:
+def _batch_sums(lm, tc, in_scale, out_scale, ids: Tensor, keep_bos: bool) -> dict[str, float]:
     from wiremap.models.hooks import replace_mlp_out
 
     original = lm(ids).logits.float()
     zeros = {layer: torch.zeros(*ids.shape, tc.d_model, device=ids.device) for layer in tc.layers}
     with replace_mlp_out(lm, zeros):
         ablated = lm(ids).logits.float()
-    with replace_mlp_out(lm, spliced_mlp_outputs(lm, tc, in_scale, out_scale, ids)):
+    with replace_mlp_out(lm, spliced_mlp_outputs(lm, tc, in_scale, out_scale, ids, keep_bos)):
         spliced = lm(ids).logits.float()
     target = ids[:, 1:].reshape(-1)
 
@@ -311,20 +317,27 @@ def _batch_sums(lm, tc, in_scale, out_scale, ids: Tensor) -> dict[str, float]:
     }
 
 
-def spliced_mlp_outputs(lm, tc, in_scale, out_scale, ids: Tensor) -> dict[int, Tensor]:
+def spliced_mlp_outputs(
+    lm, tc, in_scale, out_scale, ids: Tensor, keep_bos: bool = True
+) -> dict[int, Tensor]:
     """Closed-loop reconstructions {model layer: mlp_out} of the fully spliced model.
 
     Layer i's input is read from a forward pass in which layers < i are already replaced,
     so each reconstruction sees what the replacement model itself computes. Decoder writes
     of each layer's features are added to all later outputs at once (no [.., L, F] tensor).
+    With `keep_bos`, position 0 keeps the clean model's MLP outputs (read in the first pass,
+    which runs with nothing replaced yet).
     """
     from wiremap.models.hooks import capture, replace_mlp_out
 
     recon: dict[int, Tensor] = {}
+    clean: dict[int, Tensor] = {}
     partial = [tc.b_dec(i).float().expand(*ids.shape, -1).clone() for i in range(tc.n_layers)]
     for i, layer in enumerate(tc.layers):
-        with replace_mlp_out(lm, recon), capture(lm, [tc.input_hook], layers=[layer]) as store:
+        hooks = [tc.input_hook] + (["mlp_out"] if keep_bos and i == 0 else [])
+        with replace_mlp_out(lm, recon), capture(lm, hooks, layers=tc.layers) as store:
             lm(ids)
+        clean = store.get("mlp_out", clean)
         x = store[tc.input_hook][layer].float() * in_scale[i]
         a = tc.encode_layer(x, i)
         dec = tc.decoder(i)  # [F, n_out, d]: writes to layers i .. i + n_out - 1
@@ -332,4 +345,6 @@ def spliced_mlp_outputs(lm, tc, in_scale, out_scale, ids: Tensor) -> dict[int, T
             partial[i + j] += a @ dec[:, j, :]
         y = partial[i] + tc.skip_layer(x, i)
         recon[layer] = y / out_scale[i]
+        if keep_bos:
+            recon[layer][:, 0] = clean[layer][:, 0]
     return recon
