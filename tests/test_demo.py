@@ -177,17 +177,9 @@ def _json_path_through(graph: dict, city: int, via: set[str], answer: str) -> bo
     for link in graph["links"]:
         forward.setdefault(link["source"], []).append(link["target"])
         backward.setdefault(link["target"], []).append(link["source"])
-    return bool(_reach(forward, start) & _reach(backward, end) & via)
+    from wiremap.attribute.circuits import reachable
 
-
-def _reach(edges: dict[str, list[str]], start: str) -> set[str]:
-    seen, todo = {start}, [start]
-    while todo:
-        for nxt in edges.get(todo.pop(), []):
-            if nxt not in seen:
-                seen.add(nxt)
-                todo.append(nxt)
-    return seen
+    return bool(reachable(forward, start) & reachable(backward, end) & via)
 
 
 def test_reduced_demo_finds_the_texas_path_and_the_swap_says_sacramento(reduced):

@@ -150,12 +150,12 @@ def path_through(graph: Graph, result, source: int, via: set[int], target: int) 
     forward: dict[int, list[int]] = {}
     for t, s in zip(targets.tolist(), sources.tolist(), strict=True):
         forward.setdefault(s, []).append(t)
-    reach_from_source = _reachable(forward, source)
+    reach_from_source = reachable(forward, source)
     backward: dict[int, list[int]] = {}
     for s, ts in forward.items():
         for t in ts:
             backward.setdefault(t, []).append(s)
-    reach_to_target = _reachable(backward, target)
+    reach_to_target = reachable(backward, target)
     return any(v in reach_from_source and v in reach_to_target for v in via)
 
 
@@ -172,7 +172,8 @@ def strongest_path_through(
     return None
 
 
-def _reachable(edges: dict[int, list[int]], start: int) -> set[int]:
+def reachable(edges: dict, start) -> set:
+    """Every node reachable from `start` along `edges` ({node: [next nodes]}), itself included."""
     seen, todo = {start}, [start]
     while todo:
         for nxt in edges.get(todo.pop(), []):
