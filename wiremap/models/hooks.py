@@ -10,7 +10,7 @@ with replace_mlp_out(model, {1: new_out}):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -62,20 +62,28 @@ def capture(
     for hook in store:
         for layer in layers:
             module, side = adapter.hook_site(model, layer, hook)
-            handles.append(_register_capture(module, side, store[hook], layer, detach))
+            handles.append(tensor_hook(module, side, _keeper(store[hook], layer, detach)))
     with hooks_removed(handles):
         yield store
 
 
-def _register_capture(module: nn.Module, side: str, slot: dict, layer: int, detach: bool):
+def tensor_hook(module: nn.Module, side: str, fn: Callable[[Tensor], None]):
+    """Call `fn` with the module's input (`side="input"`) or output tensor on every forward.
+
+    Returns the hook handle; remove it (e.g. with `hooks_removed`) when done.
+    """
+    if side == "input":
+        return module.register_forward_pre_hook(
+            lambda _m, args, kwargs: fn(_first_tensor(args, kwargs)), with_kwargs=True
+        )
+    return module.register_forward_hook(lambda _m, _a, out: fn(_output_tensor(out)))
+
+
+def _keeper(slot: dict, layer: int, detach: bool) -> Callable[[Tensor], None]:
     def keep(t: Tensor) -> None:
         slot[layer] = t.detach() if detach else t
 
-    if side == "input":
-        return module.register_forward_pre_hook(
-            lambda _m, args, kwargs: keep(_first_tensor(args, kwargs)), with_kwargs=True
-        )
-    return module.register_forward_hook(lambda _m, _a, out: keep(_output_tensor(out)))
+    return keep
 
 
 @contextmanager

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from wiremap.models.adapters import Adapter, get_adapter, get_module
-from wiremap.models.hooks import _first_tensor, _output_tensor, hooks_removed
+from wiremap.models.hooks import _first_tensor, _output_tensor, hooks_removed, tensor_hook
 
 ATTN_NAME = "wiremap_frozen"
 SkipFn = Callable[[int, Tensor], Tensor]  # (layer, x [..., d]) -> skip(x) [..., d]
@@ -136,11 +136,7 @@ def _keep(module: nn.Module, side: str, slot: dict, layer: int, stop: bool = Fal
         if stop:
             raise _Stop
 
-    if side == "input":
-        return module.register_forward_pre_hook(
-            lambda _m, args, kwargs: store(_first_tensor(args, kwargs)), with_kwargs=True
-        )
-    return module.register_forward_hook(lambda _m, _a, out: store(_output_tensor(out)))
+    return tensor_hook(module, side, store)
 
 
 def _replace_first(args: tuple, kwargs: dict, value: Tensor):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from wiremap.errors import WiremapError
 from wiremap.models.adapters import Adapter, get_adapter, get_module
-from wiremap.models.hooks import _first_tensor, _output_tensor, capture, hooks_removed
+from wiremap.models.hooks import _output_tensor, capture, hooks_removed, tensor_hook
 from wiremap.models.linearise import Linearised, linearise
 from wiremap.models.loading import model_max_length
 
@@ -219,7 +220,7 @@ class ReplacementModel(nn.Module):
         handles = []
         for layer in range(self.n_layers):
             module, side = self.adapter.hook_site(self.model, layer, self.input_hook)
-            handles.append(_read_hook(module, side, reads, layer))
+            handles.append(tensor_hook(module, side, partial(reads.__setitem__, layer)))
             out_module, _ = self.adapter.hook_site(self.model, layer, "mlp_out")
             hook = self._mlp_out_hook(layer, reads, raw, errors, edit, store)
             handles.append(out_module.register_forward_hook(hook))
@@ -282,17 +283,6 @@ def _decode_part(tc, src: int, a: Tensor, offset: int) -> Tensor:
         return torch.zeros(*a.shape[:-1], tc.d_model, dtype=a.dtype, device=a.device)
     w = tc.decoder(src, active)[:, offset, :]
     return (flat[:, active] @ w.to(a.dtype)).reshape(*a.shape[:-1], -1)
-
-
-def _read_hook(module: nn.Module, side: str, slot: dict, layer: int):
-    def keep(t: Tensor) -> None:
-        slot[layer] = t
-
-    if side == "input":
-        return module.register_forward_pre_hook(
-            lambda _m, args, kwargs: keep(_first_tensor(args, kwargs)), with_kwargs=True
-        )
-    return module.register_forward_hook(lambda _m, _a, out: keep(_output_tensor(out)))
 
 
 def _as_batch(input_ids: Tensor) -> Tensor:
