@@ -74,12 +74,11 @@ def test_loss_decreases(cache_cfg, arch, activation):
     mse = []
     for step in range(30):
         x, y = module.normalised(*batches[step % len(batches)])
-        y_hat, a, pre = module(x)
-        terms = module.loss_terms(y_hat, y, a, pre)
+        terms, _, _, active = module.step_outputs(x, y)
         torch.stack(list(terms.values())).sum().backward()
         opt.step()
         opt.zero_grad()
-        module._track_firing(a)
+        module.track_firing(active, x.shape[0])
         mse.append(float(terms["mse"]))
         assert all(torch.isfinite(t) for t in terms.values())
     assert sum(mse[-6:]) < 0.7 * sum(mse[:6])

@@ -29,7 +29,13 @@ from typing import Any, Literal
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from wiremap.errors import WiremapError
-from wiremap.train.callbacks import ExportTranscoders, NanGuard, ReplacementQuality, Throughput
+from wiremap.train.callbacks import (
+    ExportTranscoders,
+    NanGuard,
+    ReplacementQuality,
+    ReuseHostMemory,
+    Throughput,
+)
 from wiremap.train.data import ActivationDataModule
 from wiremap.train.module import TranscoderModule
 
@@ -62,6 +68,9 @@ class RunConfig:
     """Held-out contexts for the replacement check."""
     throughput_every: int = 50
     """Log tokens/s every this many steps."""
+    reuse_host_memory: bool = True
+    """On CPU, keep freed memory for the next step instead of returning it to the OS
+    (faster steps; the process keeps its peak memory)."""
 
     @property
     def dir(self) -> Path:
@@ -135,6 +144,8 @@ def wiremap_callbacks(run: RunConfig, config_path: Path) -> list:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     callbacks = [NanGuard(), Throughput(run.throughput_every)]
+    if run.reuse_host_memory:
+        callbacks.append(ReuseHostMemory())
     if run.logger != "none":
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if run.replacement_every > 0:
