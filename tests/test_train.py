@@ -134,6 +134,40 @@ def test_nan_loss_stops_with_step_and_cause(cache_cfg, tmp_path):
         trainer(tmp_path, 3, [NanGuard()]).fit(module, datamodule=dm)
 
 
+class GradNorms(L.Callback):
+    """The gradient norm each optimiser step used (clipping has run by batch end)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_adamw_is_fused_unless_a_grad_scaler_must_unscale(cache_cfg, tmp_path, precision):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    dm = make_dm(cache_cfg)
+    module, norms = make_module(dm), GradNorms()
+    # Lightning turns 16-mixed into bf16-mixed on CPU; an explicit plugin keeps the GradScaler
+    scaled = precision == "16-mixed"
+    plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu")) if scaled else None
+    fit = L.Trainer(
+        max_steps=3, accelerator="cpu", gradient_clip_val=1e-3, plugins=plugin,
+        precision=None if scaled else precision,
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, limit_val_batches=0, default_root_dir=str(tmp_path),
+        callbacks=[norms],
+    )  # fmt: skip
+    fit.fit(module, datamodule=dm)
+    assert fit.optimizers[0].defaults["fused"] is not scaled
+    # (a GradScaler skips its first steps on overflow: those gradients are not finite)
+    finite = [n for n in norms.norms if n == n and n != float("inf")]
+    assert len(norms.norms) == 3 and finite and max(finite) <= 1e-3 * 1.001
+
+
 def test_checkpoint_of_another_shape_is_refused(cache_cfg):
     dm = make_dm(cache_cfg)
     saved = make_module(dm, d_transcoder=32)
