@@ -8,7 +8,7 @@
   and the last checkpoint stay finite) with a WiremapError naming the step and the likely
   cause (bad data in the batch, bf16 overflow, learning rate too high).
 - `ReuseHostMemory`: on CPU, keeps freed host memory for reuse (`host_memory.py`), so
-  steps stop faulting in fresh pages (25% faster steps on a 2-core machine).
+  steps stop faulting in fresh pages (`bench/train.py` prints the speed-up).
 - `Throughput`: logs training tokens/s (all processes together) every N steps.
 - `ReplacementQuality`: every N steps, on held-out contexts rebuilt from the cache's
   validation rows (token ids and positions are stored beside the activations), splices the
