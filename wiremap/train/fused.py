@@ -190,7 +190,7 @@ def _grad_layer(a, grad_a, grad_tanh, grad_gap, cn, window, grads, layer) -> Ten
         if grad_a is not None:
             g += grad_a[rows]
         if window is not None:
-            g_window += (g * window[rows]).sum(0)
+            g_window += (g * window[rows].float()).sum(0)
         # fired (a > 0): ∂L/∂a; below θ: the pre-activation loss's −∂L/∂gap
         out = grads.pre[rows] if same else None
         out = torch.addcmul(below_grad, torch.sign(a_c), g.sub_(below_grad), out=out)

@@ -5,8 +5,8 @@
 glibc serves every allocation above 32 MiB with its own `mmap` and gives it back to the OS
 on free, so each [N, L, F] activation, gradient and optimiser temporary of a training step
 arrives as fresh pages that the kernel must fault in and zero (on a 2-core machine that is
-about a fifth of a CPU step). Turning the `mmap` path off and raising the trim threshold
-makes large blocks come from the heap and stay there for the next step, as the CUDA
+about a fifth of a CPU step). Turning the `mmap` path and heap trimming off makes large
+blocks come from the heap and stay there for the next step, as the CUDA
 caching allocator does on GPUs. The process keeps its peak memory until it exits; the
 setting is process-wide and stays on. `wiremap train` applies it on CPU runs
 (`run.reuse_host_memory`).
@@ -18,8 +18,9 @@ import ctypes
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-KEEP_BYTES = 2**31 - 1
-"""Freed memory at the top of the heap kept for reuse (mallopt takes an int)."""
+NEVER_TRIM = -1
+"""mallopt's value for M_TRIM_THRESHOLD that turns trimming off (any finite threshold is an
+int, under 2 GiB, which a large step's freed tensors exceed: then every step faults again)."""
 
 
 def reuse_freed_memory() -> bool:
@@ -28,4 +29,4 @@ def reuse_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt  # the running process's C library
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
