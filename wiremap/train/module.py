@@ -303,12 +303,12 @@ class TranscoderModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = self.normalised(*batch)
-        y_hat, a, _ = self(x)
+        out = self.step_outputs(x, y)
         sums = {
-            "err": (y - y_hat).pow(2).sum(dim=(0, -1)),  # [L]
+            "err": (y - out.y_hat).pow(2).sum(dim=(0, -1)),  # [L]
             "sq": y.pow(2).sum(dim=(0, -1)),
             "sum": y.sum(dim=0),  # [L, d]
-            "active": (a != 0).float().sum(dim=(0, -1)),
+            "active": out.active.sum(dim=-1),
             "n": torch.tensor(float(x.shape[0]), device=x.device),
         }
         for key, value in sums.items():
