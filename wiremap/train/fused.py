@@ -18,7 +18,7 @@ Saved for backward: `a` itself and a 2-byte mask of the JumpReLU threshold windo
 from `pre < θ` only where pre == θ exactly. Under bf16 autocast the matmuls run in bf16 and
 the elementwise math in float32, as unfused; `a` is stored in bf16, the dtype the decoder
 reads, so backward evaluates the tanh penalty's derivative at the bf16-rounded activations
-(relative error 2⁻⁹) and a step moves half the bytes.
+(relative rounding error at most 2⁻⁸) and a step moves half as many bytes for `a`.
 """
 
 from __future__ import annotations

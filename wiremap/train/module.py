@@ -12,6 +12,10 @@ Loss (DESIGN.md §3), on activations normalised per layer by a scalar so that E�
 - `preact` (relu, jumprelu): λ_p · Σ ReLU(θ_i − h_i)·‖W_dec,i‖ against dead features;
 - `auxk` (topk, batchtopk): auxiliary-k loss on features dead for `loss.dead_tokens` tokens.
 
+ReLU and JumpReLU compute encoder, activation, `sparsity` and `preact` in one pass through
+`fused.fused_encode` (same values and gradients, a fraction of the memory traffic); TopK and
+BatchTopK take the unfused `forward` + `loss_terms` path, which stays the reference.
+
 The per-layer scales come from the cache manifest's `norm_stats` when present, else from
 the first training batch (averaged over processes); they are buffers, so checkpoints keep
 them. Weights, θ and the optimiser state are float32; `bf16-mixed` only autocasts matmuls.
