@@ -130,6 +130,16 @@ def test_topk_trains_through_the_reference_path():
     assert set(terms) == {"mse", "auxk"}
 
 
+@pytest.mark.parametrize("reuse", [True, False])
+def test_run_reuse_host_memory_adds_the_callback(tmp_path, reuse):
+    from wiremap.train.callbacks import ReuseHostMemory
+    from wiremap.train.train_cmd import RunConfig, wiremap_callbacks
+
+    run = RunConfig(root=str(tmp_path), logger="none", reuse_host_memory=reuse)
+    callbacks = wiremap_callbacks(run, tmp_path / "config.yaml")
+    assert any(isinstance(c, ReuseHostMemory) for c in callbacks) is reuse
+
+
 def test_reusing_freed_memory_stops_page_faults():
     # Training steps whose [L, N, F] tensors (40 MiB) are above glibc's 32 MiB mmap threshold.
     script = """

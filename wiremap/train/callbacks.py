@@ -45,7 +45,7 @@ class ReuseHostMemory(L.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and trainer.strategy.root_device.type == "cpu":
-            self.applied = reuse_freed_memory()
+            reuse_freed_memory()
 
 
 class NanGuard(L.Callback):
