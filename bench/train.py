@@ -7,7 +7,9 @@ Synthetic random activations (no language model), the real TranscoderModule and 
 Trainer with `wiremap train`'s ReuseHostMemory callback, so the figures include the loss
 terms, AdamW, gradient clipping and Lightning's loop. Before that callback is on (it is
 process-wide), the PLT in float32 is also timed unfused (the reference path that TopK and
-BatchTopK take) and without host-memory reuse, and the speed-ups are printed.
+BatchTopK take) and without host-memory reuse; the PLT in bf16 is timed again with the
+PyTorch loop in place of the compiled kernels (wiremap/train/native.py). The speed-ups are
+printed.
 
 Tokens/s come from the median step time. Achieved FLOP/s counts only the transcoder
 matmuls: encoder forward + weight gradient (the input needs no gradient), decoder forward +
@@ -27,6 +29,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from wiremap.train import native
 from wiremap.train.callbacks import ReuseHostMemory
 from wiremap.train.module import TranscoderModule
 
@@ -101,7 +104,18 @@ def measure_peak(dtype: torch.dtype, device: str, n: int, trials: int = 5) -> fl
     return best
 
 
-def tokens_per_s(arch: str, precision: str, args, device: str, unfused=False, reuse=True) -> float:
+def tokens_per_s(
+    arch: str, precision: str, args, device: str, unfused=False, reuse=True, compiled=True
+) -> float:
+    supports = native.supports
+    native.supports = supports if compiled else (lambda t: False)
+    try:
+        return _tokens_per_s(arch, precision, args, device, unfused, reuse)
+    finally:
+        native.supports = supports
+
+
+def _tokens_per_s(arch: str, precision: str, args, device: str, unfused, reuse) -> float:
     L.seed_everything(0)
     module = (UnfusedModule if unfused else TranscoderModule)(
         args.layers, args.d_model, arch=arch, d_transcoder=args.features, activation="jumprelu",
@@ -150,6 +164,10 @@ def main() -> None:
                   f"{peak / 1e12:8.3f} {flops / peak:8.1%}")  # fmt: skip
             if device == "cpu" and (arch, precision) == ("plt", "32-true"):
                 print(f"      host-memory reuse: x{rate / fused:.2f} tokens/s")
+            if device == "cpu" and (arch, precision) == ("plt", "bf16-mixed"):
+                loop = tokens_per_s(arch, precision, args, device, compiled=False)
+                print(f"      compiled kernels (native: {native.available()}) / PyTorch loop: "
+                      f"x{rate / loop:.2f} tokens/s")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from wiremap.models.activations import _JumpReLUFn
-from wiremap.train import fused
+from wiremap.train import fused, native
 from wiremap.train.module import TranscoderModule
 
 N, L, D, F = 37, 3, 8, 24  # 37 tokens: chunks of 4 rows leave a ragged last chunk
@@ -19,6 +19,16 @@ N, L, D, F = 37, 3, 8, 24  # 37 tokens: chunks of 4 rows leave a ragged last chu
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 4 * F)
+
+
+@pytest.fixture(params=["native", "pytorch"])
+def backend(request, monkeypatch):
+    """Run a test with the compiled kernels and again with the PyTorch loop."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(native, "supports", lambda t: False)
+    elif not native.available():
+        pytest.skip("no C compiler on this machine")
+    return request.param
 
 
 def make(arch: str, activation: str) -> TranscoderModule:
@@ -49,7 +59,7 @@ def run(module, outputs_fn, x, y):
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu"])
 @pytest.mark.parametrize("arch", ["plt", "skip_plt", "clt", "skip_clt"])
-def test_fused_step_equals_the_reference(arch, activation):
+def test_fused_step_equals_the_reference(arch, activation, backend):
     module = make(arch, activation)
     assert module.fused
     x, y = torch.randn(N, L, D), torch.randn(N, L, D)
@@ -67,7 +77,7 @@ def test_fused_step_equals_the_reference(arch, activation):
         torch.testing.assert_close(out[4][name], want, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fused_step_under_bf16_autocast_is_close_to_the_reference():
+def test_fused_step_under_bf16_autocast_is_close_to_the_reference(backend):
     module = make("plt", "jumprelu")
     x, y = torch.randn(N, L, D), torch.randn(N, L, D)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -90,7 +100,7 @@ def direct_reference(x, w, b, theta, cn, bandwidth):
 
 
 @pytest.mark.parametrize("theta_mode", ["none", "fixed", "learned"])
-def test_fused_encode_gradients_for_every_input(theta_mode):
+def test_fused_encode_gradients_for_every_input(theta_mode, backend):
     x = torch.randn(N, L, D, requires_grad=True)
     w = torch.randn(L, F, D, requires_grad=True)
     b = torch.randn(L, F, requires_grad=True)
@@ -111,7 +121,7 @@ def test_fused_encode_gradients_for_every_input(theta_mode):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_encode_with_only_the_activations_used():
+def test_fused_encode_with_only_the_activations_used(backend):
     w = torch.randn(L, F, D, requires_grad=True)
     x, b, cn = torch.randn(N, L, D), torch.zeros(L, F), torch.rand(L, F)
     out = fused.fused_encode(x, w, b, torch.full((L, F), 0.2), cn)

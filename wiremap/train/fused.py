@@ -10,8 +10,9 @@ Same values and gradients as `pre_activations` → `activation` → `losses.tanh
 about thirty passes over [N, L, F], each a fresh allocation that the CPU allocator returns
 to the OS, and is memory-bound. Here one matmul per layer writes the pre-activations
 straight into `a`'s storage, and every elementwise step (bias, threshold, penalties,
-statistics; in backward the gradients of pre-activations, θ and ‖W_dec‖) runs over row
-chunks that stay in cache.
+statistics; in backward the gradients of pre-activations, θ and ‖W_dec‖) runs in one pass
+per layer: on CPU as a compiled C loop (`native.py`, when a C compiler is available), else
+as PyTorch ops over row chunks that stay in cache (GPU: whole layers).
 
 Saved for backward: `a` itself and a 2-byte mask of the JumpReLU threshold window. Fired is
 `a != 0` (θ ≥ 0, so pre > θ gives a > 0); below-threshold is its complement, which differs
@@ -27,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from wiremap.train import native
 
 CHUNK_ELEMENTS = 1 << 18
 """Elements per elementwise chunk on CPU: 1 MiB of float32, so its temporaries stay in cache.
@@ -128,6 +131,12 @@ def _threshold_layer(b_enc, theta, cn, bandwidth, outs, stats) -> Tensor:
     """
     a, window = outs
     gap, below, active = stats
+    if native.supports(a):
+        gap_sum, fired, tanh = native.forward(a, window, b_enc, theta, cn, bandwidth)
+        gap.sub_(gap_sum)
+        active.add_(fired)
+        below.add_(a.shape[0] - fired)
+        return tanh.sum(dtype=torch.float64).float()
     total = a.new_zeros((), dtype=torch.float32)
     cn2 = 2 * cn
     in_place = a.dtype == torch.float32
@@ -176,11 +185,25 @@ def _grad_layer(a, grad_a, grad_tanh, grad_gap, cn, window, grads, layer) -> Ten
 
     d tanh(cn·a) = 4σ(1 − σ) with σ = σ(2·cn·a): ∂/∂a = cn·4σ(1−σ), ∂/∂cn = a·4σ(1−σ).
     """
+    k, below_grad = 4 * grad_tanh * cn, -grad_gap
+    if native.supports(a) and grads.pre.dtype == a.dtype:
+        sums = native.backward(a, grad_a, window, grads.pre, cn, k, below_grad)
+    else:
+        sums = _grad_chunks(a, grad_a, cn, k, below_grad, window, grads.pre)
+    g_window, g_cn, g_b = sums
+    if grads.cn is not None:
+        grads.cn[layer] = g_cn * (4 * grad_tanh)
+    if grads.b_enc is not None:
+        grads.b_enc[layer] = g_b
+    return g_window
+
+
+def _grad_chunks(a, grad_a, cn, k, below_grad, window, pre) -> tuple[Tensor, Tensor, Tensor]:
+    """`_grad_layer`'s PyTorch loop over row chunks: fills `pre`, returns its per-feature sums."""
     f = a.shape[1]
     g_window, g_cn, g_b = (a.new_zeros(f, dtype=torch.float32) for _ in range(3))
-    cn2, k = 2 * cn, 4 * grad_tanh * cn
-    below_grad = -grad_gap
-    same = grads.pre.dtype == torch.float32
+    cn2 = 2 * cn
+    same = pre.dtype == torch.float32
     for rows in _chunks(a):
         a_c = a[rows].float()
         s = torch.sigmoid(a_c * cn2)
@@ -192,13 +215,9 @@ def _grad_layer(a, grad_a, grad_tanh, grad_gap, cn, window, grads, layer) -> Ten
         if window is not None:
             g_window += (g * window[rows].float()).sum(0)
         # fired (a > 0): ∂L/∂a; below θ: the pre-activation loss's −∂L/∂gap
-        out = grads.pre[rows] if same else None
+        out = pre[rows] if same else None
         out = torch.addcmul(below_grad, torch.sign(a_c), g.sub_(below_grad), out=out)
         g_b += out.sum(0)
         if not same:
-            grads.pre[rows].copy_(out)
-    if grads.cn is not None:
-        grads.cn[layer] = g_cn * (4 * grad_tanh)
-    if grads.b_enc is not None:
-        grads.b_enc[layer] = g_b
-    return g_window
+            pre[rows].copy_(out)
+    return g_window, g_cn, g_b

@@ -1,0 +1,164 @@
+"""The fused encoder's elementwise passes as compiled CPU loops (`fused_kernels.c`).
+
+    if native.available():
+        native.forward(a[layer], window[layer], b, theta, cn, bandwidth)  # -> sums [3, F]
+
+On CPU, PyTorch runs each elementwise op as its own pass: the fused path's ~12 ops a chunk
+cost more than the encoder matmul itself (bench/train.py). One C loop does them all in a
+single pass per layer, over rows split across torch's thread count. The source is compiled
+with the system C compiler (`$CC`, else `cc` or `gcc`) on first use, for this CPU
+(`-march=native`), into `$XDG_CACHE_HOME/wiremap/kernels/` (default `~/.cache/...`), keyed by
+the source, compiler, flags and CPU, so a shared home across different machines is safe.
+
+Without a compiler, or with WIREMAP_NATIVE=0, `available()` is False and the fused path
+keeps its PyTorch loop: same results (tests hold both to the unfused reference), slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("fused_kernels.c")
+FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def available() -> bool:
+    """True when the compiled kernels can be used (a C compiler was found, WIREMAP_NATIVE≠0)."""
+    return _library() is not None
+
+
+def supports(t: Tensor) -> bool:
+    """Whether `t` (a layer's activations) can go through the native kernels."""
+    return t.device.type == "cpu" and t.dtype in DTYPES and available()
+
+
+def forward(a: Tensor, window: Tensor | None, b: Tensor, theta: Tensor | None, cn: Tensor,
+            bandwidth: float) -> Tensor:  # fmt: skip
+    """One layer in place, as `fused._threshold_layer`: a [N, F] holds W_enc x -> activations.
+
+    Writes the JumpReLU window mask (if given) and returns per-feature sums over tokens [3, F]:
+    Σ min(pre − θ, 0), the number of tokens fired, and Σ tanh(cn·a).
+    """
+    n, f = a.shape
+    theta = torch.zeros(f) if theta is None else theta
+    acc = torch.zeros(_threads(), 3, f)
+    args = [_f32(b), _f32(theta), _f32(2 * cn)]
+    _library().wiremap_forward(
+        a.dtype == torch.bfloat16, _ptr(a), _ptr(window), n, f, *map(_ptr, args),
+        bandwidth / 2, _ptr(acc), acc.shape[0],
+    )  # fmt: skip
+    return acc.sum(0)
+
+
+def backward(a: Tensor, grad_a: Tensor | None, window: Tensor | None, pre: Tensor, cn: Tensor,
+             k: Tensor, below: Tensor) -> Tensor:  # fmt: skip
+    """One layer, as `fused._grad_layer`: the pre-activation gradient into `pre` [N, F].
+
+    Returns per-feature sums [3, F]: Σ g·window, Σ a·σ(1−σ) and Σ pre (the bias gradient).
+    """
+    n, f = a.shape
+    grad_a = None if grad_a is None else grad_a.to(a.dtype).contiguous()
+    acc = torch.zeros(_threads(), 3, f)
+    args = [_f32(2 * cn), _f32(k), _f32(below)]
+    _library().wiremap_backward(
+        a.dtype == torch.bfloat16, _ptr(a), _ptr(grad_a), _ptr(window), _ptr(pre), n, f,
+        *map(_ptr, args), _ptr(acc), acc.shape[0],
+    )  # fmt: skip
+    return acc.sum(0)
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    if t is None:
+        return None
+    if not t.is_contiguous():
+        raise ValueError("native kernels need contiguous tensors")
+    return t.data_ptr()
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("WIREMAP_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler found: the fused encoder uses its slower PyTorch loop")
+        return None
+    for flags in (FLAGS + ["-march=native"], FLAGS):  # not every compiler knows -march=native
+        path = _compiled(compiler, flags)
+        if path is not None:
+            return _bind(ctypes.CDLL(str(path)))
+    return None
+
+
+def _compiled(compiler: str, flags: list[str]) -> Path | None:
+    """The cached shared library for these flags, compiled now if missing; None on failure."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
+                                     _cpu_fingerprint()])).hexdigest()[:16]  # fmt: skip
+    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wiremap" / "kernels"
+    path = folder / f"fused_kernels-{key}.so"
+    if path.exists():
+        return path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=folder)
+        os.close(fd)
+    except OSError as err:
+        log.warning("cannot build the native kernels in %s: %s", folder, err)
+        return None
+    cmd = [compiler, *flags, str(SOURCE), "-o", tmp]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == 0:
+            os.replace(tmp, path)  # atomic: concurrent processes (DDP ranks) see no partial file
+            return path
+        log.warning("compiling the native kernels failed (%s): %s", " ".join(cmd),
+                    done.stderr.strip()[-2000:])  # fmt: skip
+    except OSError as err:
+        log.warning("cannot compile the native kernels with %s: %s", compiler, err)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return None
+
+
+def _cpu_fingerprint() -> bytes:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        keys = ("model name", "flags", "Features")
+        keep = [ln for ln in lines if ln.split(":")[0].strip() in keys]
+        return "\n".join(sorted(set(keep))).encode()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}".encode()
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.wiremap_forward.argtypes = [i32, p, p, i64, i64, p, p, p, f32, p, i32]
+    lib.wiremap_backward.argtypes = [i32, p, p, p, p, i64, i64, p, p, p, p, i32]
+    lib.wiremap_forward.restype = lib.wiremap_backward.restype = i32
+    return lib
