@@ -482,24 +482,27 @@ def import_gemma_scope(
     d_model, d_tc = tensors[0]["W_enc"].shape
     for p, t in zip(files, tensors, strict=True):
         _check_gemma_scope(p, t, d_model, d_tc)
-    state = {
-        "encoder_weight": torch.stack([t["W_enc"].T for t in tensors]),
-        "encoder_bias": torch.stack([t["b_enc"] for t in tensors]),
-        "decoder_weight": torch.stack([t["W_dec"] for t in tensors]),
-        "decoder_bias": torch.stack([t["b_dec"] for t in tensors]),
-    }
+    state = _stack_layers(
+        {"encoder_weight": t["W_enc"].T, "encoder_bias": t["b_enc"],
+         "decoder_weight": t["W_dec"], "decoder_bias": t["b_dec"]}
+        for t in tensors
+    )  # fmt: skip
     thresholds = torch.stack([t["threshold"] for t in tensors]).float()
-    spec = dict(
-        n_layers=len(files),
-        d_model=d_model,
-        d_transcoder=d_tc,
-        activation="jumprelu",
-        input_hook=input_hook,
-        output_hook=output_hook,
-        model_name=model_name,
-        layers=layers,
-    )
+    hooks = dict(input_hook=input_hook, output_hook=output_hook, model_name=model_name)
+    spec = _imported_spec(d_model, d_tc, layers, hooks, activation="jumprelu")
     return assemble("plt", spec, state, thresholds, device, resolve_dtype(dtype))
+
+
+def _stack_layers(per_layer: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Per-layer tensors under our parameter names -> the stacked [L, ...] state of a PLT."""
+    per_layer = list(per_layer)
+    return {name: torch.stack([t[name] for t in per_layer]) for name in per_layer[0]}
+
+
+def _imported_spec(d_model: int, d_tc: int, layers: list[int], hooks: dict, **activation):
+    """`assemble`'s spec for an imported PLT over `layers` (hooks: input/output hook, model)."""
+    return dict(n_layers=len(layers), d_model=d_model, d_transcoder=d_tc, layers=layers,
+                **activation, **hooks)  # fmt: skip
 
 
 def _gemma_scope_files(paths) -> tuple[list[Path], list[int]]:
@@ -617,25 +620,14 @@ def import_sparsify(
         raise WiremapError(
             f"some hookpoints in {folder} have W_skip and some do not; pick one kind"
         )
-    state = {
-        "encoder_weight": torch.stack([t["encoder.weight"] for t in tensors]),
-        "encoder_bias": torch.stack([t["encoder.bias"] for t in tensors]),
-        "decoder_weight": torch.stack([t["W_dec"] for t in tensors]),
-        "decoder_bias": torch.stack([t["b_dec"] for t in tensors]),
-    }
-    if has_skip:
-        state["skip_weight"] = torch.stack([t["W_skip"] for t in tensors])
-    spec = dict(
-        n_layers=len(dirs),
-        d_model=d_model,
-        d_transcoder=d_tc,
-        activation="topk",
-        k=k,
-        input_hook=input_hook,
-        output_hook=output_hook,
-        model_name=model_name,
-        layers=layers,
-    )
+    state = _stack_layers(
+        {"encoder_weight": t["encoder.weight"], "encoder_bias": t["encoder.bias"],
+         "decoder_weight": t["W_dec"], "decoder_bias": t["b_dec"],
+         **({"skip_weight": t["W_skip"]} if has_skip else {})}
+        for t in tensors
+    )  # fmt: skip
+    hooks = dict(input_hook=input_hook, output_hook=output_hook, model_name=model_name)
+    spec = _imported_spec(d_model, d_tc, layers, hooks, activation="topk", k=k)
     arch = "skip_plt" if has_skip else "plt"
     return assemble(arch, spec, state, None, device, resolve_dtype(dtype))
 
