@@ -103,46 +103,47 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("WIREMAP_NATIVE", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.warning("no C compiler found: the fused encoder uses its slower PyTorch loop")
-        return None
-    for flags in (FLAGS + ["-march=native"], FLAGS):  # not every compiler knows -march=native
-        path = _compiled(compiler, flags)
-        if path is not None:
-            return _bind(ctypes.CDLL(str(path)))
+    error = "no C compiler on PATH"
+    if compiler is not None:
+        for flags in (FLAGS + ["-march=native"], FLAGS):  # not every compiler has -march=native
+            path, error = _compiled(compiler, flags)
+            if path is not None:
+                return _bind(ctypes.CDLL(str(path)))
+    log.warning(
+        "the native kernels could not be built (%s), so the fused encoder runs its slower "
+        "PyTorch loop; set CC to a working C compiler and XDG_CACHE_HOME to a writable folder, "
+        "or WIREMAP_NATIVE=0 to silence this", error,
+    )  # fmt: skip
     return None
 
 
-def _compiled(compiler: str, flags: list[str]) -> Path | None:
-    """The cached shared library for these flags, compiled now if missing; None on failure."""
+def _compiled(compiler: str, flags: list[str]) -> tuple[Path | None, str]:
+    """The cached shared library for these flags, compiled now if missing, or (None, why)."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
                                      _cpu_fingerprint()])).hexdigest()[:16]  # fmt: skip
     folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wiremap" / "kernels"
     path = folder / f"fused_kernels-{key}.so"
     if path.exists():
-        return path
+        return path, ""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=folder)
         os.close(fd)
     except OSError as err:
-        log.warning("cannot build the native kernels in %s: %s", folder, err)
-        return None
+        return None, f"cannot write to {folder}: {err}"
     cmd = [compiler, *flags, str(SOURCE), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0:
-            os.replace(tmp, path)  # atomic: concurrent processes (DDP ranks) see no partial file
-            return path
-        log.warning("compiling the native kernels failed (%s): %s", " ".join(cmd),
-                    done.stderr.strip()[-2000:])  # fmt: skip
+        if done.returncode != 0:
+            return None, f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}"
+        os.replace(tmp, path)  # atomic: concurrent processes (DDP ranks) see no partial file
+        return path, ""
     except OSError as err:
-        log.warning("cannot compile the native kernels with %s: %s", compiler, err)
+        return None, f"cannot run {compiler}: {err}"
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return None
 
 
 def _cpu_fingerprint() -> bytes:
