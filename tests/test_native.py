@@ -131,3 +131,16 @@ def test_compiled_once_then_loaded_from_the_cache(monkeypatch, tmp_path):
         assert list((tmp_path / "wiremap" / "kernels").glob("*.so")) == [built]
     finally:
         native._library.cache_clear()
+
+
+@needs_native
+def test_blocks_that_do_not_match_are_refused():
+    a, cn = torch.zeros(4, F), torch.ones(F)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.backward(a, None, None, torch.zeros(4, F, dtype=torch.bfloat16), cn, cn, cn)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.forward(a, torch.zeros(4, F), cn, None, cn, 1.0)  # window must be bf16
+    with pytest.raises(ValueError, match="contiguous"):
+        native.forward(torch.zeros(F, 4).T, None, cn, None, cn, 1.0)
+    with pytest.raises(ValueError, match="per-feature"):
+        native.forward(a, None, torch.zeros(F - 1), None, cn, 1.0)

@@ -54,10 +54,11 @@ def forward(a: Tensor, window: Tensor | None, b: Tensor, theta: Tensor | None, c
     Writes the JumpReLU window mask (if given) and returns per-feature sums over tokens [3, F]:
     Σ min(pre − θ, 0), the number of tokens fired, and Σ tanh(cn·a).
     """
+    _check(a, window, a)
     n, f = a.shape
     theta = torch.zeros(f) if theta is None else theta
     acc = torch.zeros(_threads(), 3, f)
-    args = [_f32(b), _f32(theta), _f32(2 * cn)]
+    args = _vectors(f, b, theta, 2 * cn)
     _library().wiremap_forward(
         a.dtype == torch.bfloat16, _ptr(a), _ptr(window), n, f, *map(_ptr, args),
         bandwidth / 2, _ptr(acc), acc.shape[0],
@@ -71,10 +72,11 @@ def backward(a: Tensor, grad_a: Tensor | None, window: Tensor | None, pre: Tenso
 
     Returns per-feature sums [3, F]: Σ g·window, Σ a·σ(1−σ) and Σ pre (the bias gradient).
     """
-    n, f = a.shape
     grad_a = None if grad_a is None else grad_a.to(a.dtype).contiguous()
+    _check(a, window, pre, grad_a)
+    n, f = a.shape
     acc = torch.zeros(_threads(), 3, f)
-    args = [_f32(2 * cn), _f32(k), _f32(below)]
+    args = _vectors(f, 2 * cn, k, below)
     _library().wiremap_backward(
         a.dtype == torch.bfloat16, _ptr(a), _ptr(grad_a), _ptr(window), _ptr(pre), n, f,
         *map(_ptr, args), _ptr(acc), acc.shape[0],
@@ -82,20 +84,31 @@ def backward(a: Tensor, grad_a: Tensor | None, window: Tensor | None, pre: Tenso
     return acc.sum(0)
 
 
+def _check(a: Tensor, window: Tensor | None, *same: Tensor | None) -> None:
+    """The C code trusts raw pointers: every block must have a's shape, layout and dtype."""
+    blocks = [(t, a.dtype) for t in same if t is not None]
+    blocks += [] if window is None else [(window, torch.bfloat16)]
+    for t, dtype in [(a, a.dtype), *blocks]:
+        if t.shape != a.shape or t.dtype != dtype or not t.is_contiguous() or t.device != a.device:
+            raise ValueError(f"native kernels need contiguous {dtype} [{tuple(a.shape)}] blocks")
+    if a.dim() != 2 or a.dtype not in DTYPES or a.device.type != "cpu":
+        raise ValueError(f"native kernels take CPU float32/bfloat16 [N, F] blocks, not {a.dtype}")
+
+
 def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _f32(t: Tensor) -> Tensor:
-    return t.detach().to(torch.float32).contiguous()
+def _vectors(f: int, *vectors: Tensor) -> list[Tensor]:
+    """Per-feature vectors as contiguous float32 [F] (the C code reads f floats from each)."""
+    out = [v.detach().to(torch.float32).contiguous() for v in vectors]
+    if any(v.shape != (f,) for v in out):
+        raise ValueError(f"native kernels need per-feature vectors of shape [{f}]")
+    return out
 
 
 def _ptr(t: Tensor | None) -> int | None:
-    if t is None:
-        return None
-    if not t.is_contiguous():
-        raise ValueError("native kernels need contiguous tensors")
-    return t.data_ptr()
+    return None if t is None else t.data_ptr()
 
 
 @functools.cache
