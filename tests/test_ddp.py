@@ -25,6 +25,17 @@ def cache_cfg(tiny_model_dir, tmp_path_factory) -> CacheConfig:
     return cfg
 
 
+class DestroyGroupAtFitEnd(L.Callback):
+    """Each worker leaves the gloo group together after training (Lightning leaves gloo groups
+    to interpreter exit, where a worker aborted once: 'terminate called without an active
+    exception', under a loaded machine)."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            trainer.strategy.barrier()
+            torch.distributed.destroy_process_group()
+
+
 def train(cfg: CacheConfig, tmp_path, devices: int) -> dict[str, torch.Tensor]:
     L.seed_everything(0)
     dm = ActivationDataModule(cfg, batch_size=128, buffer_size=512, val_fraction=0.0)
@@ -36,7 +47,7 @@ def train(cfg: CacheConfig, tmp_path, devices: int) -> dict[str, torch.Tensor]:
         max_steps=4, accelerator="cpu", devices=devices, precision="32-true",
         strategy="ddp_spawn" if devices > 1 else "auto", logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-        gradient_clip_val=1.0, default_root_dir=str(tmp_path),
+        gradient_clip_val=1.0, default_root_dir=str(tmp_path), callbacks=[DestroyGroupAtFitEnd()],
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
