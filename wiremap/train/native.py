@@ -4,14 +4,18 @@
         native.forward(a[layer], window[layer], b, theta, cn, bandwidth)  # -> sums [3, F]
 
 On CPU, PyTorch runs each elementwise op as its own pass: the fused path's ~12 ops a chunk
-cost more than the encoder matmul itself (bench/train.py). One C loop does them all in a
-single pass per layer, over rows split across torch's thread count. The source is compiled
-with the system C compiler (`$CC`, else `cc` or `gcc`) on first use, for this CPU
-(`-march=native`), into `$XDG_CACHE_HOME/wiremap/kernels/` (default `~/.cache/...`), keyed by
-the source, compiler, flags and CPU, so a shared home across different machines is safe.
+took as long as the encoder matmul itself (bf16 PLT, L=8, F=4096, 4096 tokens on 2 cores).
+One C loop does them all in a single pass per layer, about 2x faster, over rows split across
+torch's thread count; `bench/train.py` prints what that gains a training step.
+
+The source is compiled with the system C compiler (`$CC`, else `cc` or `gcc`) on first use,
+for this CPU (`-march=native`), into `$XDG_CACHE_HOME/wiremap/kernels/` (default
+`~/.cache/...`), keyed by the source, compiler, flags and CPU, so a home folder shared by
+different machines is safe.
 
 Without a compiler, or with WIREMAP_NATIVE=0, `available()` is False and the fused path
-keeps its PyTorch loop: same results (tests hold both to the unfused reference), slower.
+keeps its PyTorch loop: equal to float32 rounding (tests hold both to the unfused
+reference), slower.
 """
 
 from __future__ import annotations
