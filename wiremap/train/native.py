@@ -5,8 +5,9 @@
 
 On CPU, PyTorch runs each elementwise op as its own pass: the fused path's ~12 ops a chunk
 took as long as the encoder matmul itself (bf16 PLT, L=8, F=4096, 4096 tokens on 2 cores).
-One C loop does them all in a single pass per layer, about 2x faster, over rows split across
-torch's thread count; `bench/train.py` prints what that gains a training step.
+One C loop does them all in a single pass per layer, over rows split across torch's thread
+count: 2.6-3.8x faster on that layer (`bench/fused_kernels.py`); `bench/train.py` prints
+what that gains a whole training step.
 
 The source is compiled with the system C compiler (`$CC`, else `cc` or `gcc`) on first use,
 for this CPU (`-march=native`), into `$XDG_CACHE_HOME/wiremap/kernels/` (default
