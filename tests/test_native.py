@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -117,6 +118,7 @@ def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, cap
 @needs_native
 def test_compiled_once_then_loaded_from_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", f"{shutil.which('cc') or shutil.which('gcc')} -O2")  # CC with flags
     native._library.cache_clear()
     try:
         assert native.available()

@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -150,7 +151,7 @@ def _compiled(compiler: str, flags: list[str]) -> tuple[Path | None, str]:
         os.close(fd)
     except OSError as err:
         return None, f"cannot write to {folder}: {err}"
-    cmd = [compiler, *flags, str(SOURCE), "-o", tmp]
+    cmd = [*shlex.split(compiler), *flags, str(SOURCE), "-o", tmp]  # CC may carry flags
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
