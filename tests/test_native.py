@@ -102,6 +102,7 @@ def test_disabled_by_environment(monkeypatch):
 
 
 def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv("WIREMAP_NATIVE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     native._library.cache_clear()
