@@ -6,8 +6,9 @@
 On CPU, PyTorch runs each elementwise op as its own pass: the fused path's ~12 ops a chunk
 took as long as the encoder matmul itself (bf16 PLT, L=8, F=4096, 4096 tokens on 2 cores).
 One C loop does them all in a single pass per layer, over rows split across torch's thread
-count: 2.6-3.8x faster on that layer (`bench/fused_kernels.py`); `bench/train.py` prints
-what that gains a whole training step.
+count: 2.6-8x faster on that layer in `bench/fused_kernels.py` (on a shared 2-core machine
+the PyTorch loop's time varied 2x between runs, the C loop's did not); `bench/train.py`
+prints what that gains a whole training step.
 
 The source is compiled with the system C compiler (`$CC`, else `cc` or `gcc`) on first use,
 for this CPU (`-march=native`), into `$XDG_CACHE_HOME/wiremap/kernels/` (default
