@@ -31,7 +31,7 @@ def pytorch_forward(pre, window, b, theta, cn, bandwidth):
 
 
 @needs_native
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("threads", [1, 3, 40])  # 40 threads > 23 rows
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("theta_mode", ["relu", "fixed", "learned"])
 def test_forward_kernel_equals_the_pytorch_loop(monkeypatch, threads, dtype, theta_mode):

@@ -169,8 +169,9 @@ static int split(Job proto, int64_t n, int threads) {
     pthread_t tid[MAX_THREADS];
     Job jobs[MAX_THREADS];
     int started[MAX_THREADS] = {0}, status = 0;
-    if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > n) threads = (int)n; /* no thread without rows */
+    if (threads < 1) threads = 1;
     size_t elem = proto.bf16 ? 2 : 4;
     for (int t = 0; t < threads; t++) {
         int64_t r0 = n * t / threads, r1 = n * (t + 1) / threads, off = r0 * proto.f;
