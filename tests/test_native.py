@@ -11,7 +11,7 @@ import torch
 from wiremap.train import fused, native
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler on this machine")
-F = 40  # not a multiple of any vector width: the kernels' scalar tails run too
+F = 37  # not a multiple of any vector width: the kernels' scalar tails run too
 
 
 def layer_inputs(n: int, dtype: torch.dtype, with_theta: bool):
@@ -76,7 +76,7 @@ def test_backward_kernel_equals_the_pytorch_loop(monkeypatch, dtype, with_grad_a
 @needs_native
 def test_bf16_rounding_and_tanh_accuracy_over_a_wide_range():
     # activations from 1e-6 to 1e4: round to nearest even like torch; tanh via the exp polynomial
-    values = torch.logspace(-6, 4, 5000).reshape(125, F)
+    values = torch.logspace(-6, 4, 125 * F).reshape(125, F)
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.zeros(125, F, dtype=dtype)  # not fired: below θ = 0
         sums = native.forward(a, None, torch.zeros(F), None, torch.ones(F), 1.0)
