@@ -147,3 +147,18 @@ def test_blocks_that_do_not_match_are_refused():
         native.forward(torch.zeros(F, 4).T, None, cn, None, cn, 1.0)
     with pytest.raises(ValueError, match="per-feature"):
         native.forward(a, None, torch.zeros(F - 1), None, cn, 1.0)
+
+
+def test_an_unloadable_cached_library_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv("WIREMAP_NATIVE", raising=False)
+    damaged = tmp_path / "damaged.so"
+    damaged.write_bytes(b"not a shared library")
+    monkeypatch.setenv("CC", "cc")  # any name: _compiled is replaced
+    monkeypatch.setattr(native, "_compiled", lambda compiler, flags: (damaged, ""))
+    native._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=native.__name__):
+            assert not native.available()
+        assert "cannot load" in caplog.text and str(damaged) in caplog.text
+    finally:
+        native._library.cache_clear()

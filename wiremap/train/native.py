@@ -61,7 +61,7 @@ def forward(a: Tensor, window: Tensor | None, b: Tensor, theta: Tensor | None, c
     Writes the JumpReLU window mask (if given) and returns per-feature sums over tokens [3, F]:
     Σ min(pre − θ, 0), the number of tokens fired, and Σ tanh(cn·a).
     """
-    _check(a, window, a)
+    _check(a, window)
     n, f = a.shape
     theta = torch.zeros(f) if theta is None else theta
     acc = torch.zeros(_threads(), 3, f)
@@ -127,8 +127,12 @@ def _library() -> ctypes.CDLL | None:
     if compiler is not None:
         for flags in (FLAGS + ["-march=native"], FLAGS):  # not every compiler has -march=native
             path, error = _compiled(compiler, flags)
-            if path is not None:
+            if path is None:
+                continue
+            try:
                 return _bind(ctypes.CDLL(str(path)))
+            except OSError as err:  # e.g. a damaged file in the cache: delete it to rebuild
+                error = f"cannot load {path}: {err}"
     log.warning(
         "the native kernels could not be built (%s), so the fused encoder runs its slower "
         "PyTorch loop; set CC to a working C compiler and XDG_CACHE_HOME to a writable folder, "
