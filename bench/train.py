@@ -22,6 +22,7 @@ machine runs this.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -107,12 +108,8 @@ def measure_peak(dtype: torch.dtype, device: str, n: int, trials: int = 5) -> fl
 def tokens_per_s(
     arch: str, precision: str, args, device: str, unfused=False, reuse=True, compiled=True
 ) -> float:
-    supports = native.supports
-    native.supports = supports if compiled else (lambda t: False)
-    try:
+    with contextlib.nullcontext() if compiled else native.disabled():
         return _tokens_per_s(arch, precision, args, device, unfused, reuse)
-    finally:
-        native.supports = supports
 
 
 def _tokens_per_s(arch: str, precision: str, args, device: str, unfused, reuse) -> float:

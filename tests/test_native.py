@@ -23,10 +23,8 @@ def layer_inputs(n: int, dtype: torch.dtype, with_theta: bool):
 
 def pytorch_forward(pre, window, b, theta, cn, bandwidth):
     stats = [torch.zeros(F) for _ in range(3)]  # gap, below, active
-    with torch.no_grad():
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(native, "supports", lambda t: False)
-            tanh = fused._threshold_layer(b, theta, cn, bandwidth, (pre, window), stats)
+    with torch.no_grad(), native.disabled():
+        tanh = fused._threshold_layer(b, theta, cn, bandwidth, (pre, window), stats)
     return tanh, stats
 
 
@@ -162,3 +160,11 @@ def test_an_unloadable_cached_library_falls_back_with_a_warning(monkeypatch, tmp
         assert "cannot load" in caplog.text and str(damaged) in caplog.text
     finally:
         native._library.cache_clear()
+
+
+@needs_native
+def test_disabled_turns_the_kernels_off_within_the_block():
+    block = torch.zeros(2, 2)
+    with native.disabled():
+        assert not native.supports(block)
+    assert native.supports(block)

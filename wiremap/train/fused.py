@@ -186,7 +186,7 @@ def _grad_layer(a, grad_a, grad_tanh, grad_gap, cn, window, grads, layer) -> Ten
     d tanh(cn·a) = 4σ(1 − σ) with σ = σ(2·cn·a): ∂/∂a = cn·4σ(1−σ), ∂/∂cn = a·4σ(1−σ).
     """
     k, below_grad = 4 * grad_tanh * cn, -grad_gap
-    if native.supports(a) and grads.pre.dtype == a.dtype:
+    if native.supports(a):
         sums = native.backward(a, grad_a, window, grads.pre, cn, k, below_grad)
     else:
         sums = _grad_chunks(a, grad_a, cn, k, below_grad, window, grads.pre)

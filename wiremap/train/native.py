@@ -22,6 +22,7 @@ reference), slower.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -42,6 +43,18 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("fused_kernels.c")
 FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
 DTYPES = (torch.float32, torch.bfloat16)
+_enabled = True
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block the fused path takes its PyTorch loop (to compare the two)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 def available() -> bool:
@@ -51,7 +64,7 @@ def available() -> bool:
 
 def supports(t: Tensor) -> bool:
     """Whether `t` (a layer's activations) can go through the native kernels."""
-    return t.device.type == "cpu" and t.dtype in DTYPES and available()
+    return _enabled and t.device.type == "cpu" and t.dtype in DTYPES and available()
 
 
 def forward(a: Tensor, window: Tensor | None, b: Tensor, theta: Tensor | None, cn: Tensor,
