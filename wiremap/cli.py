@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attribute": ("wiremap.attribute.cli:attribute_main", "build an attribution graph of a prompt"),
     "steer": ("wiremap.attribute.cli:steer_main", "intervene on features; steer generation"),
     "organism": ("wiremap.train.organism_cmd:main", "build or evaluate the bundled model organism"),
+    "real": ("wiremap.real:main", "locate the real-model tier's GGUF model; write its prose"),
     "demo": (
         "wiremap.demo_cmd:main",
         "run the whole pipeline offline on the built-in model organism",

@@ -1,12 +1,21 @@
-"""Load any Hugging Face causal LM by hub name or local path.
+"""Load any Hugging Face causal LM by hub name, local folder or GGUF file.
 
 model, tokenizer = load_model("gpt2", dtype="float32", device="cpu")
 model, tokenizer = load_model("/path/to/checkpoint")
+model, tokenizer = load_model("/path/to/model.Q4_1.gguf")   # or a folder holding one .gguf
+
+A GGUF file is dequantised by transformers (packages `gguf` and `accelerate`) to float32;
+those dequantised weights are what wiremap analyses. The first load writes them, with the
+tokenizer read from the same file, to `~/.cache/wiremap/gguf/` (`$XDG_CACHE_HOME` moves it)
+so later loads take a second instead of a dequantisation; the folder is keyed by the file's
+path, size and modification time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -53,10 +62,11 @@ def check_model_source(name_or_path: str) -> None:
     """A clear error for a local path that does not exist (before transformers' own)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
+        if gguf_file(path) is None and not (path / "config.json").exists():
+            kind = "file" if path.is_file() else "folder without config.json or a .gguf file"
             raise WiremapError(
-                f"{name_or_path!r} is a folder without config.json; point --model at a "
-                "folder written by `save_pretrained` or at a hub model name"
+                f"{name_or_path!r} is a {kind}; --model takes a folder written by "
+                "`save_pretrained`, a .gguf file (or a folder holding one), or a hub model name"
             )
         return
     if _looks_like_path(name_or_path):
@@ -77,6 +87,9 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_source(str(name_or_path))
+    gguf = gguf_file(Path(name_or_path).expanduser())
+    if gguf is not None:
+        name_or_path = dequantised_folder(gguf)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=resolve_dtype(dtype), revision=revision
@@ -92,6 +105,81 @@ def load_model(
             "offline, give a local folder written by `save_pretrained`"
         ) from err
     model.to(resolve_device(device)).eval()
+    return model, tokenizer
+
+
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF file `path` names: the file itself, or the only `.gguf` in a folder."""
+    if path.is_file():
+        return path if path.suffix.lower() == ".gguf" else None
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        names = ", ".join(f.name for f in found)
+        raise WiremapError(f"{str(path)!r} holds several .gguf files ({names}); name one")
+    return found[0] if found else None
+
+
+def gguf_cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "wiremap" / "gguf"
+
+
+def dequantised_folder(gguf: Path) -> Path:
+    """A `save_pretrained` folder of `gguf`'s dequantised weights and tokenizer (made once)."""
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = gguf_cache_root() / f"{gguf.stem}-{key}"
+    if (folder / "config.json").exists():
+        return folder
+    model, tokenizer = _read_gguf(gguf)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # The weights are plain float32 now; drop the GGUF marks that forbid saving them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)  # atomic: a folder with config.json is always whole
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (folder / "config.json").exists():  # another process finished first
+            return folder
+        raise WiremapError(
+            f"could not write the dequantised copy of {gguf.name} to {folder.parent}: {err}; "
+            "free some disk or set XDG_CACHE_HOME to a writable folder"
+        ) from err
+    return folder
+
+
+def _read_gguf(gguf: Path):
+    """Dequantise a GGUF file with transformers; one WiremapError for every way it fails."""
+    try:
+        import accelerate  # noqa: F401  (transformers' GGUF loader needs both)
+        import gguf as _gguf  # noqa: F401
+    except ImportError as err:
+        raise WiremapError(
+            f"loading {gguf.name} needs the packages `gguf` and `accelerate`: "
+            "pip install gguf accelerate (or pip install -e '.[real]')"
+        ) from err
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except Exception as err:  # the GGUF reader raises many types for bad files
+        raise WiremapError(
+            f"could not read {str(gguf)!r} as a GGUF model ({type(err).__name__}: "
+            f"{str(err)[:300]}); the file may be truncated or corrupt, or its architecture "
+            "is one transformers cannot dequantise (it reads llama, mistral, qwen2, qwen3, "
+            "gemma2/3, gpt2, phi3, ... GGUF files)"
+        ) from err
     return model, tokenizer
 
 
