@@ -108,6 +108,22 @@ def load_model(
     return model, tokenizer
 
 
+def load_config(name_or_path: str, revision: str | None = None):
+    """The model's transformers config, without loading its weights (a GGUF is dequantised once)."""
+    from transformers import AutoConfig
+
+    check_model_source(str(name_or_path))
+    gguf = gguf_file(Path(name_or_path).expanduser())
+    source = dequantised_folder(gguf) if gguf is not None else name_or_path
+    try:
+        return AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as err:
+        raise WiremapError(
+            f"could not read the config of model {name_or_path!r}: {err}. Check the name or "
+            "path; offline, give a local folder written by `save_pretrained` or a .gguf file"
+        ) from err
+
+
 def gguf_file(path: Path) -> Path | None:
     """The GGUF file `path` names: the file itself, or the only `.gguf` in a folder."""
     if path.is_file():
