@@ -2,6 +2,12 @@
 // Served by `wiremap serve DIR`, or inlined with the graph by wiremap.attribute.html
 // (then the page has a <script id="wiremap-graph"> holding the graph, and no server).
 // Plain JS, no build step, no third-party code.
+//
+// Sized for real-model graphs (~1,000 features, ~20,000 links): the adjacency and the order
+// in which links are drawn are computed once per graph; the drawn links are a handful of SVG
+// <path>s (one per sign and width class) rather than an element each; hovering a node draws
+// only its own links on top; one set of listeners on the node layer serves every node.
+// S.timings holds the last render / hover / click times (performance.now(), ms).
 "use strict";
 
 const SVGNS = "http://www.w3.org/2000/svg";
@@ -10,14 +16,17 @@ const MIN_COL_W = 70;   // px for a position with few nodes (room for its token 
 const NODE_STEP = 12;  // px per node in a crowded cell
 const MIN_NODE_STEP = 4;  // ... squeezed to no less than this when the graph is too wide
 const MARGIN = { left: 70, right: 30, top: 40, bottom: 50 };
-const MAX_EDGES = 4000; // the strongest visible edges; more would make the SVG crawl
+const MAX_EDGES = 8000; // links drawn at once: every node's strongest first (see linkOrder)
+const MAX_HOVER_EDGES = 300; // per direction, the strongest links of a hovered node
+const WIDTH_CLASSES = 8; // drawn links share one <path> per sign and width class
 const SN_COLOURS = ["#e6550d", "#31a354", "#756bb1", "#d6616b", "#3182bd", "#8c6d31"];
 
 const S = {
   embedded: false, name: null, graph: null, byId: new Map(), kind: new Map(),
   incoming: new Map(), outgoing: new Map(), pinned: [], supernodes: [], labels: {},
   ticked: new Set(), clicked: null, threshold: 0.8, showErrors: true, pos: new Map(),
-  edgeEls: new Map(), nodeEls: new Map(), dirty: false,
+  nodeEls: new Map(), dirty: false, linkOrder: [], maxWeight: 1e-12,
+  drawn: { nodes: 0, edges: 0 }, timings: {},
 };
 
 const $ = (id) => document.getElementById(id);
@@ -61,6 +70,10 @@ function setGraph(name, graph) {
   for (const l of graph.links) {
     S.incoming.get(l.target).push(l); S.outgoing.get(l.source).push(l);
   }
+  const strongest = (a, b) => Math.abs(b.weight) - Math.abs(a.weight);
+  for (const list of [...S.incoming.values(), ...S.outgoing.values()]) list.sort(strongest);
+  S.linkOrder = linkOrder(graph.links);
+  S.maxWeight = graph.links.reduce((m, l) => Math.max(m, Math.abs(l.weight)), 1e-12);
   const q = graph.qParams || {};
   S.pinned = (q.pinnedIds || []).filter((id) => S.byId.has(id));
   S.supernodes = (q.supernodes || []).map((g) => g.slice());
@@ -68,6 +81,21 @@ function setGraph(name, graph) {
   S.dirty = false;
   $("prompt").textContent = graph.metadata.prompt || "";
   render(); renderPinned(); showNode(S.clicked); updateScores();
+  S.timings.ready = performance.now(); // since navigation: fetch/parse + first render
+}
+
+// Links ranked as wiremap.attribute.viewer.budget ranks them: each link's rank is the better
+// of its rank among its target's inputs and among its source's outputs (by |weight|), so
+// drawing a prefix of this order gives every node its strongest links first.
+function linkOrder(links) {
+  const rankIn = new Map(), rankOut = new Map();
+  for (const id of S.byId.keys()) {
+    S.incoming.get(id).forEach((l, i) => rankIn.set(l, i));
+    S.outgoing.get(id).forEach((l, i) => rankOut.set(l, i));
+  }
+  const rank = new Map(links.map((l) => [l, Math.min(rankIn.get(l), rankOut.get(l))]));
+  return links.slice().sort((a, b) =>
+    rank.get(a) - rank.get(b) || Math.abs(b.weight) - Math.abs(a.weight));
 }
 
 function labelOf(n) {
@@ -155,6 +183,7 @@ function columnWidths(cells, nPos, available) {
 
 // ---- drawing ----------------------------------------------------------------------------
 function render() {
+  const t0 = performance.now();
   const svg = $("graph");
   svg.replaceChildren();
   const nodes = S.graph.nodes.filter(visible);
@@ -164,8 +193,11 @@ function render() {
   svg.setAttribute("viewBox", `0 0 ${L.width} ${L.height}`);
   drawAxes(svg, L);
   drawEdges(svg, nodes);
+  svg.append(el("g", { class: "hl-edges" }));
   drawNodes(svg, nodes);
   drawSupernodeLabels(svg);
+  S.drawn.nodes = nodes.length;
+  S.timings.render = performance.now() - t0;
 }
 
 function drawAxes(svg, L) {
@@ -183,25 +215,32 @@ function drawAxes(svg, L) {
   svg.append(g);
 }
 
+const widthOf = (l) => 0.4 + 3.6 * Math.abs(l.weight) / S.maxWeight;
+
+// The first MAX_EDGES links of S.linkOrder between shown nodes, as one <path> per sign and
+// width class: a few elements however many links, so rendering and restyling stay cheap.
 function drawEdges(svg, nodes) {
   const shown = new Set(nodes.map((n) => n.node_id));
-  const links = S.graph.links.filter((l) => shown.has(l.source) && shown.has(l.target))
-    .sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, MAX_EDGES);
-  const maxW = Math.max(1e-12, ...links.map((l) => Math.abs(l.weight)));
-  const g = el("g", { class: "edges" });
-  S.edgeEls = new Map();
-  for (const l of links.reverse()) { // strongest drawn last, on top
+  const paths = new Map();
+  let count = 0;
+  for (const l of S.linkOrder) {
+    if (count >= MAX_EDGES) break;
+    if (!shown.has(l.source) || !shown.has(l.target)) continue;
     const a = S.pos.get(l.source), b = S.pos.get(l.target);
-    const line = el("line", {
-      x1: a.x, y1: a.y, x2: b.x, y2: b.y, class: `edge ${l.weight >= 0 ? "pos" : "neg"}`,
-      "stroke-width": (0.4 + 3.6 * Math.abs(l.weight) / maxW).toFixed(2),
-    });
-    for (const id of [l.source, l.target]) {
-      if (!S.edgeEls.has(id)) S.edgeEls.set(id, []);
-      S.edgeEls.get(id).push([line, l]);
-    }
-    g.append(line);
+    const cls = Math.min(WIDTH_CLASSES - 1, Math.floor(Math.abs(l.weight) / S.maxWeight * WIDTH_CLASSES));
+    const key = `${l.weight >= 0 ? "pos" : "neg"} ${cls}`;
+    if (!paths.has(key)) paths.set(key, []);
+    paths.get(key).push(`M${a.x.toFixed(1)} ${a.y.toFixed(1)}L${b.x.toFixed(1)} ${b.y.toFixed(1)}`);
+    count++;
   }
+  const g = el("g", { class: "edges" });
+  const keys = [...paths.keys()].sort((a, b) => +a.split(" ")[1] - +b.split(" ")[1]);
+  for (const key of keys) { // thickest drawn last, on top
+    const [sign, cls] = key.split(" ");
+    g.append(el("path", { class: `edge-set ${sign}`, d: paths.get(key).join(""),
+      "stroke-width": (0.4 + 3.6 * (+cls + 0.5) / WIDTH_CLASSES).toFixed(2) }));
+  }
+  S.drawn.edges = count;
   svg.append(g);
 }
 
@@ -209,23 +248,35 @@ function drawNodes(svg, nodes) {
   const g = el("g", { class: "nodes" });
   S.nodeEls = new Map();
   const inSn = supernodeOfMap();
+  const pinned = new Set(S.pinned);
   for (const n of nodes) {
     const p = S.pos.get(n.node_id), k = kindOf(n);
     const ng = el("g", { class: `node ${k}`, "data-id": n.node_id,
       transform: `translate(${p.x},${p.y})` });
-    if (S.pinned.includes(n.node_id)) ng.classList.add("pinned");
+    if (pinned.has(n.node_id)) ng.classList.add("pinned");
     if (S.clicked === n.node_id) ng.classList.add("clicked");
     if (inSn.has(n.node_id)) {
       ng.append(el("circle", { r: 10, class: "sn-ring", stroke: inSn.get(n.node_id).colour }));
     }
     ng.append(nodeShape(n, k));
     ng.append(el("title", {}, `${labelOf(n)}\n${n.node_id}`));
-    ng.addEventListener("mouseenter", () => highlight(n.node_id, true));
-    ng.addEventListener("mouseleave", () => highlight(n.node_id, false));
-    ng.addEventListener("click", (ev) => (ev.shiftKey ? togglePin(n.node_id) : showNode(n.node_id)));
     S.nodeEls.set(n.node_id, ng);
     g.append(ng);
   }
+  // one set of listeners for every node (a thousand closures cost more than the drawing)
+  const idOf = (ev) => ev.target.closest && ev.target.closest(".node")?.dataset.id;
+  g.addEventListener("mouseover", (ev) => { const id = idOf(ev); if (id) highlight(id, true); });
+  g.addEventListener("mouseout", (ev) => {
+    const id = idOf(ev);
+    if (id && !(ev.relatedTarget && S.nodeEls.get(id).contains(ev.relatedTarget))) highlight(id, false);
+  });
+  g.addEventListener("click", (ev) => {
+    const id = idOf(ev);
+    if (!id) return;
+    const t0 = performance.now();
+    if (ev.shiftKey) togglePin(id); else showNode(id);
+    S.timings.click = performance.now() - t0;
+  });
   svg.append(g);
 }
 
@@ -264,13 +315,30 @@ function drawSupernodeLabels(svg) {
   svg.append(g);
 }
 
+// Hover: dim the drawn links (one class on the <svg>) and draw the node's own links, all of
+// them up to MAX_HOVER_EDGES per direction, from the precomputed adjacency.
 function highlight(id, on) {
-  $("graph").classList.toggle("hovering", on);
-  for (const [line, l] of S.edgeEls.get(id) || []) {
-    line.classList.toggle(l.target === id ? "hl-in" : "hl-out", on);
-  }
+  const t0 = performance.now();
+  const svg = $("graph"), layer = svg.querySelector(".hl-edges");
+  svg.classList.toggle("hovering", on);
+  if (layer) layer.replaceChildren();
   const ng = S.nodeEls.get(id);
   if (ng) ng.classList.toggle("hovered", on);
+  if (on && layer) {
+    const lines = [];
+    for (const [list, dir] of [[S.incoming.get(id), "hl-in"], [S.outgoing.get(id), "hl-out"]]) {
+      let count = 0;
+      for (const l of list || []) {
+        const a = S.pos.get(l.source), b = S.pos.get(l.target);
+        if (!a || !b) continue;
+        if (++count > MAX_HOVER_EDGES) break;
+        lines.push(el("line", { x1: a.x, y1: a.y, x2: b.x, y2: b.y,
+          class: `edge ${l.weight >= 0 ? "pos" : "neg"} ${dir}`, "stroke-width": widthOf(l).toFixed(2) }));
+      }
+    }
+    layer.append(...lines);
+  }
+  S.timings.hover = performance.now() - t0;
 }
 
 // ---- side panel: one node -------------------------------------------------------------
@@ -543,10 +611,13 @@ async function loadGraph(name) {
 }
 
 async function init() {
+  let pending = false;
   $("prune").addEventListener("input", (e) => {
     S.threshold = parseFloat(e.target.value);
     $("prune-value").textContent = S.threshold.toFixed(2);
-    if (S.graph) render();
+    if (!S.graph || pending) return;
+    pending = true; // dragging fires faster than a big graph redraws: one render per frame
+    requestAnimationFrame(() => { pending = false; render(); });
   });
   $("show-errors").addEventListener("change", (e) => { S.showErrors = e.target.checked; render(); });
   let resizeTimer = null;
@@ -588,5 +659,5 @@ function fmt(x) {
   return a !== 0 && (a < 1e-3 || a >= 1e4) ? x.toExponential(2) : (+x).toPrecision(3);
 }
 
-window.wiremapViewer = { state: S, loadGraph, save, togglePin, showNode, groupTicked };
+window.wiremapViewer = { state: S, loadGraph, save, togglePin, showNode, groupTicked, highlight };
 document.addEventListener("DOMContentLoaded", init);
