@@ -229,7 +229,7 @@ def test_edge_budget_keeps_each_nodes_strongest_edges(big):
     ids = node_ids(g)
     kept = {(link["target"], link["source"]) for link in obj["links"]}
     top_in, top_out = set(), set()
-    for end, other, top in ((targets, sources, top_in), (sources, targets, top_out)):
+    for end, top in ((targets, top_in), (sources, top_out)):
         for node in np.unique(end):
             mine = np.nonzero(end == node)[0]
             best = mine[np.argsort(-scores[mine], kind="stable")[:k]]
