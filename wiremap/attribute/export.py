@@ -38,7 +38,7 @@ from wiremap.errors import WiremapError
 
 SCHEMA_VERSION = 1
 # Default edge budget: ~1,000 features keep their strongest links and the JSON stays ~2 MB.
-EDGES_PER_NODE = 8
+EDGES_PER_NODE = 16
 MAX_EDGES = 20_000
 FEATURE_TYPES = ("cross layer transcoder", "mlp reconstruction error", "embedding", "logit")
 Labels = Mapping[tuple[int, int], str]  # (layer, feature) -> short description

@@ -58,9 +58,11 @@ def synthetic_graph(
     feats = _feature_table(n_features, n_layers, n_pos, gen)
     src_layer, tgt_layer, pos = _node_levels(feats, n_layers, n_pos, n_logits)
     n = len(src_layer)
+    bos_error = torch.zeros(n, dtype=torch.bool)  # BOS features and errors are zeroed
+    bos_error[n_features : n_features + n_layers * n_pos : n_pos] = True
     rows, cols = [], []
     for t in [*range(n_features), *range(n - n_logits, n)]:
-        allowed = ((src_layer < tgt_layer[t]) & (pos <= pos[t])).nonzero().reshape(-1)
+        allowed = ((src_layer < tgt_layer[t]) & (pos <= pos[t]) & ~bos_error).nonzero()[:, 0]
         pick = allowed[torch.randperm(len(allowed), generator=gen)[:inputs_per_node]]
         rows.append(torch.full_like(pick, t))
         cols.append(pick)
