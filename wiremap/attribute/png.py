@@ -213,7 +213,9 @@ def draw_graph(graph: dict, dpi: int = 150, **caps: Any):
     _draw_links(ax, d)
     _draw_nodes(ax, d)
     _decorate(ax, graph, d)
-    _label_logits(ax, d)
+    rows_height = _label_logits(ax, d)
+    prompt = str(graph["metadata"].get("prompt", ""))[:100]
+    ax.set_title(prompt, fontsize=9, pad=14 + rows_height)  # above the logit labels
     return fig, d
 
 
@@ -284,8 +286,6 @@ def _decorate(ax, graph: dict, d: Drawing) -> None:
     ax.set_ylim(-0.6, d.n_layers + 1.4)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    prompt = str(graph["metadata"].get("prompt", ""))[:100]
-    ax.set_title(prompt, fontsize=9, pad=14)
 
 
 # ---- logit labels that never overlap -----------------------------------------------------
@@ -297,7 +297,7 @@ def logit_label(node: dict) -> str:
     return f"{match[1]} {float(match[2]):.2f}" if match else str(node.get("clerp") or "")
 
 
-def _label_logits(ax, d: Drawing) -> None:
+def _label_logits(ax, d: Drawing) -> float:
     """One label above each logit, centred on it where the axes allow. Labels are placed left
     to right, each in the lowest row where it starts LABEL_GAP pixels after that row's last
     label ends; rows stack upwards, so labels never overlap however many or long they are."""
@@ -306,6 +306,7 @@ def _label_logits(ax, d: Drawing) -> None:
     left_edge, _ = ax.transAxes.transform((0.0, 0.0))
     right_edge, _ = ax.transAxes.transform((1.0, 0.0))
     row_ends: list[float] = []  # pixel x where each row's last label ends
+    placed = []
     row_px = 1.6 * LABEL_FONT * ax.figure.dpi / 72
     for n in logits:
         xy = d.pos[n["node_id"]]
@@ -319,7 +320,11 @@ def _label_logits(ax, d: Drawing) -> None:
             row = len(row_ends)
             row_ends.append(0.0)
         row_ends[row] = start + width
-        _place_label(ax, n, xy, (start - node_x, 9 + row * row_px), row)
+        placed.append((row, n, xy, (start - node_x, 9 + row * row_px)))
+    # upper rows first, so the white boxes of lower labels hide leader lines passing behind
+    for row, n, xy, offset in sorted(placed, key=lambda p: -p[0]):
+        _place_label(ax, n, xy, offset, row)
+    return len(row_ends) * row_px * 72 / ax.figure.dpi
 
 
 def _place_label(ax, node: dict, xy: tuple[float, float], offset_px, row: int) -> None:
@@ -334,5 +339,6 @@ def _place_label(ax, node: dict, xy: tuple[float, float], offset_px, row: int) -
         fontsize=LABEL_FONT,
         gid="logit-label",
         annotation_clip=False,
+        bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none"},
         arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.5} if row else None,
     )

@@ -25,7 +25,7 @@ const S = {
   embedded: false, name: null, graph: null, byId: new Map(), kind: new Map(),
   incoming: new Map(), outgoing: new Map(), pinned: [], supernodes: [], labels: {},
   ticked: new Set(), clicked: null, threshold: 0.8, showErrors: true, pos: new Map(),
-  nodeEls: new Map(), dirty: false, linkOrder: [], maxWeight: 1e-12,
+  nodeEls: new Map(), dirty: false, linkOrder: [], drawnLinks: [], maxWeight: 1e-12,
   drawn: { nodes: 0, edges: 0 }, timings: {},
 };
 
@@ -223,6 +223,7 @@ function drawEdges(svg, nodes) {
   const shown = new Set(nodes.map((n) => n.node_id));
   const paths = new Map();
   let count = 0;
+  S.drawnLinks = [];
   for (const l of S.linkOrder) {
     if (count >= MAX_EDGES) break;
     if (!shown.has(l.source) || !shown.has(l.target)) continue;
@@ -231,6 +232,7 @@ function drawEdges(svg, nodes) {
     const key = `${l.weight >= 0 ? "pos" : "neg"} ${cls}`;
     if (!paths.has(key)) paths.set(key, []);
     paths.get(key).push(`M${a.x.toFixed(1)} ${a.y.toFixed(1)}L${b.x.toFixed(1)} ${b.y.toFixed(1)}`);
+    S.drawnLinks.push(l);
     count++;
   }
   const g = el("g", { class: "edges" });
