@@ -16,7 +16,7 @@ const MIN_COL_W = 70;   // px for a position with few nodes (room for its token 
 const NODE_STEP = 12;  // px per node in a crowded cell
 const MIN_NODE_STEP = 4;  // ... squeezed to no less than this when the graph is too wide
 const MARGIN = { left: 70, right: 30, top: 40, bottom: 50 };
-const MAX_EDGES = 8000; // links drawn at once: every node's strongest first (see linkOrder)
+const MAX_EDGES = 8000; // links drawn at once: every node's strongest first (see adjacency)
 const MAX_HOVER_EDGES = 300; // per direction, the strongest links of a hovered node
 const WIDTH_CLASSES = 8; // drawn links share one <path> per sign and width class
 const SN_COLOURS = ["#e6550d", "#31a354", "#756bb1", "#d6616b", "#3182bd", "#8c6d31"];
@@ -67,13 +67,7 @@ function setGraph(name, graph) {
     S.byId.set(n.node_id, n); S.kind.set(n.node_id, kindOf(n));
     S.incoming.set(n.node_id, []); S.outgoing.set(n.node_id, []);
   }
-  for (const l of graph.links) {
-    S.incoming.get(l.target).push(l); S.outgoing.get(l.source).push(l);
-  }
-  const strongest = (a, b) => Math.abs(b.weight) - Math.abs(a.weight);
-  for (const list of [...S.incoming.values(), ...S.outgoing.values()]) list.sort(strongest);
-  S.linkOrder = linkOrder(graph.links);
-  S.maxWeight = graph.links.reduce((m, l) => Math.max(m, Math.abs(l.weight)), 1e-12);
+  adjacency(graph.links);
   const q = graph.qParams || {};
   S.pinned = (q.pinnedIds || []).filter((id) => S.byId.has(id));
   S.supernodes = (q.supernodes || []).map((g) => g.slice());
@@ -84,18 +78,32 @@ function setGraph(name, graph) {
   S.timings.ready = performance.now(); // since navigation: fetch/parse + first render
 }
 
-// Links ranked as wiremap.attribute.viewer.budget ranks them: each link's rank is the better
-// of its rank among its target's inputs and among its source's outputs (by |weight|), so
-// drawing a prefix of this order gives every node its strongest links first.
-function linkOrder(links) {
-  const rankIn = new Map(), rankOut = new Map();
-  for (const id of S.byId.keys()) {
-    S.incoming.get(id).forEach((l, i) => rankIn.set(l, i));
-    S.outgoing.get(id).forEach((l, i) => rankOut.set(l, i));
+// Precomputed once per graph: each node's links, strongest first, and S.linkOrder, the
+// links ranked as wiremap.attribute.viewer.budget ranks them: a link's rank is the better of
+// its rank among its target's inputs and among its source's outputs (by |weight|), so
+// drawing a prefix of this order gives every node its strongest links first. Index arrays
+// and typed arrays keep this fast at 200,000 links.
+function adjacency(links) {
+  const n = links.length, absW = new Float64Array(n), rank = new Int32Array(n);
+  const inIdx = new Map(), outIdx = new Map();
+  for (const id of S.byId.keys()) { inIdx.set(id, []); outIdx.set(id, []); }
+  links.forEach((l, i) => {
+    absW[i] = Math.abs(l.weight);
+    inIdx.get(l.target).push(i); outIdx.get(l.source).push(i);
+  });
+  rank.fill(2147483647);
+  const byWeight = (a, b) => absW[b] - absW[a] || a - b;
+  for (const [lists, adj] of [[inIdx, S.incoming], [outIdx, S.outgoing]]) {
+    for (const [id, list] of lists) {
+      list.sort(byWeight);
+      list.forEach((i, r) => { if (r < rank[i]) rank[i] = r; });
+      adj.set(id, list.map((i) => links[i]));
+    }
   }
-  const rank = new Map(links.map((l) => [l, Math.min(rankIn.get(l), rankOut.get(l))]));
-  return links.slice().sort((a, b) =>
-    rank.get(a) - rank.get(b) || Math.abs(b.weight) - Math.abs(a.weight));
+  const order = Array.from({ length: n }, (_, i) => i);
+  order.sort((a, b) => rank[a] - rank[b] || byWeight(a, b));
+  S.linkOrder = order.map((i) => links[i]);
+  S.maxWeight = absW.reduce((m, w) => Math.max(m, w), 1e-12);
 }
 
 function labelOf(n) {
