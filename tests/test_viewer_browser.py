@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import itertools
 import json
 import os
 import queue
@@ -453,6 +454,14 @@ def test_real_model_sized_graph_renders_and_responds(browser, tmp_path):
     own_out = sum(ln["source"] == state["node"] and ln["target"] in shown for ln in graph["links"])
     assert state["lit"] == min(own_in, 300) + min(own_out, 300) > 0
     assert state["node"] in state["panel"] and "Strongest inputs" in state["panel"]
+    # the ten logit boxes do not overlap (crowded, every other one is raised)
+    boxes = browser.js(
+        "[...document.querySelectorAll('#graph .node.logit rect')].map(r => {"
+        " const b = r.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]; })"
+    )
+    assert len(boxes) == 10
+    for (l1, t1, r1, b1), (l2, t2, r2, b2) in itertools.combinations(boxes, 2):
+        assert r1 <= l2 or r2 <= l1 or b1 <= t2 or b2 <= t1
     # prune slider at 1: every node, and links up to the viewer's cap
     nodes_all, links_all = visible_counts(graph, threshold=1.0)
     assert nodes_all == len(graph["nodes"])

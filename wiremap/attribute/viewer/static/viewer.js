@@ -19,6 +19,8 @@ const MARGIN = { left: 70, right: 30, top: 40, bottom: 50 };
 const MAX_EDGES = 8000; // links drawn at once: every node's strongest first (see adjacency)
 const MAX_HOVER_EDGES = 300; // per direction, the strongest links of a hovered node
 const WIDTH_CLASSES = 8; // drawn links share one <path> per sign and width class
+const MAX_BOX_W = 124; // px, the widest token/logit box
+const LOGIT_STAGGER = 22; // px a crowded row of logit boxes raises every other box
 const SN_COLOURS = ["#e6550d", "#31a354", "#756bb1", "#d6616b", "#3182bd", "#8c6d31"];
 
 const S = {
@@ -158,14 +160,17 @@ function layout(nodes) {
   for (const [key, cell] of cells) {
     const [row, col] = key.split(",").map(Number);
     cell.sort((a, b) => (a.influence ?? 0) - (b.influence ?? 0));
-    // logit boxes carry text: give each room, spilling left of the last column if needed
+    // logit boxes carry text: give each room, spilling left of the last column if needed;
+    // closer than a box's widest (MAX_BOX_W), every other box is raised so none overlap
     const inner = colW[col] / (cell.length + 1);
-    const step = row === nRows - 1 ? Math.max(inner, 84) : inner;
+    const isLogits = row === nRows - 1;
+    const step = isLogits ? Math.max(inner, 84) : inner;
+    const stagger = isLogits && step < MAX_BOX_W + 4 ? LOGIT_STAGGER : 0;
     const centre = colX[col] + colW[col] / 2;
     const shift = Math.min(0, width - MARGIN.right - 40 - (centre + (step * (cell.length - 1)) / 2));
     cell.forEach((n, i) => pos.set(n.node_id, {
       x: centre + shift + (i - (cell.length - 1) / 2) * step,
-      y: MARGIN.top + (nRows - 1 - row) * rowH,
+      y: MARGIN.top + (nRows - 1 - row) * rowH - (i % 2) * stagger,
     }));
   }
   const height = MARGIN.top + (nRows - 1) * rowH + MARGIN.bottom;
@@ -294,7 +299,7 @@ function nodeShape(n, k) {
   if (k === "error") return el("polygon", { points: "0,-6 6,0 0,6 -6,0", class: "shape" });
   if (k === "feature") return el("circle", { r: 5.5, class: "shape" });
   const text = k === "logit" ? logitText(n) : tokenText(n);
-  const w = Math.max(24, Math.min(8 + text.length * 6.7, 124));
+  const w = Math.max(24, Math.min(8 + text.length * 6.7, MAX_BOX_W));
   const grp = el("g", { class: "shape" });
   grp.append(el("rect", { x: -w / 2, y: -9, width: w, height: 18, rx: 4 }));
   grp.append(el("text", { y: 4, "text-anchor": "middle" }, text.slice(0, 18)));
