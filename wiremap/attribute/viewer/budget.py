@@ -1,7 +1,7 @@
 """Edge budgets: which edges of a pruned graph to write or draw so it stays readable.
 
-    kept = budget_order(targets, sources, scores, per_node=8, max_edges=20_000)
-    obj = budget_graph_json(obj, per_node=8, max_edges=20_000)   # a graph JSON, budgeted
+    kept = budget_order(targets, sources, scores, per_node=16, max_edges=20_000)
+    obj = budget_graph_json(obj, per_node=16, max_edges=20_000)   # a graph JSON, budgeted
 
 A pruned graph of a real model can keep ~1,000 features and ~200,000 edges: 17 MB of JSON
 and a picture made of ink. The budget ranks every edge twice, among the incoming edges of
@@ -16,9 +16,12 @@ ones elsewhere are kept, and the number of edges is at most
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from wiremap.attribute.viewer.subgraph import influence_np, row_normalised
+from wiremap.errors import WiremapError
 
 SCORE_NAME = "edge score |A[t,s]|/sum_s'|A[t,s']| * (I_t + w_t) on the pruned graph"
 
@@ -54,10 +57,10 @@ def budget_order(
 
 
 def check_budget(per_node: int | None, max_edges: int | None) -> None:
-    from wiremap.errors import WiremapError
-
+    """Raise WiremapError unless both limits are positive integers or None."""
     for name, value in (("edges_per_node", per_node), ("max_edges", max_edges)):
-        if value is not None and (not isinstance(value, int) or value < 1):
+        bad_type = isinstance(value, bool) or not isinstance(value, numbers.Integral)
+        if value is not None and (bad_type or value < 1):
             raise WiremapError(f"{name}={value!r}: give a positive integer, or None for no limit")
 
 
