@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib")
 
 from matplotlib.text import Text  # noqa: E402
 
-from wiremap.attribute.png import draw_graph, plan_drawing, write_png  # noqa: E402
+from wiremap.attribute.png import draw_graph, logit_label, plan_drawing, write_png  # noqa: E402
 from wiremap.attribute.viewer.subgraph import node_kind  # noqa: E402
 from wiremap.attribute.viewer.synthetic import synthetic_graph, synthetic_graph_json  # noqa: E402
 
@@ -109,3 +109,9 @@ def test_write_png_of_a_real_model_sized_graph(big_json, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     d = plan_drawing(big_json)
     assert len(d.links) <= 600 and _drawn_kinds(d)["feature"] <= 300
+
+
+def test_logit_label_is_one_line():
+    assert logit_label({"clerp": 'Output " Paris" (p=0.750)'}) == " Paris 0.75"
+    assert logit_label({"clerp": 'Output "\n" (p=0.007)'}) == "\\n 0.01"
+    assert logit_label({"clerp": "a\tcustom direction"}) == "a\\tcustom direction"

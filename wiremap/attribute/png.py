@@ -24,6 +24,7 @@ A real model's pruned graph has ~1,000 features and (after the JSON's edge budge
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,11 +291,12 @@ def _decorate(ax, graph: dict, d: Drawing) -> None:
 
 # ---- logit labels that never overlap -----------------------------------------------------
 def logit_label(node: dict) -> str:
-    """'token 0.42' from a logit node's clerp 'Output "token" (p=0.420)'."""
-    import re
-
-    match = re.match(r'^Output "(.*)" \(p=([0-9.]+)\)$', str(node.get("clerp") or ""))
-    return f"{match[1]} {float(match[2]):.2f}" if match else str(node.get("clerp") or "")
+    """'token 0.42' from a logit node's clerp 'Output "token" (p=0.420)', on one line (a
+    newline or tab token is shown escaped, as \\n or \\t)."""
+    clerp = str(node.get("clerp") or "")
+    match = re.fullmatch(r'Output "(.*)" \(p=([0-9.]+)\)', clerp, flags=re.DOTALL)
+    text = f"{match[1]} {float(match[2]):.2f}" if match else clerp
+    return text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
 
 
 def _label_logits(ax, d: Drawing) -> float:

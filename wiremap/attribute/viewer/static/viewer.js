@@ -307,8 +307,9 @@ function nodeShape(n, k) {
 }
 
 function logitText(n) {
-  const m = /^Output "(.*)" \(p=([0-9.]+)\)$/.exec(n.clerp || "");
-  return m ? `${m[1]} ${(+m[2]).toFixed(2)}` : n.clerp || n.node_id;
+  const m = /^Output "([\s\S]*)" \(p=([0-9.]+)\)$/.exec(n.clerp || "");
+  const text = m ? `${m[1]} ${(+m[2]).toFixed(2)}` : n.clerp || n.node_id;
+  return text.replace(/\n/g, "\\n").replace(/\t/g, "\\t").replace(/\r/g, "\\r"); // one line
 }
 
 function supernodeOfMap() {
