@@ -396,11 +396,14 @@ HOVER_AND_CLICK = """(async (id) => {
   const hoverFrame = performance.now() - t0;
   const lit = document.querySelectorAll('.hl-edges .edge').length;
   node.dispatchEvent(new MouseEvent('mouseout', {bubbles: true}));
+  const cleared = !svg.classList.contains('hovering')
+    && document.querySelectorAll('.hl-edges .edge').length === 0;
   t0 = performance.now();
   node.dispatchEvent(new MouseEvent('click', {bubbles: true}));
   document.getElementById('node-panel').getBoundingClientRect();
   const click = performance.now() - t0;
-  return {hover, hoverFrame, lit, click, panel: document.getElementById('node-panel').innerText};
+  return {hover, hoverFrame, lit, cleared, click,
+          panel: document.getElementById('node-panel').innerText};
 })"""
 
 
@@ -453,6 +456,7 @@ def test_real_model_sized_graph_renders_and_responds(browser, tmp_path):
     own_in = sum(ln["target"] == state["node"] and ln["source"] in shown for ln in graph["links"])
     own_out = sum(ln["source"] == state["node"] and ln["target"] in shown for ln in graph["links"])
     assert state["lit"] == min(own_in, 300) + min(own_out, 300) > 0
+    assert state["cleared"]  # leaving the node takes its links down again
     assert state["node"] in state["panel"] and "Strongest inputs" in state["panel"]
     # the ten logit boxes do not overlap (crowded, every other one is raised)
     boxes = browser.js(

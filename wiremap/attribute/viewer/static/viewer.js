@@ -199,6 +199,7 @@ function render() {
   const t0 = performance.now();
   const svg = $("graph");
   svg.replaceChildren();
+  svg.classList.remove("hovering"); // the hovered node may be gone; the next mouseover says
   const nodes = S.graph.nodes.filter(visible);
   const L = layout(nodes);
   S.pos = L.pos;
@@ -283,7 +284,8 @@ function drawNodes(svg, nodes) {
   g.addEventListener("mouseover", (ev) => { const id = idOf(ev); if (id) highlight(id, true); });
   g.addEventListener("mouseout", (ev) => {
     const id = idOf(ev);
-    if (id && !(ev.relatedTarget && S.nodeEls.get(id).contains(ev.relatedTarget))) highlight(id, false);
+    const inside = ev.relatedTarget && S.nodeEls.get(id)?.contains(ev.relatedTarget);
+    if (id && !inside) highlight(id, false);
   });
   g.addEventListener("click", (ev) => {
     const id = idOf(ev);
