@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from test_prune import E01, F0, F1, F2, LA, T0, T1, hand_graph, random_dag_graph
@@ -19,7 +20,13 @@ from wiremap.attribute.export import (
     write_graph_json,
 )
 from wiremap.attribute.graph import Graph
-from wiremap.attribute.prune import graph_scores, prune_graph
+from wiremap.attribute.prune import graph_scores, logit_weights, prune_graph
+from wiremap.attribute.viewer.budget import (
+    budget_graph_json,
+    budget_order,
+    edge_scores,
+    rank_within,
+)
 from wiremap.errors import WiremapError
 
 
@@ -160,3 +167,105 @@ def test_summarize_paths_finds_planted_path():
     )
     assert first_path.endswith("logit 'l0'")
     assert "replacement" in text.splitlines()[1]
+
+
+# ---- edge budget -------------------------------------------------------------------------
+def _big_graph():
+    from wiremap.attribute.viewer.synthetic import synthetic_graph
+
+    # ~360 features over 12 layers: ~34k edges survive pruning at thresholds 1.0
+    return synthetic_graph(n_features=360, n_layers=12, n_pos=8, inputs_per_node=130, seed=1)
+
+
+@pytest.fixture(scope="module")
+def big():
+    g = _big_graph()
+    result = prune_graph(g, node_threshold=1.0, edge_threshold=1.0)
+    targets, sources, weights = (t.numpy() for t in result.edges())
+    w = logit_weights(g).double().numpy()
+    scores = edge_scores(targets, sources, weights.astype("float64"), w, g.n_nodes)
+    return g, result, (targets, sources, scores)
+
+
+def test_rank_within_and_budget_order_by_hand():
+    group = np.array([0, 0, 1, 0, 1])
+    assert rank_within(group, np.array([1.0, 3.0, 2.0, 2.0, 5.0])).tolist() == [2, 0, 1, 1, 0]
+    # edges t<-s: (2<-0) 5, (2<-1) 1, (3<-0) 4, (3<-1) 3; in-ranks 0,1,0,1; out-ranks 0,1,1,0
+    tgt, src = np.array([2, 2, 3, 3]), np.array([0, 1, 0, 1])
+    scores = np.array([5.0, 1.0, 4.0, 3.0])
+    assert budget_order(tgt, src, scores, None, None).tolist() == [0, 2, 3, 1]
+    assert budget_order(tgt, src, scores, 1, None).tolist() == [0, 2, 3]
+    assert budget_order(tgt, src, scores, None, 2).tolist() == [0, 2]
+
+
+def test_edge_budget_bounds_the_json(big, tmp_path):
+    g, result, _ = big
+    full = write_graph_json(
+        g, tmp_path / "full.json", result=result, edges_per_node=None, max_edges=None
+    )
+    n_all = full.n_edges
+    write_graph_json(g, tmp_path / "b.json", result=result, edges_per_node=8, max_edges=3000)
+    obj = json.loads((tmp_path / "b.json").read_text())
+    validate_graph_json(obj)
+    n_nodes = len(obj["nodes"])
+    assert n_all > 30_000 and len(obj["links"]) == 3000 <= 2 * 8 * n_nodes
+    # bytes: the nodes as before, plus at most 3000 links of bounded length
+    size = (tmp_path / "b.json").stat().st_size
+    no_links = len(json.dumps({**obj, "links": []}, ensure_ascii=False, separators=(",", ":")))
+    assert size <= no_links + 3000 * 80
+    assert size * 6 < (tmp_path / "full.json").stat().st_size
+    budget = obj["metadata"]["edge_budget"]
+    assert (budget["edges_before"], budget["edges_kept"]) == (n_all, 3000)
+    assert (budget["edges_per_node"], budget["max_edges"]) == (8, 3000)
+    # scores are those of the pruned graph with all its edges
+    assert obj["metadata"]["scores"] == result.scores
+    assert len(obj["nodes"]) == int(result.node_mask.sum())
+
+
+def test_edge_budget_keeps_each_nodes_strongest_edges(big):
+    g, result, (targets, sources, scores) = big
+    k = 3
+    obj = graph_to_json(g, result=result, edges_per_node=k, max_edges=None)
+    ids = node_ids(g)
+    kept = {(link["target"], link["source"]) for link in obj["links"]}
+    top_in, top_out = set(), set()
+    for end, top in ((targets, top_in), (sources, top_out)):
+        for node in np.unique(end):
+            mine = np.nonzero(end == node)[0]
+            best = mine[np.argsort(-scores[mine], kind="stable")[:k]]
+            pairs = (targets[best], sources[best])
+            top |= {(ids[t], ids[s]) for t, s in zip(*pairs, strict=True)}
+    assert kept == top_in | top_out  # each node's k strongest in and out, nothing else
+    assert len(kept) < len(targets) / 5
+
+
+def test_edge_cap_keeps_the_strongest_by_rank(big):
+    g, result, (targets, sources, scores) = big
+    cap = 2500
+    ids = node_ids(g)
+    obj = graph_to_json(g, result=result, edges_per_node=None, max_edges=cap)
+    kept = {(link["target"], link["source"]) for link in obj["links"]}
+    assert len(kept) == cap
+    rank = np.minimum(rank_within(targets, scores), rank_within(sources, scores))
+    is_kept = np.array([(ids[t], ids[s]) in kept for t, s in zip(targets, sources, strict=True)])
+    assert rank[is_kept].max() <= rank[~is_kept].min()  # every node's 1st, then 2nd, ...
+    edge = rank[is_kept].max()  # within the last rank taken, the highest scores
+    assert scores[is_kept & (rank == edge)].min() >= scores[~is_kept & (rank == edge)].max()
+    # every node with edges keeps its strongest input and output
+    assert cap >= (rank == 0).sum() and is_kept[rank == 0].all()
+
+
+def test_budget_graph_json_matches_the_export(big):
+    g, result, _ = big
+    unbudgeted = graph_to_json(g, result=result, edges_per_node=None, max_edges=None)
+    later = budget_graph_json(unbudgeted, per_node=4, max_edges=2000)
+    now = graph_to_json(g, result=result, edges_per_node=4, max_edges=2000)
+    assert later["links"] == now["links"]
+    assert later["metadata"]["edge_budget"] == now["metadata"]["edge_budget"]
+    assert len(unbudgeted["links"]) == result.n_edges  # the input is left alone
+
+
+def test_bad_edge_budget_is_a_clear_error():
+    for bad in ({"edges_per_node": 0}, {"max_edges": -5}, {"max_edges": 2.5}):
+        with pytest.raises(WiremapError, match="positive integer"):
+            graph_to_json(hand_graph(), **bad)

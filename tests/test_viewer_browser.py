@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import itertools
 import json
 import os
 import queue
@@ -21,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_viewer_server import cantor, make_graph_json
 
@@ -352,3 +354,129 @@ def test_crowded_position_still_fits_the_view(browser, tmp_path):
     width = browser.js("Number(document.querySelector('#graph-wrap svg').getAttribute('width'))")
     visible = browser.js("document.getElementById('graph-wrap').clientWidth")
     assert width <= visible + 1
+
+
+# ---- a real-model-sized graph --------------------------------------------------------------
+def shown_ids(graph: dict, threshold: float = 0.8) -> set[str]:
+    """The nodes the viewer shows with its prune slider at `threshold` (see viewer.js)."""
+    return {
+        n["node_id"]
+        for n in graph["nodes"]
+        if n["feature_type"] in ("embedding", "logit")
+        or n["influence"] is None
+        or n["influence"] <= threshold
+    }
+
+
+def visible_counts(graph: dict, threshold: float = 0.8, max_edges: int = 8000) -> tuple[int, int]:
+    """(nodes, links) the viewer should draw at that threshold, with its link cap."""
+    shown = shown_ids(graph, threshold)
+    links = sum(1 for ln in graph["links"] if ln["source"] in shown and ln["target"] in shown)
+    return len(shown), min(links, max_edges)
+
+
+def first_links(graph: dict, k: int) -> set[tuple[str, str]]:
+    """The first k (source, target) links in the budget's order, ranked by |weight|."""
+    from wiremap.attribute.viewer.budget import budget_order, json_edge_arrays
+
+    ids, tgt, src, weight = json_edge_arrays(graph)
+    order = budget_order(tgt, src, np.abs(weight), None, k)
+    return {(ids[src[i]], ids[tgt[i]]) for i in order.tolist()}
+
+
+HOVER_AND_CLICK = """(async (id) => {
+  const V = window.wiremapViewer, S = V.state, svg = document.getElementById('graph');
+  const node = document.querySelector(`#graph .node[data-id="${id}"]`);
+  const frame = () => new Promise((r) => requestAnimationFrame(() => r()));
+  let t0 = performance.now();
+  node.dispatchEvent(new MouseEvent('mouseover', {bubbles: true}));
+  svg.getBoundingClientRect();  // style and layout of what the hover changed
+  const hover = performance.now() - t0;
+  await frame();
+  const hoverFrame = performance.now() - t0;
+  const lit = document.querySelectorAll('.hl-edges .edge').length;
+  node.dispatchEvent(new MouseEvent('mouseout', {bubbles: true}));
+  const cleared = !svg.classList.contains('hovering')
+    && document.querySelectorAll('.hl-edges .edge').length === 0;
+  t0 = performance.now();
+  node.dispatchEvent(new MouseEvent('click', {bubbles: true}));
+  document.getElementById('node-panel').getBoundingClientRect();
+  const click = performance.now() - t0;
+  return {hover, hoverFrame, lit, cleared, click,
+          panel: document.getElementById('node-panel').innerText};
+})"""
+
+
+def measure_big_graph(browser, page) -> dict:
+    """Open `page`, wait for the first render, hover and click the busiest feature; the
+    page's own timings (performance.now(), ms) and what it drew."""
+    browser.goto(page.as_uri())
+    browser.wait_for("window.wiremapViewer && window.wiremapViewer.state.timings.ready", "render")
+    state = browser.js(
+        "(() => { const S = wiremapViewer.state; return {timings: S.timings, drawn: S.drawn,"
+        " nodes: document.querySelectorAll('#graph .node').length,"
+        " segments: [...document.querySelectorAll('#graph .edges path')]"
+        ".reduce((k, p) => k + p.getAttribute('d').split('M').length - 1, 0)}; })()"
+    )
+    busiest = browser.js(
+        "(() => { const S = wiremapViewer.state; let best = null, most = -1;"
+        " for (const [id, el] of S.nodeEls) { if (!el.classList.contains('feature')) continue;"
+        " const k = S.incoming.get(id).length + S.outgoing.get(id).length;"
+        " if (k > most) { most = k; best = id; } } return best; })()"
+    )
+    state.update(browser.js(f"{HOVER_AND_CLICK}({json.dumps(busiest)})"), node=busiest)
+    state["all"] = browser.js(SHOW_ALL)
+    return state
+
+
+SHOW_ALL = """(async () => {
+  const S = wiremapViewer.state, slider = document.getElementById('prune');
+  slider.value = '1';
+  slider.dispatchEvent(new Event('input'));
+  await new Promise((r) => requestAnimationFrame(() => setTimeout(r, 0)));
+  return {drawn: {...S.drawn}, render: S.timings.render,
+          nodes: document.querySelectorAll('#graph .node').length,
+          links: S.drawnLinks.map((l) => [l.source, l.target])};
+})()"""
+
+
+def test_real_model_sized_graph_renders_and_responds(browser, tmp_path):
+    from wiremap.attribute.viewer.synthetic import synthetic_graph_json
+
+    graph = synthetic_graph_json()  # ~1,000 features, 30 layers, 10 positions, edge budget
+    n_features = sum(n["feature_type"] == "cross layer transcoder" for n in graph["nodes"])
+    assert n_features > 950 and len(graph["links"]) > 10_000
+    state = measure_big_graph(browser, write_html(graph, tmp_path / "big.html"))
+    nodes, links = visible_counts(graph)
+    assert state["drawn"] == {"nodes": nodes, "edges": links}
+    assert state["nodes"] == nodes and state["segments"] == links
+    assert state["timings"]["render"] > 0
+    # hover lit the node's own links (all of them, drawn or not); click filled the panel
+    shown = shown_ids(graph)
+    own_in = sum(ln["target"] == state["node"] and ln["source"] in shown for ln in graph["links"])
+    own_out = sum(ln["source"] == state["node"] and ln["target"] in shown for ln in graph["links"])
+    assert state["lit"] == min(own_in, 300) + min(own_out, 300) > 0
+    assert state["cleared"]  # leaving the node takes its links down again
+    assert state["node"] in state["panel"] and "Strongest inputs" in state["panel"]
+    # the ten logit boxes do not overlap (crowded, every other one is raised)
+    boxes = browser.js(
+        "[...document.querySelectorAll('#graph .node.logit rect')].map(r => {"
+        " const b = r.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]; })"
+    )
+    assert len(boxes) == 10
+    for (l1, t1, r1, b1), (l2, t2, r2, b2) in itertools.combinations(boxes, 2):
+        assert r1 <= l2 or r2 <= l1 or b1 <= t2 or b2 <= t1
+    # prune slider at 1: every node, and links up to the viewer's cap
+    nodes_all, links_all = visible_counts(graph, threshold=1.0)
+    assert nodes_all == len(graph["nodes"])
+    assert state["all"]["drawn"] == {"nodes": nodes_all, "edges": links_all}
+    assert state["all"]["nodes"] == nodes_all
+    # the drawn links are the first ones of the edge budget's order (by |weight|)
+    assert {tuple(x) for x in state["all"]["links"]} == first_links(graph, links_all)
+    print(
+        f"\n1,000-feature graph: {nodes} nodes, {links} links drawn; ready "
+        f"{state['timings']['ready']:.0f} ms, render {state['timings']['render']:.0f} ms, hover "
+        f"{state['hover']:.1f} ms ({state['hoverFrame']:.1f} to the next frame), "
+        f"click {state['click']:.1f} ms; all {nodes_all} nodes, {links_all} links: render "
+        f"{state['all']['render']:.0f} ms"
+    )

@@ -4,6 +4,13 @@
     validate_graph_json(json.load(open("graph.json")))   # raises WiremapError on problems
     print(summarize_paths(graph, k=5, result=result))
     subgraph_scores(graph, ["3_12_5", "5_7_6"])            # scores of pinned node ids
+    write_graph_json(graph, "g.json", edges_per_node=None, max_edges=None)   # every edge
+
+Edge budget: the pruned graph of a real model can hold ~200,000 edges (17 MB of JSON). The
+JSON keeps, for every node, its `edges_per_node` strongest incoming and outgoing edges (by
+the pruning edge score) and at most `max_edges` in all (`wiremap.attribute.viewer.budget`
+says exactly how); `metadata.edge_budget` records it. Scores in `metadata.scores` are always
+those of the pruned graph with all its edges.
 
 Node ids: feature `"{layer}_{feature}_{pos}"`, error `"{layer}_-1_{pos}"` (never a feature
 id, since features are >= 0), token `"E_{token_id}_{pos}"`, logit
@@ -22,11 +29,17 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from wiremap.attribute.graph import Graph
-from wiremap.attribute.prune import PruneResult, graph_scores, prune_graph
+from wiremap.attribute.prune import PruneResult, graph_scores, logit_weights, prune_graph
+from wiremap.attribute.viewer.budget import budget_order, budget_record, check_budget, edge_scores
 from wiremap.errors import WiremapError
 
 SCHEMA_VERSION = 1
+# Default edge budget: a 1,000-feature graph keeps its strongest links in ~1.5 MB of JSON.
+EDGES_PER_NODE = 16
+MAX_EDGES = 20_000
 FEATURE_TYPES = ("cross layer transcoder", "mlp reconstruction error", "embedding", "logit")
 Labels = Mapping[tuple[int, int], str]  # (layer, feature) -> short description
 
@@ -193,9 +206,16 @@ def graph_to_json(
     scan: str | None = None,
     pinned_ids: Iterable[str] = (),
     supernodes: Iterable[list[str]] = (),
+    edges_per_node: int | None = EDGES_PER_NODE,
+    max_edges: int | None = MAX_EDGES,
     **prune_kwargs: Any,
 ) -> dict[str, Any]:
-    """The graph JSON of DESIGN.md §8 for the pruned graph (pruned here unless `result`)."""
+    """The graph JSON of DESIGN.md §8 for the pruned graph (pruned here unless `result`).
+
+    Links are the pruned graph's edges within the edge budget (`edges_per_node` strongest in
+    and out per node, `max_edges` in all; None = no limit); scores are the unbudgeted ones.
+    """
+    check_budget(edges_per_node, max_edges)
     result = result or prune_graph(graph, **prune_kwargs)
     ids = node_ids(graph)
     kept = result.node_mask.nonzero().reshape(-1).tolist()
@@ -205,11 +225,7 @@ def graph_to_json(
         node = _json_node(graph, i, ids[i], labels)
         node["influence"] = cumulative[i]
         nodes.append(node)
-    targets, sources, weights = result.edges()
-    links = [
-        {"source": ids[s], "target": ids[t], "weight": w}
-        for t, s, w in zip(targets.tolist(), sources.tolist(), weights.tolist(), strict=True)
-    ]
+    links, budget = _budgeted_links(graph, result, ids, edges_per_node, max_edges)
     q_params = {
         "pinnedIds": list(pinned_ids),
         "supernodes": [list(s) for s in supernodes],
@@ -217,25 +233,45 @@ def graph_to_json(
         "clickedId": "",
         "sg_pos": "",
     }
-    return {
-        "metadata": _metadata(graph, result, slug, scan),
-        "qParams": q_params,
-        "nodes": nodes,
-        "links": links,
-    }
+    metadata = {**_metadata(graph, result, slug, scan), "edge_budget": budget}
+    return {"metadata": metadata, "qParams": q_params, "nodes": nodes, "links": links}
+
+
+def _budgeted_links(
+    graph: Graph, result: PruneResult, ids: list[str], per_node: int | None, max_edges: int | None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The JSON links the edge budget keeps (in adjacency order), and its metadata record."""
+    targets, sources, weights = (t.detach().cpu().double().numpy() for t in result.edges())
+    targets, sources = targets.astype(np.int64), sources.astype(np.int64)
+    probs = logit_weights(graph).cpu().double().numpy()
+    scores = edge_scores(targets, sources, weights, probs, graph.n_nodes)
+    keep = np.sort(budget_order(targets, sources, scores, per_node, max_edges))
+    links = [
+        # 7 significant digits: float32's precision, in half the characters of a float64
+        {"source": ids[s], "target": ids[t], "weight": float(f"{w:.7g}")}
+        for t, s, w in zip(
+            targets[keep].tolist(), sources[keep].tolist(), weights[keep].tolist(), strict=True
+        )
+    ]
+    return links, budget_record(per_node, max_edges, len(targets), len(links))
 
 
 def write_graph_json(
     graph: Graph, path: str | Path, result: PruneResult | None = None, **kwargs: Any
 ) -> PruneResult:
-    """Prune (unless `result`), write the graph JSON to `path`, check it; returns the pruning."""
+    """Prune (unless `result`), write the graph JSON to `path`, check it; returns the pruning.
+
+    Keyword arguments: the pruning's (`node_threshold`, `edge_threshold`, `backend`) and
+    `graph_to_json`'s, among them the edge budget `edges_per_node` and `max_edges`.
+    """
     prune_keys = ("node_threshold", "edge_threshold", "backend")
     result = result or prune_graph(graph, **{k: kwargs.pop(k) for k in prune_keys if k in kwargs})
     obj = graph_to_json(graph, result=result, **kwargs)
     validate_graph_json(obj)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    path.write_text(text, encoding="utf-8")
     return result
 
 

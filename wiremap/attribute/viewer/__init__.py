@@ -5,5 +5,7 @@
 
 `server.py` (HTTP, standard library only), `graphfile.py` (safe paths, checked loading,
 saved edits), `subgraph.py` (scores of a pinned subgraph), `steer.py` (interventions),
-`static/` (the page: plain JS/SVG, no build step, nothing fetched from the network).
+`budget.py` (the edge budget that keeps large graphs readable), `synthetic.py`
+(real-model-sized graphs for tests and benches), `static/` (the page: plain JS/SVG, no
+build step, nothing fetched from the network).
 """

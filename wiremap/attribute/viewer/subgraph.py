@@ -29,13 +29,13 @@ def pinned_scores(obj: dict, pinned_ids: list[str]) -> dict[str, Any]:
     """Scores of the subgraph keeping tokens, logits, errors and the pinned features."""
     ids, kinds, src, tgt, weight = _folded_graph(obj, set(pinned_ids))
     n = len(ids)
-    norm = _row_normalised(np.abs(weight), tgt, n)
+    norm = row_normalised(np.abs(weight), tgt, n)
     w = np.zeros(n)
     logit_prob = {nd["node_id"]: float(nd.get("token_prob") or 0.0) for nd in obj["nodes"]}
     for i, node_id in enumerate(ids):
         if kinds[i] == "logit":
             w[i] = logit_prob.get(node_id, 0.0)
-    influence = _influence(w, norm, src, tgt, n)
+    influence = influence_np(w, norm, src, tgt, n)
     is_err, is_tok = kinds == "error", kinds == "token"
     denom = influence[is_tok].sum() + influence[is_err].sum()
     replacement = float(influence[is_tok].sum() / denom) if denom > 0 else 0.0
@@ -96,13 +96,13 @@ def _summed(edges: list[tuple[int, int, float]], n: int):
     return keys % n, keys // n, summed
 
 
-def _row_normalised(values: np.ndarray, tgt: np.ndarray, n: int) -> np.ndarray:
+def row_normalised(values: np.ndarray, tgt: np.ndarray, n: int) -> np.ndarray:
     """Each target row of |A| scaled to sum 1 (rows with no input stay zero)."""
     sums = np.bincount(tgt, weights=values, minlength=n)
     return values / np.where(sums[tgt] > 0, sums[tgt], 1.0)
 
 
-def _influence(w, norm, src, tgt, n: int, max_steps: int = 1000) -> np.ndarray:
+def influence_np(w, norm, src, tgt, n: int, max_steps: int = 1000) -> np.ndarray:
     """I = w(Â + Â² + …), by repeated sparse products (a DAG, so it terminates)."""
     x, total = w.astype(np.float64), np.zeros(n)
     for _ in range(max_steps):

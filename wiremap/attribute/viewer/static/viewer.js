@@ -2,6 +2,12 @@
 // Served by `wiremap serve DIR`, or inlined with the graph by wiremap.attribute.html
 // (then the page has a <script id="wiremap-graph"> holding the graph, and no server).
 // Plain JS, no build step, no third-party code.
+//
+// Sized for real-model graphs (~1,000 features, ~20,000 links): the adjacency and the order
+// in which links are drawn are computed once per graph; the drawn links are a handful of SVG
+// <path>s (one per sign and width class) rather than an element each; hovering a node draws
+// only its own links on top; one set of listeners on the node layer serves every node.
+// S.timings holds the last render / hover / click times (performance.now(), ms).
 "use strict";
 
 const SVGNS = "http://www.w3.org/2000/svg";
@@ -10,14 +16,19 @@ const MIN_COL_W = 70;   // px for a position with few nodes (room for its token 
 const NODE_STEP = 12;  // px per node in a crowded cell
 const MIN_NODE_STEP = 4;  // ... squeezed to no less than this when the graph is too wide
 const MARGIN = { left: 70, right: 30, top: 40, bottom: 50 };
-const MAX_EDGES = 4000; // the strongest visible edges; more would make the SVG crawl
+const MAX_EDGES = 8000; // links drawn at once: every node's strongest first (see adjacency)
+const MAX_HOVER_EDGES = 300; // per direction, the strongest links of a hovered node
+const WIDTH_CLASSES = 8; // drawn links share one <path> per sign and width class
+const MAX_BOX_W = 124; // px, the widest token/logit box
+const LOGIT_STAGGER = 22; // px a crowded row of logit boxes raises every other box
 const SN_COLOURS = ["#e6550d", "#31a354", "#756bb1", "#d6616b", "#3182bd", "#8c6d31"];
 
 const S = {
   embedded: false, name: null, graph: null, byId: new Map(), kind: new Map(),
   incoming: new Map(), outgoing: new Map(), pinned: [], supernodes: [], labels: {},
   ticked: new Set(), clicked: null, threshold: 0.8, showErrors: true, pos: new Map(),
-  edgeEls: new Map(), nodeEls: new Map(), dirty: false,
+  nodeEls: new Map(), dirty: false, linkOrder: [], drawnLinks: [], maxWeight: 1e-12,
+  drawn: { nodes: 0, edges: 0 }, timings: {},
 };
 
 const $ = (id) => document.getElementById(id);
@@ -58,9 +69,7 @@ function setGraph(name, graph) {
     S.byId.set(n.node_id, n); S.kind.set(n.node_id, kindOf(n));
     S.incoming.set(n.node_id, []); S.outgoing.set(n.node_id, []);
   }
-  for (const l of graph.links) {
-    S.incoming.get(l.target).push(l); S.outgoing.get(l.source).push(l);
-  }
+  adjacency(graph.links);
   const q = graph.qParams || {};
   S.pinned = (q.pinnedIds || []).filter((id) => S.byId.has(id));
   S.supernodes = (q.supernodes || []).map((g) => g.slice());
@@ -68,6 +77,35 @@ function setGraph(name, graph) {
   S.dirty = false;
   $("prompt").textContent = graph.metadata.prompt || "";
   render(); renderPinned(); showNode(S.clicked); updateScores();
+  S.timings.ready = performance.now(); // since navigation: fetch/parse + first render
+}
+
+// Precomputed once per graph: each node's links, strongest first, and S.linkOrder, the
+// links ranked as wiremap.attribute.viewer.budget ranks them: a link's rank is the better of
+// its rank among its target's inputs and among its source's outputs (by |weight|), so
+// drawing a prefix of this order gives every node its strongest links first. Index arrays
+// and typed arrays keep this fast at 200,000 links.
+function adjacency(links) {
+  const n = links.length, absW = new Float64Array(n), rank = new Int32Array(n);
+  const inIdx = new Map(), outIdx = new Map();
+  for (const id of S.byId.keys()) { inIdx.set(id, []); outIdx.set(id, []); }
+  links.forEach((l, i) => {
+    absW[i] = Math.abs(l.weight);
+    inIdx.get(l.target).push(i); outIdx.get(l.source).push(i);
+  });
+  rank.fill(2147483647);
+  const byWeight = (a, b) => absW[b] - absW[a] || a - b;
+  for (const [lists, adj] of [[inIdx, S.incoming], [outIdx, S.outgoing]]) {
+    for (const [id, list] of lists) {
+      list.sort(byWeight);
+      list.forEach((i, r) => { if (r < rank[i]) rank[i] = r; });
+      adj.set(id, list.map((i) => links[i]));
+    }
+  }
+  const order = Array.from({ length: n }, (_, i) => i);
+  order.sort((a, b) => rank[a] - rank[b] || byWeight(a, b));
+  S.linkOrder = order.map((i) => links[i]);
+  S.maxWeight = absW.reduce((m, w) => Math.max(m, w), 1e-12);
 }
 
 function labelOf(n) {
@@ -122,14 +160,17 @@ function layout(nodes) {
   for (const [key, cell] of cells) {
     const [row, col] = key.split(",").map(Number);
     cell.sort((a, b) => (a.influence ?? 0) - (b.influence ?? 0));
-    // logit boxes carry text: give each room, spilling left of the last column if needed
+    // logit boxes carry text: give each room, spilling left of the last column if needed;
+    // closer than a box's widest (MAX_BOX_W), every other box is raised so none overlap
     const inner = colW[col] / (cell.length + 1);
-    const step = row === nRows - 1 ? Math.max(inner, 84) : inner;
+    const isLogits = row === nRows - 1;
+    const step = isLogits ? Math.max(inner, 84) : inner;
+    const stagger = isLogits && step < MAX_BOX_W + 4 ? LOGIT_STAGGER : 0;
     const centre = colX[col] + colW[col] / 2;
     const shift = Math.min(0, width - MARGIN.right - 40 - (centre + (step * (cell.length - 1)) / 2));
     cell.forEach((n, i) => pos.set(n.node_id, {
       x: centre + shift + (i - (cell.length - 1) / 2) * step,
-      y: MARGIN.top + (nRows - 1 - row) * rowH,
+      y: MARGIN.top + (nRows - 1 - row) * rowH - (i % 2) * stagger,
     }));
   }
   const height = MARGIN.top + (nRows - 1) * rowH + MARGIN.bottom;
@@ -155,8 +196,10 @@ function columnWidths(cells, nPos, available) {
 
 // ---- drawing ----------------------------------------------------------------------------
 function render() {
+  const t0 = performance.now();
   const svg = $("graph");
   svg.replaceChildren();
+  svg.classList.remove("hovering"); // the hovered node may be gone; the next mouseover says
   const nodes = S.graph.nodes.filter(visible);
   const L = layout(nodes);
   S.pos = L.pos;
@@ -164,8 +207,11 @@ function render() {
   svg.setAttribute("viewBox", `0 0 ${L.width} ${L.height}`);
   drawAxes(svg, L);
   drawEdges(svg, nodes);
+  svg.append(el("g", { class: "hl-edges" }));
   drawNodes(svg, nodes);
   drawSupernodeLabels(svg);
+  S.drawn.nodes = nodes.length;
+  S.timings.render = performance.now() - t0;
 }
 
 function drawAxes(svg, L) {
@@ -183,25 +229,34 @@ function drawAxes(svg, L) {
   svg.append(g);
 }
 
+const widthOf = (l) => 0.4 + 3.6 * Math.abs(l.weight) / S.maxWeight;
+
+// The first MAX_EDGES links of S.linkOrder between shown nodes, as one <path> per sign and
+// width class: a few elements however many links, so rendering and restyling stay cheap.
 function drawEdges(svg, nodes) {
   const shown = new Set(nodes.map((n) => n.node_id));
-  const links = S.graph.links.filter((l) => shown.has(l.source) && shown.has(l.target))
-    .sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, MAX_EDGES);
-  const maxW = Math.max(1e-12, ...links.map((l) => Math.abs(l.weight)));
-  const g = el("g", { class: "edges" });
-  S.edgeEls = new Map();
-  for (const l of links.reverse()) { // strongest drawn last, on top
+  const paths = new Map();
+  let count = 0;
+  S.drawnLinks = [];
+  for (const l of S.linkOrder) {
+    if (count >= MAX_EDGES) break;
+    if (!shown.has(l.source) || !shown.has(l.target)) continue;
     const a = S.pos.get(l.source), b = S.pos.get(l.target);
-    const line = el("line", {
-      x1: a.x, y1: a.y, x2: b.x, y2: b.y, class: `edge ${l.weight >= 0 ? "pos" : "neg"}`,
-      "stroke-width": (0.4 + 3.6 * Math.abs(l.weight) / maxW).toFixed(2),
-    });
-    for (const id of [l.source, l.target]) {
-      if (!S.edgeEls.has(id)) S.edgeEls.set(id, []);
-      S.edgeEls.get(id).push([line, l]);
-    }
-    g.append(line);
+    const cls = Math.min(WIDTH_CLASSES - 1, Math.floor(Math.abs(l.weight) / S.maxWeight * WIDTH_CLASSES));
+    const key = `${l.weight >= 0 ? "pos" : "neg"} ${cls}`;
+    if (!paths.has(key)) paths.set(key, []);
+    paths.get(key).push(`M${a.x.toFixed(1)} ${a.y.toFixed(1)}L${b.x.toFixed(1)} ${b.y.toFixed(1)}`);
+    S.drawnLinks.push(l);
+    count++;
   }
+  const g = el("g", { class: "edges" });
+  const keys = [...paths.keys()].sort((a, b) => +a.split(" ")[1] - +b.split(" ")[1]);
+  for (const key of keys) { // thickest drawn last, on top
+    const [sign, cls] = key.split(" ");
+    g.append(el("path", { class: `edge-set ${sign}`, d: paths.get(key).join(""),
+      "stroke-width": (0.4 + 3.6 * (+cls + 0.5) / WIDTH_CLASSES).toFixed(2) }));
+  }
+  S.drawn.edges = count;
   svg.append(g);
 }
 
@@ -209,23 +264,36 @@ function drawNodes(svg, nodes) {
   const g = el("g", { class: "nodes" });
   S.nodeEls = new Map();
   const inSn = supernodeOfMap();
+  const pinned = new Set(S.pinned);
   for (const n of nodes) {
     const p = S.pos.get(n.node_id), k = kindOf(n);
     const ng = el("g", { class: `node ${k}`, "data-id": n.node_id,
       transform: `translate(${p.x},${p.y})` });
-    if (S.pinned.includes(n.node_id)) ng.classList.add("pinned");
+    if (pinned.has(n.node_id)) ng.classList.add("pinned");
     if (S.clicked === n.node_id) ng.classList.add("clicked");
     if (inSn.has(n.node_id)) {
       ng.append(el("circle", { r: 10, class: "sn-ring", stroke: inSn.get(n.node_id).colour }));
     }
     ng.append(nodeShape(n, k));
     ng.append(el("title", {}, `${labelOf(n)}\n${n.node_id}`));
-    ng.addEventListener("mouseenter", () => highlight(n.node_id, true));
-    ng.addEventListener("mouseleave", () => highlight(n.node_id, false));
-    ng.addEventListener("click", (ev) => (ev.shiftKey ? togglePin(n.node_id) : showNode(n.node_id)));
     S.nodeEls.set(n.node_id, ng);
     g.append(ng);
   }
+  // one set of listeners for every node (a thousand closures cost more than the drawing)
+  const idOf = (ev) => ev.target.closest && ev.target.closest(".node")?.dataset.id;
+  g.addEventListener("mouseover", (ev) => { const id = idOf(ev); if (id) highlight(id, true); });
+  g.addEventListener("mouseout", (ev) => {
+    const id = idOf(ev);
+    const inside = ev.relatedTarget && S.nodeEls.get(id)?.contains(ev.relatedTarget);
+    if (id && !inside) highlight(id, false);
+  });
+  g.addEventListener("click", (ev) => {
+    const id = idOf(ev);
+    if (!id) return;
+    const t0 = performance.now();
+    if (ev.shiftKey) togglePin(id); else showNode(id);
+    S.timings.click = performance.now() - t0;
+  });
   svg.append(g);
 }
 
@@ -233,7 +301,7 @@ function nodeShape(n, k) {
   if (k === "error") return el("polygon", { points: "0,-6 6,0 0,6 -6,0", class: "shape" });
   if (k === "feature") return el("circle", { r: 5.5, class: "shape" });
   const text = k === "logit" ? logitText(n) : tokenText(n);
-  const w = Math.max(24, Math.min(8 + text.length * 6.7, 124));
+  const w = Math.max(24, Math.min(8 + text.length * 6.7, MAX_BOX_W));
   const grp = el("g", { class: "shape" });
   grp.append(el("rect", { x: -w / 2, y: -9, width: w, height: 18, rx: 4 }));
   grp.append(el("text", { y: 4, "text-anchor": "middle" }, text.slice(0, 18)));
@@ -241,8 +309,9 @@ function nodeShape(n, k) {
 }
 
 function logitText(n) {
-  const m = /^Output "(.*)" \(p=([0-9.]+)\)$/.exec(n.clerp || "");
-  return m ? `${m[1]} ${(+m[2]).toFixed(2)}` : n.clerp || n.node_id;
+  const m = /^Output "([\s\S]*)" \(p=([0-9.]+)\)$/.exec(n.clerp || "");
+  const text = m ? `${m[1]} ${(+m[2]).toFixed(2)}` : n.clerp || n.node_id;
+  return text.replace(/\n/g, "\\n").replace(/\t/g, "\\t").replace(/\r/g, "\\r"); // one line
 }
 
 function supernodeOfMap() {
@@ -264,13 +333,30 @@ function drawSupernodeLabels(svg) {
   svg.append(g);
 }
 
+// Hover: dim the drawn links (one class on the <svg>) and draw the node's own links, all of
+// them up to MAX_HOVER_EDGES per direction, from the precomputed adjacency.
 function highlight(id, on) {
-  $("graph").classList.toggle("hovering", on);
-  for (const [line, l] of S.edgeEls.get(id) || []) {
-    line.classList.toggle(l.target === id ? "hl-in" : "hl-out", on);
-  }
+  const t0 = performance.now();
+  const svg = $("graph"), layer = svg.querySelector(".hl-edges");
+  svg.classList.toggle("hovering", on);
+  if (layer) layer.replaceChildren();
   const ng = S.nodeEls.get(id);
   if (ng) ng.classList.toggle("hovered", on);
+  if (on && layer) {
+    const lines = [];
+    for (const [list, dir] of [[S.incoming.get(id), "hl-in"], [S.outgoing.get(id), "hl-out"]]) {
+      let count = 0;
+      for (const l of list || []) {
+        const a = S.pos.get(l.source), b = S.pos.get(l.target);
+        if (!a || !b) continue;
+        if (++count > MAX_HOVER_EDGES) break;
+        lines.push(el("line", { x1: a.x, y1: a.y, x2: b.x, y2: b.y,
+          class: `edge ${l.weight >= 0 ? "pos" : "neg"} ${dir}`, "stroke-width": widthOf(l).toFixed(2) }));
+      }
+    }
+    layer.append(...lines);
+  }
+  S.timings.hover = performance.now() - t0;
 }
 
 // ---- side panel: one node -------------------------------------------------------------
@@ -543,10 +629,13 @@ async function loadGraph(name) {
 }
 
 async function init() {
+  let pending = false;
   $("prune").addEventListener("input", (e) => {
     S.threshold = parseFloat(e.target.value);
     $("prune-value").textContent = S.threshold.toFixed(2);
-    if (S.graph) render();
+    if (!S.graph || pending) return;
+    pending = true; // dragging fires faster than a big graph redraws: one render per frame
+    requestAnimationFrame(() => { pending = false; render(); });
   });
   $("show-errors").addEventListener("change", (e) => { S.showErrors = e.target.checked; render(); });
   let resizeTimer = null;
@@ -588,5 +677,5 @@ function fmt(x) {
   return a !== 0 && (a < 1e-3 || a >= 1e4) ? x.toExponential(2) : (+x).toPrecision(3);
 }
 
-window.wiremapViewer = { state: S, loadGraph, save, togglePin, showNode, groupTicked };
+window.wiremapViewer = { state: S, loadGraph, save, togglePin, showNode, groupTicked, highlight };
 document.addEventListener("DOMContentLoaded", init);
