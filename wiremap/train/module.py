@@ -267,7 +267,7 @@ class TranscoderModule(L.LightningModule):
             aux = sparse.auxk_loss(tc, x, pre, self.dead_mask(), y - y_hat, k_aux)
             terms["auxk"] = cfg.auxk_coef * aux
         a = sparse.to_coo(bags, values, pre.shape)
-        active = bags.active().view(tc.n_layers, tc.d_transcoder)
+        active = bags.active(values).view(tc.n_layers, tc.d_transcoder)
         return StepOutputs(terms, y_hat, a, active)
 
     def loss_terms(self, y_hat: Tensor, y: Tensor, a: Tensor, pre: Tensor) -> dict[str, Tensor]:
