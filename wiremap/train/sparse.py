@@ -52,7 +52,7 @@ class Bags:
     @functools.cached_property
     def by_row(self) -> tuple[Tensor, Tensor, Tensor]:
         """The transposed pattern: (order of entries grouped by row, their bags, row starts)."""
-        order = torch.argsort(self.rows, stable=True)
+        _, order = _sort(self.rows, stable=True)
         return order, self.bag[order], _starts(self.rows[order], self.n_rows)
 
     def active(self, values: Tensor) -> Tensor:
@@ -67,6 +67,20 @@ class Bags:
         sub = Bags(self.bag[lo:hi] - i * n_tokens, self.rows[lo:hi] - i * n_features,
                    n_tokens, n_features)  # fmt: skip
         return sub, slice(lo, hi)
+
+
+def _sort(keys: Tensor, stable: bool = False) -> tuple[Tensor, Tensor]:
+    """`keys.sort(dim=-1)`, single-threaded on CPU: torch's parallel CPU sort of these index
+    lists (~10^4-10^6 entries) took 200-400 ms with 2 threads on a loaded 2-core machine,
+    1.3 ms with one (32k entries; bench/train.py's sparse rows)."""
+    if keys.device.type != "cpu":
+        return keys.sort(dim=-1, stable=stable)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return keys.sort(dim=-1, stable=stable)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _starts(sorted_keys: Tensor, n: int) -> Tensor:
@@ -89,7 +103,7 @@ def topk_bags(idx: Tensor, values: Tensor, n_features: int) -> tuple[Bags, Tenso
 
     Features are sorted within each bag (cuSPARSE's SDDMM wants sorted CSR columns)."""
     n, n_layers, k = idx.shape
-    idx, order = idx.transpose(0, 1).sort(dim=-1)  # [L, N, k]
+    idx, order = _sort(idx.transpose(0, 1))  # [L, N, k]
     values = values.transpose(0, 1).gather(-1, order)
     dev = idx.device
     layer = torch.arange(n_layers, device=dev)[:, None, None].expand(-1, n, k)
@@ -101,7 +115,7 @@ def topk_bags(idx: Tensor, values: Tensor, n_features: int) -> tuple[Bags, Tenso
 def batch_topk_bags(idx: Tensor, values: Tensor, n_tokens: int, n_features: int):
     """Per layer choices over the batch, idx into [N·F] and values [L, k·N] -> (Bags, values)."""
     n_layers, m = idx.shape
-    idx, order = idx.sort(dim=-1)  # (token, feature) order within each layer
+    idx, order = _sort(idx)  # (token, feature) order within each layer
     values = values.gather(-1, order)
     layer = torch.arange(n_layers, device=idx.device)[:, None].expand(-1, m).reshape(-1)
     idx = idx.reshape(-1)
