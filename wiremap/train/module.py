@@ -13,8 +13,11 @@ Loss (DESIGN.md ยง3), on activations normalised per layer by a scalar so that Eโ
 - `auxk` (topk, batchtopk): auxiliary-k loss on features dead for `loss.dead_tokens` tokens.
 
 ReLU and JumpReLU compute encoder, activation, `sparsity` and `preact` in one pass through
-`fused.fused_encode` (same values and gradients, a fraction of the memory traffic); TopK and
-BatchTopK take the unfused `forward` + `loss_terms` path, which stays the reference.
+`fused.fused_encode` (same values and gradients, a fraction of the memory traffic), and
+decode from the active features only when a batch is sparse enough (`sparse.worth_it`).
+TopK and BatchTopK run one dense encoder matmul and everything else (decode, AuxK, the
+decoder's and encoder's weight gradients) over the active features (`sparse.py`). The
+unfused `forward` + `loss_terms` path stays the reference that tests hold both to.
 
 The per-layer scales come from the cache manifest's `norm_stats` when present, else from
 the first training batch (averaged over processes); they are buffers, so checkpoints keep
