@@ -215,7 +215,8 @@ def main() -> None:
     p.add_argument("--lrs", type=float, nargs="*", default=[1e-3, 3e-3, 1e-2])
     args = p.parse_args()  # fmt: skip
     import_sparsify()  # fail early, with the install instructions
-    logging.getLogger("lightning").setLevel(logging.ERROR)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = args.cache or organism_cache(args.out, args.tokens)
