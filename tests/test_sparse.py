@@ -70,7 +70,7 @@ def test_sparse_step_equals_the_dense_reference(arch, activation, always_sparse)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("arch", ["plt", "clt"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_sparse_step_under_bf16_autocast_is_close_to_the_reference(arch, activation, always_sparse):
     module = make(arch, activation)
     x, y = torch.randn(N, L, D), torch.randn(N, L, D)
