@@ -256,16 +256,27 @@ class BatchTopK(Activation):
         else:
             flat = pre.reshape(1, -1)
             layers = [layer]
-        n_tokens = flat.shape[1] // pre.shape[-1]
-        values, indices = flat.topk(self.k * n_tokens, dim=-1, sorted=False)
-        values = torch.relu(values)
-        if self.training:
-            self._record_kept_minimum(values.detach(), layers)
+        values, indices = self._keep(flat, layers)
         kept = torch.zeros_like(flat).scatter(-1, indices, values)
         if layer is not None:
             return kept.reshape(pre.shape)
         shape = (self.n_layers, -1, pre.shape[-1])
         return kept.reshape(shape).transpose(0, 1).reshape(pre.shape)
+
+    def select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """pre [..., L, F] -> (values, indices) [L, k·n_tokens]: each layer's kept
+        pre-activations (ReLU'd) and their indices into that layer's flattened [n_tokens·F]
+        (the sparse training path); records the batch threshold while training."""
+        flat = pre.reshape(-1, self.n_layers, pre.shape[-1]).transpose(0, 1)
+        return self._keep(flat.reshape(self.n_layers, -1), list(range(self.n_layers)))
+
+    def _keep(self, flat: Tensor, layers: list[int]) -> tuple[Tensor, Tensor]:
+        n_tokens = flat.shape[1] // self.d_transcoder
+        values, indices = flat.topk(self.k * n_tokens, dim=-1, sorted=False)
+        values = torch.relu(values)
+        if self.training:
+            self._record_kept_minimum(values.detach(), layers)
+        return values, indices
 
     @torch.no_grad()
     def _record_kept_minimum(self, kept: Tensor, layers: list[int]) -> None:

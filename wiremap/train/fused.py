@@ -45,6 +45,9 @@ class FusedEncoding(NamedTuple):
     """[L, F]: Σ over tokens of ReLU(θ − pre)."""
     active: Tensor
     """[L, F]: tokens on which each feature fired (no gradient)."""
+    window: Tensor | None
+    """[L, N, F] 0/1 (bfloat16): pre-activations within ε/2 of θ, where θ's straight-through
+    gradient reads ∂L/∂a although a = 0 (None unless θ learns)."""
 
 
 def fused_encode(
@@ -63,10 +66,10 @@ def fused_encode(
     float32. Gradients flow to x, W_enc, b_enc, θ (JumpReLU straight-through estimator with a
     rectangle kernel of width `bandwidth`) and cn.
     """
-    a, tanh_sum, gap_sum, active = _FusedEncode.apply(
+    a, tanh_sum, gap_sum, active, window = _FusedEncode.apply(
         x, w_enc, b_enc, theta, cn, float(bandwidth), mm_dtype
     )
-    return FusedEncoding(a.transpose(0, 1), tanh_sum, gap_sum, active)
+    return FusedEncoding(a.transpose(0, 1), tanh_sum, gap_sum, active, window)
 
 
 def _chunks(t: Tensor) -> list[slice]:
@@ -96,12 +99,12 @@ class _FusedEncode(torch.autograd.Function):
             tanh_sum += _threshold_layer(b_enc[layer], th, cn[layer], bandwidth, outs, stats)
         ctx.save_for_backward(x, w_enc, theta, cn, a, window, below)
         ctx.bandwidth, ctx.mm_dtype = bandwidth, mm_dtype
-        ctx.mark_non_differentiable(active)
+        ctx.mark_non_differentiable(*(t for t in (active, window) if t is not None))
         ctx.set_materialize_grads(False)  # unused outputs get None, not zeros
-        return a, tanh_sum, gap, active
+        return a, tanh_sum, gap, active, window
 
     @staticmethod
-    def backward(ctx, grad_a, grad_tanh, grad_gap, _grad_active):
+    def backward(ctx, grad_a, grad_tanh, grad_gap, _grad_active, _grad_window):
         x, w_enc, theta, cn, a, window, below = ctx.saved_tensors
         grads = _Grads(x, w_enc, theta, cn, ctx.needs_input_grad, ctx.mm_dtype)
         grad_tanh = cn.new_zeros(()) if grad_tanh is None else grad_tanh.float()

@@ -13,8 +13,11 @@ Loss (DESIGN.md §3), on activations normalised per layer by a scalar so that E�
 - `auxk` (topk, batchtopk): auxiliary-k loss on features dead for `loss.dead_tokens` tokens.
 
 ReLU and JumpReLU compute encoder, activation, `sparsity` and `preact` in one pass through
-`fused.fused_encode` (same values and gradients, a fraction of the memory traffic); TopK and
-BatchTopK take the unfused `forward` + `loss_terms` path, which stays the reference.
+`fused.fused_encode` (same values and gradients, a fraction of the memory traffic), and
+decode from the active features only when a batch is sparse enough (`sparse.worth_it`).
+TopK and BatchTopK run one dense encoder matmul and everything else (decode, AuxK, the
+decoder's and encoder's weight gradients) over the active features (`sparse.py`). The
+unfused `forward` + `loss_terms` path stays the reference that tests hold both to.
 
 The per-layer scales come from the cache manifest's `norm_stats` when present, else from
 the first training batch (averaged over processes); they are buffers, so checkpoints keep
@@ -27,7 +30,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -37,7 +40,7 @@ from torch import Tensor
 from wiremap.errors import WiremapError
 from wiremap.models.activations import BatchTopK, JumpReLU, ReLU
 from wiremap.models.transcoders import Transcoder, build_transcoder, fold_normalisation
-from wiremap.train import losses
+from wiremap.train import losses, sparse
 from wiremap.train.fused import fused_encode
 
 SPARSE_BY_K = ("topk", "batchtopk")
@@ -87,7 +90,7 @@ class StepOutputs(NamedTuple):
     y_hat: Tensor
     """[N, L, d] reconstructions (normalised units)."""
     a: Tensor
-    """[N, L, F] feature activations."""
+    """[N, L, F] feature activations (a detached sparse COO tensor on the sparse path)."""
     active: Tensor
     """[L, F] tokens on which each feature fired."""
 
@@ -105,6 +108,11 @@ def _as(cls, value):
 
 class TranscoderModule(L.LightningModule):
     """Loss, optimiser, normalisation, dead-feature tracking and metrics around a Transcoder."""
+
+    decode_sparse: ClassVar[bool] = True
+    """Decode from the active features only (`sparse.py`): always for TopK and BatchTopK, for
+    ReLU and JumpReLU when a batch is sparse enough (`sparse.worth_it`). Benches set it False
+    to time the dense path."""
 
     def __init__(
         self,
@@ -217,6 +225,8 @@ class TranscoderModule(L.LightningModule):
         """Normalised x, y [N, L, d] -> the loss terms, ŷ, a and per-feature firing counts."""
         if self.fused:
             return self._fused_outputs(x, y)
+        if self.sparse_by_k and self.decode_sparse:
+            return self._sparse_outputs(x, y)
         y_hat, a, pre = self(x)
         active = (a != 0).sum(dim=0, dtype=torch.float32)
         return StepOutputs(self.loss_terms(y_hat, y, a, pre), y_hat, a, active)
@@ -230,15 +240,38 @@ class TranscoderModule(L.LightningModule):
             x, tc.encoder_weight, tc.encoder_bias, theta, cfg.sparsity_c * norms,
             bandwidth=bandwidth, mm_dtype=_autocast_dtype(x.device),
         )  # fmt: skip
-        y_hat = tc.decode(out.a)
+        n = x.shape[0]
+        if self.decode_sparse and sparse.worth_it(float(out.active.sum()), out.a.numel()):
+            bags, values = sparse.dense_bags(out.a.transpose(0, 1), out.window)
+            y_hat = sparse.decode(tc, bags, values, n)
+        else:
+            y_hat = tc.decode(out.a)
         if tc.has_skip:
             y_hat = y_hat + tc.skip(x)
-        n = x.shape[0]
         terms = {"mse": losses.reconstruction_loss(y_hat, y)}
         terms["sparsity"] = self.sparsity_lambda() * out.tanh_sum / n
         if cfg.preact_coef > 0:
             terms["preact"] = cfg.preact_coef * (out.gap_sum * norms).sum() / n
         return StepOutputs(terms, y_hat, out.a, out.active)
+
+    def _sparse_outputs(self, x: Tensor, y: Tensor) -> StepOutputs:
+        """TopK / BatchTopK: dense encoder matmul, everything else over the active set only
+        (`sparse.py`; same values and gradients as `forward` + `loss_terms`)."""
+        cfg, tc = self.loss_cfg, self.transcoder
+        with torch.no_grad():
+            pre = tc.pre_activations(x)
+        bags, values = sparse.encode(tc, x, pre)
+        y_hat = sparse.decode(tc, bags, values, x.shape[0])
+        if tc.has_skip:
+            y_hat = y_hat + tc.skip(x)
+        terms = {"mse": losses.reconstruction_loss(y_hat, y)}
+        if cfg.auxk_coef > 0:
+            k_aux = cfg.k_aux or tc.d_model // 2
+            aux = sparse.auxk_loss(tc, x, pre, self.dead_mask(), y - y_hat, k_aux)
+            terms["auxk"] = cfg.auxk_coef * aux
+        a = sparse.to_coo(bags, values, pre.shape)
+        active = bags.active(values).view(tc.n_layers, tc.d_transcoder)
+        return StepOutputs(terms, y_hat, a, active)
 
     def loss_terms(self, y_hat: Tensor, y: Tensor, a: Tensor, pre: Tensor) -> dict[str, Tensor]:
         """The weighted loss terms (their sum is the training loss), unfused."""
