@@ -236,3 +236,36 @@ def test_streamed_settings_that_cannot_work_are_refused(cfg):
     few_docs = ready(stream_dm(cfg, batch_size=40 * 64), rank=39, world_size=40)
     with pytest.raises(WiremapError, match="less than one batch"):
         next(iter(few_docs.train_dataloader()))
+
+
+# -- disk -------------------------------------------------------------------------------------
+
+
+def test_streamed_run_on_the_organism_uses_under_1_percent_of_a_caches_disk(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from wiremap.models.organism import organism_path
+    from wiremap.train.organism import build_corpus
+
+    corpus = tmp_path / "organism.txt"
+    corpus.write_text("\n".join(build_corpus(n_docs=3000, seed=0).documents))
+    cfg = CacheConfig(
+        model=str(organism_path()), dataset=str(corpus), context_length=64, batch_size=32,
+        device="cpu", out=str(tmp_path / "never-written"),
+    )  # fmt: skip
+    dm = ActivationDataModule(cfg, source="stream", batch_size=1024, buffer_size=8192)
+    module = TranscoderModule(dm.n_layers, dm.d_model, arch="plt", d_transcoder=16,
+                              activation="topk", k=4, cache_info=dm.cache_info)  # fmt: skip
+    run, steps = tmp_path / "run", 40
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, precision="32-true",
+        logger=CSVLogger(run), enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=run / "checkpoints")], val_check_interval=20,
+        check_val_every_n_epoch=None, limit_val_batches=1, default_root_dir=str(run),
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    assert len(list((run / "checkpoints").glob("*.ckpt"))) == 1
+    cache_bytes = 2 * dm.n_layers * dm.d_model * 2 * steps * 1024  # bf16 x and y per token
+    written = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file() and f != corpus)
+    assert written < 0.01 * cache_bytes, (written, cache_bytes)
+    assert not Path(cfg.out).exists()
