@@ -41,7 +41,13 @@ from torch import Tensor
 from wiremap.errors import WiremapError
 from wiremap.models.adapters import check_layers, get_adapter
 from wiremap.models.hooks import capture
-from wiremap.models.loading import check_model_source, load_model, model_max_length
+from wiremap.models.loading import (
+    check_model_source,
+    dequantised_folder,
+    gguf_file,
+    load_model,
+    model_max_length,
+)
 from wiremap.train.text import TextSpec, boundary_tokens, iter_texts, pack_contexts, tokenize, warn
 
 MANIFEST = "manifest.json"
@@ -178,8 +184,10 @@ def model_config(cfg: CacheConfig, model=None):
     from transformers import AutoConfig
 
     check_model_source(cfg.model)
+    gguf = gguf_file(Path(cfg.model).expanduser())
+    source = dequantised_folder(gguf) if gguf is not None else cfg.model  # made once, reused
     try:
-        return AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
+        return AutoConfig.from_pretrained(source, revision=cfg.revision)
     except (OSError, ValueError) as err:
         raise WiremapError(
             f"could not read the config of model {cfg.model!r}: {err}. Check the name or path; "

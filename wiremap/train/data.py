@@ -1,24 +1,33 @@
-"""Shuffled (x, y) batches from an activation cache, for Lightning (single process or DDP).
+"""Shuffled (x, y) batches from an activation cache or streamed from the model, for Lightning.
 
     dm = ActivationDataModule(CacheConfig(model="gpt2", dataset="...", out="cache/gpt2"),
                               batch_size=4096, buffer_size=262144, val_fraction=0.01)
     trainer.fit(module, datamodule=dm)       # batches: x, y [B / world_size, L, d]
+    dm = ActivationDataModule(cfg, source="stream", buffer_size=65536)   # no cache on disk
 
-Order of rows. The last `val_fraction` of the cache's rows (whole held-out contexts, since
-rows are in corpus order) form the validation split. The training rows are cut into chunks
-of `chunk_rows` consecutive rows; every epoch permutes the chunks (seeded), lays them end to
-end and shuffles each window of `buffer_size` rows (seeded): a shuffle across shards through
-a buffer, computed on row indices only, so no buffer of activations is ever materialised
-and the whole order is a pure function of (seed, batch index).
+Two sources, one interface (`n_layers`, `d_model`, `cache_info`, `heldout_contexts`,
+`lm_source`, `exclude_bos`, `state_dict`): `source="cache"` reads `wiremap cache`'s shards;
+`source="stream"` runs the model on the text while training (`stream.py`, which also
+documents the stream order: a cache read with `order="stream"` gives the same batches).
+
+Window order (the cache's default). The last `val_fraction` of the cache's rows (whole
+held-out contexts, since rows are in corpus order) form the validation split. The training
+rows are cut into chunks of `chunk_rows` consecutive rows; every epoch permutes the chunks
+(seeded), lays them end to end and shuffles each window of `buffer_size` rows (seeded): a
+shuffle across shards through a buffer, computed on row indices only, so no buffer of
+activations is ever materialised and the whole order is a pure function of (seed, batch
+index).
 
 `batch_size` is the GLOBAL batch: every process computes the same global batch of row ids
 and reads only its slice (`batch_size / world_size` rows), so a DDP run sees exactly the
-rows of the one-process run with the same `batch_size`. The stream is endless (epochs run
-back to back); stop training with `trainer.max_steps`. Worker processes split the batches
-round-robin and each opens the memory-mapped shards itself.
+rows of the one-process run with the same `batch_size` (a streamed run instead gives each
+process its own documents, in batches of `batch_size / world_size` rows). The stream is
+endless (epochs run back to back); stop training with `trainer.max_steps`. Worker
+processes split the batches round-robin and each opens the memory-mapped shards itself.
 
 Resuming: the module counts the training batches it hands out (`state_dict`), Lightning
-stores that in the checkpoint, and a resumed run starts the stream at that batch.
+stores that in the checkpoint, and a resumed run starts the stream at that batch (a
+streamed run also stores each process's `stream.Cursor`).
 
 Missing cache: with `build_missing=False` (default) a missing or incomplete cache raises a
 WiremapError telling you to run `wiremap cache --config <preset>`; with `build_missing=True`
