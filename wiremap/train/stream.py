@@ -117,8 +117,8 @@ class ActivationStream:
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles the data module
         state = dict(self.__dict__)
-        for key in ("lm", "_tokenizer", "boundaries", "train_start", "stats"):
-            state.pop(key, None)  # reloaded in the child process
+        for key in ("lm", "_tokenizer"):
+            state.pop(key, None)  # loaded again in the child process, on its own device
         return state
 
     # -- the model ------------------------------------------------------------------------
@@ -149,10 +149,6 @@ class ActivationStream:
     @property
     def d_model(self) -> int:
         return int(self.config.hidden_size)
-
-    @property
-    def rows_per_group(self) -> int:
-        return self.plan.batch_size * self.plan.rows_per_context
 
     # -- text ----------------------------------------------------------------------------
     def contexts(
@@ -215,7 +211,7 @@ class ActivationStream:
         limit = min(n, self.val_contexts) if self.val_contexts else n
         ids = [c for c, _ in islice(self.contexts(TextPosition()), limit)]
         if not ids:
-            raise WiremapError(f"dataset {self.cfg.dataset!r} holds no whole context")
+            raise _no_context(self.cfg)
         return torch.tensor(ids, dtype=torch.long)
 
     @cached_property
@@ -227,7 +223,7 @@ class ActivationStream:
             x.append(gx)
             y.append(gy)
         if not x:
-            raise WiremapError(f"dataset {self.cfg.dataset!r} holds no whole context")
+            raise _no_context(self.cfg)
         tensors = dict(zip(self.plan.hooks, (torch.cat(x), torch.cat(y)), strict=True))
         entry = {
             "n_tokens": len(tensors[self.plan.hooks[0]]),
@@ -277,6 +273,13 @@ class ActivationStream:
                 )
             start = self.first_cursor()
             cursor = replace(start, batch=cursor.batch, epoch=cursor.epoch + 1)
+
+
+def _no_context(cfg: CacheConfig) -> WiremapError:
+    return WiremapError(
+        f"dataset {cfg.dataset!r} holds no text, or fewer than {cfg.context_length} tokens "
+        "(one context); give a dataset with text, or lower cache.context_length"
+    )
 
 
 def _count(pending: list[tuple[TextPosition, int, Rows]]) -> int:
