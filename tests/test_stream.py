@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from wiremap.models.tiny import sample_corpus
 from wiremap.train.cache import ActivationCache, CacheConfig
 from wiremap.train.data import ActivationDataModule
 from wiremap.train.module import TranscoderModule
-from wiremap.train.stream import Cursor
+from wiremap.train.stream import Cursor, prefetched
 from wiremap.train.text import TextPosition, pack_contexts, pack_positions
 
 # 4 contexts per forward batch, 31 rows each: windows of 192 rows end inside forward batches
@@ -269,3 +270,21 @@ def test_streamed_run_on_the_organism_uses_under_1_percent_of_a_caches_disk(tmp_
     written = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file() and f != corpus)
     assert written < 0.01 * cache_bytes, (written, cache_bytes)
     assert not Path(cfg.out).exists()
+
+
+def test_prefetch_runs_at_most_one_item_ahead_and_hands_errors_on():
+    made: list[int] = []
+
+    def items():
+        for i in range(5):
+            made.append(i)
+            yield i
+        raise WiremapError("the text ran dry")
+
+    it = prefetched(items())
+    assert next(it) == 0
+    time.sleep(0.3)  # give the thread time to run ahead, if it wrongly would
+    assert len(made) <= 2  # the item in use and one ahead
+    assert [next(it) for _ in range(4)] == [1, 2, 3, 4]
+    with pytest.raises(WiremapError, match="ran dry"):
+        next(it)

@@ -7,7 +7,9 @@
 The stream reads the text the cache would read (the `data.cache` section), packs it the
 same way, runs the model without gradients in its own dtype, captures the hook points with
 the cache's code (`cache.capturing`, `cache.activation_rows`: the same storage dtype), and
-mixes rows through a bounded shuffle buffer. Nothing is written to disk.
+mixes rows through a bounded shuffle buffer. Nothing is written to disk. A background
+thread builds the next window while the training loop draws batches from the current one
+(`prefetched`), so at most two windows of `buffer_size` rows are in memory.
 
 Stream order (shared with `ActivationDataModule(order="stream")` on a cache):
 
@@ -44,11 +46,13 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
 from itertools import islice
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -117,7 +121,7 @@ class ActivationStream:
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles the data module
         state = dict(self.__dict__)
-        for key in ("lm", "_tokenizer"):
+        for key in ("lm", "_tokenizer", "lock"):
             state.pop(key, None)  # loaded again in the child process, on its own device
         return state
 
@@ -139,6 +143,10 @@ class ActivationStream:
     @cached_property
     def boundaries(self) -> tuple[int, int]:
         return boundary_tokens(self.tokenizer)
+
+    @cached_property
+    def lock(self) -> threading.Lock:
+        return threading.Lock()
 
     def move_to(self, device: torch.device) -> None:
         """Run the model on `device` (the process's training device, when `device: auto`)."""
@@ -182,9 +190,14 @@ class ActivationStream:
         self, contexts: Iterator[tuple[list[int], TextPosition]]
     ) -> Iterator[tuple[TextPosition, Tensor, Rows]]:
         """(position, ids [n, C], rows) per forward batch of `cache.batch_size` contexts."""
-        while batch := list(islice(contexts, self.plan.batch_size)):
-            ids = torch.tensor([c for c, _ in batch], dtype=torch.long)
-            yield batch[0][1], ids, self.rows(ids)
+        while True:
+            with self.lock:  # tokenizer and model: one thread at a time (see `prefetched`)
+                batch = list(islice(contexts, self.plan.batch_size))
+                if not batch:
+                    return
+                ids = torch.tensor([c for c, _ in batch], dtype=torch.long)
+                rows = self.rows(ids)
+            yield batch[0][1], ids, rows
 
     def rows(self, ids: Tensor) -> Rows:
         """Rows (x, y) of contexts `ids` [n, C], in text order and the storage dtype."""
@@ -209,7 +222,8 @@ class ActivationStream:
         """Up to `n` held-out contexts [n, C] (BOS first); the first contexts of the text when
         nothing is held out."""
         limit = min(n, self.val_contexts) if self.val_contexts else n
-        ids = [c for c, _ in islice(self.contexts(TextPosition()), limit)]
+        with self.lock:
+            ids = [c for c, _ in islice(self.contexts(TextPosition()), limit)]
         if not ids:
             raise _no_context(self.cfg)
         return torch.tensor(ids, dtype=torch.long)
@@ -314,7 +328,8 @@ class StreamTrain(IterableDataset):
 
     def __iter__(self) -> Iterator[Rows]:
         seed = self.stream.seed
-        for cursor, (x, y) in self.stream.windows(self.cursor, self.window_rows, self.batch):
+        windows = self.stream.windows(self.cursor, self.window_rows, self.batch)
+        for cursor, (x, y) in prefetched(windows):
             self.record(cursor)
             order = window_permutation(seed, cursor.epoch, cursor.window, len(x))
             for j in range(len(x) // self.batch):
@@ -348,6 +363,52 @@ class StreamVal(IterableDataset):
                 )
                 yield x[mine], y[mine]
                 left -= 1
+
+
+_END = object()
+
+
+class _Failed(NamedTuple):
+    error: BaseException
+
+
+def prefetched(items: Iterator[Any], ahead: int = 1) -> Iterator[Any]:
+    """`items`, made in a background thread at most `ahead` items beyond the one in use.
+
+    The stream builds the next shuffle window (text, tokenizer, model forward) while the
+    training loop draws batches from the current one, so at most two windows are in memory.
+    Grad mode is per thread, so the forward pass's no_grad never reaches the training step;
+    the model and tokenizer are used under `ActivationStream.lock` (validation runs them from
+    the training thread). An error in the thread is raised here.
+    """
+    out: queue.Queue = queue.Queue()
+    slots, stop = threading.Semaphore(ahead + 1), threading.Event()
+
+    def slot() -> bool:
+        while not slots.acquire(timeout=0.2):
+            if stop.is_set():
+                return False
+        return not stop.is_set()
+
+    def run() -> None:
+        try:
+            while slot():
+                item = next(items, _END)
+                out.put(item)
+                if item is _END:
+                    return
+        except BaseException as err:  # handed to the consumer
+            out.put(_Failed(err))
+
+    threading.Thread(target=run, name="wiremap-stream", daemon=True).start()
+    try:
+        while (item := out.get()) is not _END:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+            slots.release()  # done with this item: the thread may make another
+    finally:
+        stop.set()
 
 
 def lm_device(device: str) -> str:
