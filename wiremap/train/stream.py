@@ -44,6 +44,7 @@ start from the first `norm_tokens` rows of the text, the same on every process.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import queue
@@ -191,6 +192,8 @@ class ActivationStream:
     ) -> Iterator[tuple[TextPosition, Tensor, Rows]]:
         """(position, ids [n, C], rows) per forward batch of `cache.batch_size` contexts."""
         while True:
+            if _exiting.is_set():  # the interpreter is going: stop between forward passes
+                raise SystemExit
             with self.lock:  # tokenizer and model: one thread at a time (see `prefetched`)
                 batch = list(islice(contexts, self.plan.batch_size))
                 if not batch:
@@ -366,6 +369,19 @@ class StreamVal(IterableDataset):
 
 
 _END = object()
+_running: dict[threading.Thread, threading.Event] = {}  # prefetch threads still working
+_exiting = threading.Event()
+
+
+@atexit.register
+def _stop_prefetching() -> None:
+    """Let prefetch threads finish their forward pass before the interpreter goes: one killed
+    inside a torch op at exit aborts the process ("terminate called without an active
+    exception"). Runs before daemon threads are killed."""
+    _exiting.set()
+    for thread, stop in list(_running.items()):
+        stop.set()
+        thread.join()
 
 
 class _Failed(NamedTuple):
@@ -399,8 +415,12 @@ def prefetched(items: Iterator[Any], ahead: int = 1) -> Iterator[Any]:
                     return
         except BaseException as err:  # handed to the consumer
             out.put(_Failed(err))
+        finally:
+            _running.pop(threading.current_thread(), None)
 
-    threading.Thread(target=run, name="wiremap-stream", daemon=True).start()
+    thread = threading.Thread(target=run, name="wiremap-stream", daemon=True)
+    _running[thread] = stop
+    thread.start()
     try:
         while (item := out.get()) is not _END:
             if isinstance(item, _Failed):
