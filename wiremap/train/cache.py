@@ -348,6 +348,7 @@ def _intact_shards(out: Path, entries: list[dict]) -> list[dict]:
 
 
 def norm_stats(entries: list[dict], n_layers: int) -> dict:
+    """Per-layer mean (and mean squared) norms of inputs and outputs over `entries`' sums."""
     total = sum(e["n_tokens"] for e in entries)
     stats = {}
     for side in ("input", "output"):
@@ -435,6 +436,7 @@ def activation_rows(per_layer: dict[int, Tensor], plan: Plan) -> Tensor:
 
 
 def shard_sums(tensors: dict[str, Tensor], plan: Plan) -> dict:
+    """Per-layer sums of row norms and squared norms of `tensors` (for `norm_stats`)."""
     sums = {}
     for side, hook in zip(("input", "output"), plan.hooks, strict=True):
         norms = torch.linalg.vector_norm(tensors[hook], dim=-1, dtype=torch.float32).double()
@@ -572,7 +574,7 @@ def _batches(contexts, batch_size: int) -> Iterator[Tensor]:
         yield torch.tensor(batch, dtype=torch.long)
 
 
-def packed_contexts(cfg: CacheConfig, tokenizer, plan: Plan, bos: int, eos: int):
+def _contexts(cfg: CacheConfig, tokenizer, plan: Plan, bos: int, eos: int):
     """The packed contexts, after checking there is at least one."""
     docs = tokenize(iter_texts(cfg.text_spec()), tokenizer)
     contexts = islice(pack_contexts(docs, cfg.context_length, bos, eos), plan.n_contexts)
@@ -658,7 +660,7 @@ def build_cache(cfg: CacheConfig, model=None, tokenizer=None, progress: bool = T
             model, tokenizer = load_model(cfg.model, cfg.model_dtype, cfg.device, cfg.revision)
         bos, eos = boundary_tokens(tokenizer)
         plan = make_plan(cfg, layers)
-        contexts = packed_contexts(cfg, tokenizer, plan, bos, eos)
+        contexts = _contexts(cfg, tokenizer, plan, bos, eos)
         if manifest is None:
             manifest = _manifest(dict(header, bos_token_id=bos, eos_token_id=eos), [], False)
             _dump_manifest(out, manifest)  # claims the folder before any shard exists
