@@ -12,6 +12,7 @@ from wiremap.errors import WiremapError
 from wiremap.models.tiny import sample_corpus
 from wiremap.train.cache import CacheConfig
 from wiremap.train.data import ActivationDataModule, BatchPlan, rank_slice
+from wiremap.train.stream import window_permutation
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +120,11 @@ def test_global_batch_must_split_evenly_over_processes(cache_cfg):
     dm.trainer = None
     with pytest.raises(WiremapError, match="divide evenly"):
         dm.setup("fit")
+
+
+def test_window_shuffle_is_the_shared_window_permutation():
+    """Both readers shuffle a window with `window_permutation` (stream.py relies on it)."""
+    plan = BatchPlan(n_rows=500, batch_size=50, buffer_size=200, chunk_rows=500, seed=4)
+    window = np.concatenate([plan.rows(i) for i in range(4)])
+    assert np.array_equal(window, window_permutation(4, 0, 0, 200))  # one chunk: rows in order
+    assert np.array_equal(plan.rows(4), 200 + window_permutation(4, 0, 1, 200)[:50])

@@ -27,7 +27,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain, islice
@@ -137,7 +137,7 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
     """Numbers derived from a config and the model."""
 
     layers: list[int]
@@ -158,9 +158,9 @@ class _Plan:
         return self.batch_size * self.rows_per_context
 
 
-def _plan(cfg: CacheConfig, layers: list[int]) -> _Plan:
+def make_plan(cfg: CacheConfig, layers: list[int]) -> Plan:
     first_pos = 1 if cfg.exclude_bos else 0
-    return _Plan(
+    return Plan(
         layers=layers,
         first_pos=first_pos,
         rows_per_context=cfg.context_length - first_pos,
@@ -172,13 +172,13 @@ def _plan(cfg: CacheConfig, layers: list[int]) -> _Plan:
     )
 
 
-def _model_config(cfg: CacheConfig, model=None):
+def model_config(cfg: CacheConfig, model=None):
     if model is not None:
         return model.config
     return load_config(cfg.model, cfg.revision)
 
 
-def _check_model(cfg: CacheConfig, config) -> list[int]:
+def check_model(cfg: CacheConfig, config) -> list[int]:
     """Validate the config against the model; return the sorted layers to cache."""
     get_adapter(config.model_type)  # unsupported architecture -> clear error, before loading
     n_layers = int(config.num_hidden_layers)
@@ -330,7 +330,8 @@ def _intact_shards(out: Path, entries: list[dict]) -> list[dict]:
     return entries
 
 
-def _norm_stats(entries: list[dict], n_layers: int) -> dict:
+def norm_stats(entries: list[dict], n_layers: int) -> dict:
+    """Per-layer mean (and mean squared) norms of inputs and outputs over `entries`' sums."""
     total = sum(e["n_tokens"] for e in entries)
     stats = {}
     for side in ("input", "output"):
@@ -348,7 +349,7 @@ def _manifest(base: dict, entries: list[dict], complete: bool) -> dict:
     manifest.update(
         shards=entries,
         n_tokens=sum(e["n_tokens"] for e in entries),
-        norm_stats=_norm_stats(entries, len(base["layers"])),
+        norm_stats=norm_stats(entries, len(base["layers"])),
         complete=complete,
     )
     return manifest
@@ -405,7 +406,7 @@ class _Batch:
     hi: int
 
 
-def _rows(per_layer: dict[int, Tensor], plan: _Plan) -> Tensor:
+def activation_rows(per_layer: dict[int, Tensor], plan: Plan) -> Tensor:
     """`[batch * rows_per_context, L, d]` in the storage dtype, on CPU."""
     first = per_layer[plan.layers[0]]
     batch, seq, d = first.shape
@@ -417,7 +418,8 @@ def _rows(per_layer: dict[int, Tensor], plan: _Plan) -> Tensor:
     return out.view(-1, len(plan.layers), d).cpu()
 
 
-def _shard_sums(tensors: dict[str, Tensor], plan: _Plan) -> dict:
+def shard_sums(tensors: dict[str, Tensor], plan: Plan) -> dict:
+    """Per-layer sums of row norms and squared norms of `tensors` (for `norm_stats`)."""
     sums = {}
     for side, hook in zip(("input", "output"), plan.hooks, strict=True):
         norms = torch.linalg.vector_norm(tensors[hook], dim=-1, dtype=torch.float32).double()
@@ -432,7 +434,7 @@ class _ShardWriter:
     while the main thread runs the next forward pass.
     """
 
-    def __init__(self, out: Path, base: dict, entries: list[dict], plan: _Plan):
+    def __init__(self, out: Path, base: dict, entries: list[dict], plan: Plan):
         self.out, self.base, self.entries, self.plan = out, base, list(entries), plan
         self.pending: dict[str, list[Tensor]] = {}
         self.fill = 0
@@ -486,7 +488,10 @@ class _ShardWriter:
             self.error = err
 
     def _add(self, batch: _Batch) -> None:
-        chunk = {h: _rows(batch.acts[h], self.plan)[batch.lo : batch.hi] for h in self.plan.hooks}
+        chunk = {
+            h: activation_rows(batch.acts[h], self.plan)[batch.lo : batch.hi]
+            for h in self.plan.hooks
+        }
         ids = batch.ids[:, self.plan.first_pos :]
         positions = torch.arange(self.plan.first_pos, batch.ids.shape[1]).expand_as(ids)
         chunk["tokens"] = ids.reshape(-1)[batch.lo : batch.hi]
@@ -513,7 +518,7 @@ class _ShardWriter:
                 "n_tokens": self.fill,
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
-                "sums": _shard_sums(tensors, self.plan),
+                "sums": shard_sums(tensors, self.plan),
             }
         )
         # The shard is part of the cache from this write on, not before.
@@ -552,7 +557,7 @@ def _batches(contexts, batch_size: int) -> Iterator[Tensor]:
         yield torch.tensor(batch, dtype=torch.long)
 
 
-def _contexts(cfg: CacheConfig, tokenizer, plan: _Plan, bos: int, eos: int):
+def _contexts(cfg: CacheConfig, tokenizer, plan: Plan, bos: int, eos: int):
     """The packed contexts, after checking there is at least one."""
     docs = tokenize(iter_texts(cfg.text_spec()), tokenizer)
     contexts = islice(pack_contexts(docs, cfg.context_length, bos, eos), plan.n_contexts)
@@ -565,7 +570,7 @@ def _contexts(cfg: CacheConfig, tokenizer, plan: _Plan, bos: int, eos: int):
     return chain([first], contexts)
 
 
-def _progress(plan: _Plan, start: int, enabled: bool):
+def _progress(plan: Plan, start: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -579,24 +584,40 @@ def _progress(plan: _Plan, start: int, enabled: bool):
     )
 
 
-def _run(model, contexts, writer: _ShardWriter, check: _TokenCheck, plan: _Plan, bar) -> None:
+@contextmanager
+def capturing(model, plan: Plan) -> Iterator[Callable[[Tensor], dict[str, dict[int, Tensor]]]]:
+    """`run(ids)` does one no-grad forward pass over contexts `ids` [n, C], stopped after the
+    last layer of `plan`, and returns `{hook: {layer: [n, C, d]}}` (model dtype and device).
+
+    The cache and the activation stream (`stream.py`) both capture through this.
+    """
     adapter = get_adapter(model)
     device = next(model.parameters()).device
-    start = check.end
     with (
         torch.no_grad(),
         capture(model, plan.hooks, plan.layers, adapter) as store,
         _stop_after(model, adapter, plan.layers[-1]),
     ):
+
+        def run(ids: Tensor) -> dict[str, dict[int, Tensor]]:
+            _forward(model, ids.to(device))
+            return {h: dict(store[h]) for h in plan.hooks}
+
+        yield run
+
+
+def _run(model, contexts, writer: _ShardWriter, check: _TokenCheck, plan: Plan, bar) -> None:
+    start = check.end
+    with capturing(model, plan) as run:
         for b, ids in enumerate(_batches(contexts, plan.batch_size)):
             first = b * plan.rows_per_batch
             n_rows = len(ids) * plan.rows_per_context
             check.feed(first, ids)
             if first + n_rows <= start:  # done in an earlier run
                 continue
-            _forward(model, ids.to(device))
+            acts = run(ids)
             lo, hi = max(start - first, 0), min(plan.n_rows - first, n_rows)
-            writer.submit(_Batch({h: dict(store[h]) for h in plan.hooks}, ids, lo, hi))
+            writer.submit(_Batch(acts, ids, lo, hi))
             bar.update(hi - lo)
     check.finish()
 
@@ -609,8 +630,8 @@ def build_cache(cfg: CacheConfig, model=None, tokenizer=None, progress: bool = T
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise WiremapError(f"--out {out} is a file; give a folder for the cache")
-    config = _model_config(cfg, model)
-    layers = _check_model(cfg, config)
+    config = model_config(cfg, model)
+    layers = check_model(cfg, config)
     header = _header(cfg, config, layers)
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
@@ -621,7 +642,7 @@ def build_cache(cfg: CacheConfig, model=None, tokenizer=None, progress: bool = T
         if model is None or tokenizer is None:
             model, tokenizer = load_model(cfg.model, cfg.model_dtype, cfg.device, cfg.revision)
         bos, eos = boundary_tokens(tokenizer)
-        plan = _plan(cfg, layers)
+        plan = make_plan(cfg, layers)
         contexts = _contexts(cfg, tokenizer, plan, bos, eos)
         if manifest is None:
             manifest = _manifest(dict(header, bos_token_id=bos, eos_token_id=eos), [], False)
@@ -630,7 +651,7 @@ def build_cache(cfg: CacheConfig, model=None, tokenizer=None, progress: bool = T
     return out
 
 
-def _write(out: Path, manifest: dict, model, contexts, plan: _Plan, progress: bool) -> None:
+def _write(out: Path, manifest: dict, model, contexts, plan: Plan, progress: bool) -> None:
     for stale in out.glob("*.tmp"):  # leftovers of a killed run, never listed anywhere
         stale.unlink()
     base = {k: v for k, v in manifest.items() if k not in PROGRESS}

@@ -1,24 +1,33 @@
-"""Shuffled (x, y) batches from an activation cache, for Lightning (single process or DDP).
+"""Shuffled (x, y) batches from an activation cache or streamed from the model, for Lightning.
 
     dm = ActivationDataModule(CacheConfig(model="gpt2", dataset="...", out="cache/gpt2"),
                               batch_size=4096, buffer_size=262144, val_fraction=0.01)
     trainer.fit(module, datamodule=dm)       # batches: x, y [B / world_size, L, d]
+    dm = ActivationDataModule(cfg, source="stream", buffer_size=65536)   # no cache on disk
 
-Order of rows. The last `val_fraction` of the cache's rows (whole held-out contexts, since
-rows are in corpus order) form the validation split. The training rows are cut into chunks
-of `chunk_rows` consecutive rows; every epoch permutes the chunks (seeded), lays them end to
-end and shuffles each window of `buffer_size` rows (seeded): a shuffle across shards through
-a buffer, computed on row indices only, so no buffer of activations is ever materialised
-and the whole order is a pure function of (seed, batch index).
+Two sources, one interface (`n_layers`, `d_model`, `cache_info`, `heldout_contexts`,
+`lm_source`, `exclude_bos`, `state_dict`): `source="cache"` reads `wiremap cache`'s shards;
+`source="stream"` runs the model on the text while training (`stream.py`, which also
+documents the stream order: a cache read with `order="stream"` gives the same batches).
+
+Window order (the cache's default). The last `val_fraction` of the cache's rows (whole
+held-out contexts, since rows are in corpus order) form the validation split. The training
+rows are cut into chunks of `chunk_rows` consecutive rows; every epoch permutes the chunks
+(seeded), lays them end to end and shuffles each window of `buffer_size` rows (seeded): a
+shuffle across shards through a buffer, computed on row indices only, so no buffer of
+activations is ever materialised and the whole order is a pure function of (seed, batch
+index).
 
 `batch_size` is the GLOBAL batch: every process computes the same global batch of row ids
 and reads only its slice (`batch_size / world_size` rows), so a DDP run sees exactly the
-rows of the one-process run with the same `batch_size`. The stream is endless (epochs run
-back to back); stop training with `trainer.max_steps`. Worker processes split the batches
-round-robin and each opens the memory-mapped shards itself.
+rows of the one-process run with the same `batch_size` (a streamed run instead gives each
+process its own documents, in batches of `batch_size / world_size` rows). The stream is
+endless (epochs run back to back); stop training with `trainer.max_steps`. Worker
+processes split the batches round-robin and each opens the memory-mapped shards itself.
 
 Resuming: the module counts the training batches it hands out (`state_dict`), Lightning
-stores that in the checkpoint, and a resumed run starts the stream at that batch.
+stores that in the checkpoint, and a resumed run starts the stream at that batch (a
+streamed run also stores each process's `stream.Cursor`).
 
 Missing cache: with `build_missing=False` (default) a missing or incomplete cache raises a
 WiremapError telling you to run `wiremap cache --config <preset>`; with `build_missing=True`
@@ -32,9 +41,10 @@ import itertools
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -44,6 +54,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from wiremap.errors import WiremapError
 from wiremap.train.cache import ActivationCache, CacheConfig, build_cache
+from wiremap.train.stream import (
+    ActivationStream,
+    Cursor,
+    StreamTrain,
+    StreamVal,
+    round_up,
+    window_permutation,
+)
 
 
 class BatchPlan:
@@ -92,7 +110,7 @@ class BatchPlan:
             a, b = max(lo, begin), min(hi, ends[c])
             pieces.append(np.arange(starts[c] + a - begin, starts[c] + b - begin))
         ids = np.concatenate(pieces)
-        return np.random.default_rng([self.seed, epoch, window, 1]).permutation(ids)
+        return ids[window_permutation(self.seed, epoch, window, len(ids))]
 
 
 def rank_slice(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
@@ -103,9 +121,11 @@ def rank_slice(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 class _TrainStream(IterableDataset):
     """Endless (x, y) batches for one process, from global batch `start` on."""
 
-    def __init__(self, path: str, plan: BatchPlan, rank: int, world_size: int, start: int):
+    def __init__(
+        self, path: str, plan: BatchPlan, rank: int, world_size: int, start: int, offset: int = 0
+    ) -> None:
         self.path, self.plan, self.rank, self.world_size = path, plan, rank, world_size
-        self.start = start
+        self.start, self.offset = start, offset  # plan row r is cache row offset + r
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         info = get_worker_info()
@@ -113,7 +133,7 @@ class _TrainStream(IterableDataset):
         cache = ActivationCache(self.path)  # opened here: one memory map per worker
         for i in itertools.count(self.start + worker, n_workers):
             rows = rank_slice(self.plan.rows(i), self.rank, self.world_size)
-            yield cache.get(torch.from_numpy(rows))
+            yield cache.get(torch.from_numpy(rows + self.offset))
 
 
 class _ValSet(IterableDataset):
@@ -141,7 +161,7 @@ class _ValSet(IterableDataset):
 
 
 class ActivationDataModule(L.LightningDataModule):
-    """Training and validation batches from the activation cache described by `cache`."""
+    """Training and validation batches from an activation cache, or streamed from the model."""
 
     def __init__(
         self,
@@ -154,31 +174,57 @@ class ActivationDataModule(L.LightningDataModule):
         seed: int = 0,
         build_missing: bool = False,
         pin_memory: bool = True,
+        source: Literal["cache", "stream"] = "cache",
+        order: Literal["window", "stream"] | None = None,
+        val_contexts: int = 64,
+        norm_tokens: int = 16384,
     ) -> None:
         """
         Args:
             cache: How the cache is (or was) built; `cache.out` is the folder read here.
-                The same section drives `wiremap cache --config <preset>`.
+                The same section drives `wiremap cache --config <preset>`, and names the
+                model and text a streamed run reads.
             batch_size: Tokens per optimiser step summed over all processes (global batch).
-            buffer_size: Rows shuffled together (rounded down to a multiple of batch_size).
-            chunk_rows: Consecutive rows kept together before the window shuffle.
-            val_fraction: Share of rows (the last ones) held out for validation.
-            num_workers: DataLoader worker processes (each memory-maps the shards).
+            buffer_size: Rows shuffled together (rounded down to a multiple of batch_size);
+                a streamed run holds this many rows in memory (per process).
+            chunk_rows: Window order: consecutive rows kept together before the window shuffle.
+            val_fraction: Window order: share of rows (the last ones) held out for validation.
+            num_workers: DataLoader worker processes (each memory-maps the shards); a
+                streamed run runs the model in the main process and needs 0.
             seed: Seed of the shuffle (independent of the model seed).
             build_missing: Build a missing or incomplete cache first (single process only).
             pin_memory: Pin host memory of batches when training on a GPU.
+            source: `cache`: read activations written by `wiremap cache`; `stream`: run the
+                model on the text while training, nothing written to disk (`stream.py`).
+            order: `window` (cache default): chunks of the whole cache shuffled each epoch;
+                `stream` (the only order of a streamed run): rows in text order through a
+                shuffle buffer, validation on the first contexts (see `stream.py`).
+            val_contexts: Stream order: contexts at the start of the text held out for
+                validation (rounded up to whole forward batches of `cache.batch_size`).
+            norm_tokens: Streamed run: rows at the start of the text the per-layer norm
+                statistics are estimated from.
         """
         super().__init__()
         if batch_size <= 0 or not 0.0 <= val_fraction < 1.0 or num_workers < 0:
             raise WiremapError(
                 "data: need batch_size > 0, 0 <= val_fraction < 1 and num_workers >= 0"
             )
+        order = order or ("stream" if source == "stream" else "window")
+        if source == "stream" and (order != "stream" or num_workers):
+            raise WiremapError(
+                "data.source: stream reads in stream order with the model in the main process; "
+                "leave data.order unset (or `stream`) and set data.num_workers: 0"
+            )
         self.cache_config = cache
         self.batch_size, self.buffer_size, self.chunk_rows = batch_size, buffer_size, chunk_rows
         self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
         self.build_missing, self.pin_memory = build_missing, pin_memory
+        self.source, self.order = source, order
+        self.val_contexts, self.norm_tokens = val_contexts, norm_tokens
         self.batches_consumed = 0
         self.rank, self.world_size = 0, 1
+        self.cursors: dict[int, Cursor] = {}  # streamed run: window starts seen, by batch
+        self.resume_cursors: list[Cursor] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the datamodule: drop the open memory maps, reopen after.
@@ -194,11 +240,24 @@ class ActivationDataModule(L.LightningDataModule):
     @cached_property
     def cache(self) -> ActivationCache:
         """The opened cache, built first if allowed; checked against `cache_config`."""
+        if self.source == "stream":
+            raise WiremapError(
+                "data.source is stream: this run reads no activation cache (use "
+                "datamodule.heldout_contexts / lm_source for what the cache would tell)"
+            )
         if not _is_complete(self.path):
             self._build_or_raise()
         cache = ActivationCache(self.path)
         check_cache_matches(cache, self.cache_config)
         return cache
+
+    @cached_property
+    def stream(self) -> ActivationStream:
+        """The model, text and stream order of a streamed run (`source: stream`)."""
+        if self.source != "stream":
+            raise WiremapError("data.stream is only there for data.source: stream")
+        cfg = self.cache_config
+        return ActivationStream(cfg, self.val_contexts, self.seed, self.norm_tokens)
 
     def _build_or_raise(self) -> None:
         multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -207,20 +266,32 @@ class ActivationDataModule(L.LightningDataModule):
                 f"no complete activation cache at {str(self.path)!r}; build it first with "
                 "`wiremap cache --config <your preset>.yaml` (same preset as `wiremap train`)"
                 + ("" if multi else ", or set data.build_missing: true")
+                + " — or stream the activations instead (data.source: stream)"
             )
         build_cache(self.cache_config)
 
     @property
+    def streaming(self) -> bool:
+        return self.source == "stream"
+
+    @property
     def n_layers(self) -> int:
-        return self.cache.n_layers
+        return len(self.stream.layers) if self.streaming else self.cache.n_layers
 
     @property
     def d_model(self) -> int:
-        return self.cache.d_model
+        return self.stream.d_model if self.streaming else self.cache.d_model
 
     @property
     def cache_info(self) -> dict[str, Any]:
-        """What the training module needs to know about the cache (linked by the CLI)."""
+        """What the training module needs to know about the data (linked by the CLI)."""
+        if self.streaming:
+            cfg, stream = self.cache_config, self.stream
+            return {
+                "model": cfg.model, "layers": list(stream.layers), "input_hook": cfg.input_hook,
+                "output_hook": cfg.output_hook, "norm_stats": stream.stats, "path": None,
+                "n_tokens": None, "context_length": cfg.context_length, "source": "stream",
+            }  # fmt: skip
         m = self.cache.manifest
         return {
             "model": m["model"],
@@ -235,15 +306,58 @@ class ActivationDataModule(L.LightningDataModule):
 
     @property
     def n_val(self) -> int:
+        """Held-out rows: the last ones (window order) or the first ones (stream order)."""
+        if self.streaming:
+            return self.stream.n_val_rows
+        if self.order == "stream":
+            m = self.cache.manifest
+            contexts = round_up(max(0, self.val_contexts), int(m["batch_size"]))
+            per_context = int(m["context_length"]) - (1 if m.get("exclude_bos", True) else 0)
+            return min(contexts * per_context, self.cache.n_tokens)
         return int(round(self.val_fraction * self.cache.n_tokens))
 
     @property
     def n_train(self) -> int:
+        """Training rows of the cache (rows n_val.. in stream order, ..n_train in window)."""
         return self.cache.n_tokens - self.n_val
+
+    # -- what the replacement check needs (both sources) -----------------------------------
+    def heldout_contexts(self, n_contexts: int) -> Tensor:
+        """Up to `n_contexts` token contexts `[n, context_length]` (BOS first), held out
+        from training when the run holds any out."""
+        from wiremap.train.callbacks import heldout_contexts
+
+        if self.streaming:
+            return self.stream.heldout_contexts(n_contexts)
+        if self.order == "stream":
+            contexts = round_up(max(0, self.val_contexts), int(self.cache.manifest["batch_size"]))
+            return heldout_contexts(self.cache, 0, min(n_contexts, contexts or n_contexts))
+        return heldout_contexts(self.cache, self.n_train, n_contexts)
+
+    @property
+    def lm_source(self) -> dict[str, Any]:
+        """`model`, `model_dtype` and `revision` of the language model the data comes from."""
+        if self.streaming:
+            cfg = self.cache_config
+            return {"model": cfg.model, "model_dtype": cfg.model_dtype, "revision": cfg.revision}
+        m = self.cache.manifest
+        return {
+            "model": m["model"],
+            "model_dtype": m.get("model_dtype", "float32"),
+            "revision": m.get("revision"),
+        }
+
+    @property
+    def exclude_bos(self) -> bool:
+        """Were BOS positions left out of the training rows?"""
+        if self.streaming:
+            return bool(self.cache_config.exclude_bos)
+        return bool(self.cache.manifest.get("exclude_bos", True))
 
     # -- Lightning hooks ------------------------------------------------------------------
     def prepare_data(self) -> None:
-        self.cache  # noqa: B018  (opens/builds and validates on rank 0 before setup)
+        if not self.streaming:
+            self.cache  # noqa: B018  (opens/builds and validates on rank 0 before setup)
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None:
@@ -253,26 +367,58 @@ class ActivationDataModule(L.LightningDataModule):
                 f"data.batch_size={self.batch_size} is the global batch and must divide evenly "
                 f"over {self.world_size} processes"
             )
-        self.cache  # noqa: B018
+        if not self.streaming:
+            self.cache  # noqa: B018
+            return
+        self.stream.rank, self.stream.world_size = self.rank, self.world_size
+        if self.cache_config.device == "auto" and self.trainer is not None:
+            self.stream.move_to(self.trainer.strategy.root_device)
 
     def plan(self) -> BatchPlan:
-        return BatchPlan(
-            self.n_train, self.batch_size, self.buffer_size, self.chunk_rows, self.seed
-        )
+        """The cache's batch order: window order, or stream order (one chunk, no permutation)."""
+        chunk_rows = self.n_train if self.order == "stream" else self.chunk_rows
+        return BatchPlan(self.n_train, self.batch_size, self.buffer_size, chunk_rows, self.seed)
 
     def train_dataloader(self) -> DataLoader:
+        if self.streaming:
+            return self._loader(self._stream_train())
+        offset = self.n_val if self.order == "stream" else 0
         stream = _TrainStream(
-            str(self.path), self.plan(), self.rank, self.world_size, self.batches_consumed
+            str(self.path), self.plan(), self.rank, self.world_size, self.batches_consumed, offset
         )
         return self._loader(stream)
+
+    def _stream_train(self) -> StreamTrain:
+        local = self.batch_size // self.world_size
+        window = max(local, self.buffer_size // local * local)
+        return StreamTrain(
+            self.stream, self._start_cursor(), self.batches_consumed, local, window, self._record
+        )
+
+    def _start_cursor(self) -> Cursor:
+        if self.resume_cursors is None:
+            return self.stream.first_cursor()
+        return self.resume_cursors[self.rank]
+
+    def _record(self, cursor: Cursor) -> None:
+        self.cursors[cursor.batch] = cursor
+        for old in sorted(self.cursors)[:-4]:  # the loop prefetches a batch or two at most
+            del self.cursors[old]
+
+    def _cursor_now(self) -> Cursor:
+        """The cursor of the last window started at or before the next batch to train on."""
+        seen = [b for b in self.cursors if b <= self.batches_consumed]
+        if seen:
+            return self.cursors[max(seen)]
+        return self._start_cursor()
 
     def val_dataloader(self) -> DataLoader | list:
         if self.n_val == 0:
             return []
-        val = _ValSet(
-            str(self.path), self.n_train, self.cache.n_tokens, self.batch_size,
-            self.rank, self.world_size,
-        )  # fmt: skip
+        if self.streaming:
+            return self._loader(StreamVal(self.stream, self.batch_size, self.rank, self.world_size))
+        lo, hi = (0, self.n_val) if self.order == "stream" else (self.n_train, self.cache.n_tokens)
+        val = _ValSet(str(self.path), lo, hi, self.batch_size, self.rank, self.world_size)
         return self._loader(val, workers=min(self.num_workers, len(val)))
 
     def _loader(self, dataset: IterableDataset, workers: int | None = None) -> DataLoader:
@@ -296,20 +442,54 @@ class ActivationDataModule(L.LightningDataModule):
         return x.float(), y.float()
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "batches_consumed": self.batches_consumed,
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "source": self.source,
+            "order": self.order,
         }
+        if self.streaming:
+            state["cursors"] = _gather(asdict(self._cursor_now()), self.world_size)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state["batch_size"], state["seed"]) != (self.batch_size, self.seed):
+        saved = (state["batch_size"], state["seed"])
+        if saved != (self.batch_size, self.seed):
             raise WiremapError(
                 f"this checkpoint was trained with data.batch_size={state['batch_size']} and "
                 f"data.seed={state['seed']}; resume with the same values to continue the same "
                 "data order (or start a new run without --ckpt_path)"
             )
+        source, order = state.get("source", "cache"), state.get("order", "window")
+        if (source, order) != (self.source, self.order):
+            raise WiremapError(
+                f"this checkpoint read data.source={source} in {order} order; resume with the "
+                "same data.source and data.order (or start a new run without --ckpt_path)"
+            )
         self.batches_consumed = int(state["batches_consumed"])
+        if self.streaming:
+            self.resume_cursors = self._cursors_from(state["cursors"])
+
+    def _cursors_from(self, saved: list[dict[str, int]]) -> list[Cursor]:
+        if len(saved) != self.world_size:
+            raise WiremapError(
+                f"this streamed checkpoint was trained by {len(saved)} processes, this run has "
+                f"{self.world_size}; each process reads its own slice of the text, so resume "
+                "with the same number of processes"
+            )
+        return [Cursor(**c) for c in saved]
+
+
+def _gather(item: dict[str, int], world_size: int) -> list[dict[str, int]]:
+    """Every process's `item`, in rank order (checkpoints are saved on all processes at once)."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [item]
+    items: list[Any] = [None] * world_size
+    dist.all_gather_object(items, item)
+    return items
 
 
 def _is_complete(path: Path) -> bool:

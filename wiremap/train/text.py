@@ -167,14 +167,27 @@ def boundary_tokens(tokenizer, say=warn) -> tuple[int, int]:
 
 def tokenize(texts: Iterable[str], tokenizer, batch_size: int = 256) -> Iterator[list[int]]:
     """Token ids of each document (no special tokens added), tokenized in batches for speed."""
-    batch: list[str] = []
-    for text in texts:
-        batch.append(text)
+    for _, ids in tokenize_indexed(enumerate(texts), tokenizer, batch_size):
+        yield ids
+
+
+def tokenize_indexed(
+    documents: Iterable[tuple[int, str]], tokenizer, batch_size: int = 256
+) -> Iterator[tuple[int, list[int]]]:
+    """`(index, token ids)` of each `(index, text)`, tokenized in batches for speed."""
+    batch: list[tuple[int, str]] = []
+    for item in documents:
+        batch.append(item)
         if len(batch) == batch_size:
-            yield from _encode(tokenizer, batch)
+            yield from _encode_indexed(tokenizer, batch)
             batch = []
     if batch:
-        yield from _encode(tokenizer, batch)
+        yield from _encode_indexed(tokenizer, batch)
+
+
+def _encode_indexed(tokenizer, batch: list[tuple[int, str]]) -> Iterator[tuple[int, list[int]]]:
+    ids = _encode(tokenizer, [text for _, text in batch])
+    return zip((i for i, _ in batch), ids, strict=True)
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -190,15 +203,58 @@ def pack_contexts(
     A document that does not fit continues in the next context; the tail that does not
     fill a whole context is dropped.
     """
+    for context, _ in pack_positions(enumerate(documents), context_length, bos, eos):
+        yield context
+
+
+@dataclass(frozen=True)
+class TextPosition:
+    """A place in the packed token stream: `offset` tokens into document `doc`.
+
+    `doc` counts the dataset's non-empty documents from 0 (the order `iter_texts` yields);
+    a document's tokens are its token ids followed by one EOS.
+    """
+
+    doc: int = 0
+    offset: int = 0
+
+
+def pack_positions(
+    documents: Iterable[tuple[int, list[int]]],
+    context_length: int,
+    bos: int,
+    eos: int,
+    offset: int = 0,
+) -> Iterator[tuple[list[int], TextPosition]]:
+    """`pack_contexts` over `(index, token ids)` documents, starting `offset` tokens into the
+    first one; yields each context with the `TextPosition` of its first token after BOS, so a
+    reader can later restart the packing exactly there."""
     if context_length < 2:
         raise WiremapError(f"context length {context_length} is too short; use at least 2")
     body = context_length - 1
     buffer: list[int] = []
-    for doc in documents:
-        buffer.extend(doc)
-        buffer.append(eos)
+    spans: list[tuple[int, int, int]] = []  # (buffer index, doc, offset of that token in doc)
+    for index, doc in documents:
+        tokens = [*doc, eos][offset:]
+        if tokens:
+            spans.append((len(buffer), index, offset))
+            buffer.extend(tokens)
+        offset = 0
         start = 0
         while len(buffer) - start >= body:
-            yield [bos, *buffer[start : start + body]]
+            yield [bos, *buffer[start : start + body]], _position_at(spans, start)
             start += body
         del buffer[:start]
+        spans = _shift(spans, start) if buffer else []
+
+
+def _position_at(spans: list[tuple[int, int, int]], at: int) -> TextPosition:
+    begin, doc, offset = next(span for span in reversed(spans) if span[0] <= at)
+    return TextPosition(doc, offset + at - begin)
+
+
+def _shift(spans: list[tuple[int, int, int]], by: int) -> list[tuple[int, int, int]]:
+    """The spans after dropping the first `by` buffered tokens."""
+    first = _position_at(spans, by)
+    later = [(b - by, d, o) for b, d, o in spans if b > by]
+    return [(0, first.doc, first.offset), *later]

@@ -11,7 +11,7 @@ A preset has five sections: `run` (name, folder, logging, checkpoints, callbacks
 `RunConfig`), `trainer` (any `lightning.Trainer` argument), `model` (`TranscoderModule`),
 `data` (`ActivationDataModule`, whose `cache` section is the `wiremap cache` config) and
 `seed_everything`. `model.n_layers`, `model.d_model` and `model.cache_info` are read from
-the cache manifest, never written in a preset.
+the cache manifest (with `data.source: stream`, from the model), never written in a preset.
 
 Everything a run writes goes to `<run.root>/<run.name>/`: `config.yaml` (the resolved
 config), `checkpoints/` (Lightning .ckpt for resuming; `last.ckpt` too), the logger's files
