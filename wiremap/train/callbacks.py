@@ -149,8 +149,8 @@ class ProgressLog(L.Callback):
     """A plain progress line every N steps when stdout is not a terminal (nohup, SLURM, a
     pipe), where a progress bar shows nothing readable; on a terminal the bar is enough.
 
-        step 200/600 (33%) | 5,120 tok/s | ETA 0:01:20 | loss 41.2 | fvu 0.312 |
-        l0 38.5/layer, 1,155 total | dead 0.4% | lr 1.1e-03        (one line in the log)
+        step 250/300 (83%) | 229 tok/s | ETA 0:01:20 | loss 15.64 | fvu 0.072 |
+        l0 43.9/layer, 88 total | dead 0.0% | lr 8.50e-04           (one line in the log)
 
     The metrics are those of that very step (the module computes them on these steps too).
     """
