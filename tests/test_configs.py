@@ -12,7 +12,7 @@ from wiremap.errors import WiremapError
 from wiremap.train.cache import CacheConfig
 from wiremap.train.cache_cmd import read_preset
 from wiremap.train.data import ActivationDataModule
-from wiremap.train.module import TranscoderModule
+from wiremap.train.module import LossConfig, OptimConfig, TranscoderModule
 from wiremap.train.train_cmd import WiremapCLI
 
 PRESETS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -37,7 +37,7 @@ def parse(argv: list[str]):
 def test_there_are_presets():
     names = {p.stem for p in PRESETS}
     assert {"gpt2-plt", "gpt2-clt", "llama-3.2-1b-clt", "gemma-2-2b-plt"} <= names
-    assert {"qwen3-0.6b-plt", "debug-cpu"} <= names
+    assert {"qwen3-0.6b-plt", "smollm2-plt", "debug-cpu"} <= names
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
@@ -49,6 +49,11 @@ def test_preset_parses(preset):
     assert config.model.activation in ("relu", "jumprelu", "topk", "batchtopk")
     if config.model.activation in ("topk", "batchtopk"):
         assert config.model.k and config.model.k <= config.model.d_transcoder
+    # schedules are fractions of the run, so a preset fits any max_steps
+    optim = OptimConfig(**dict(config.model.optim or {}))
+    assert optim.warmup_steps is None and optim.warmup_fraction + optim.decay_fraction <= 1
+    if config.model.activation in ("relu", "jumprelu"):  # λ ≈ 1.0 · d_model / 576 (README)
+        assert LossConfig(**dict(config.model.loss or {})).sparsity_coef >= 0.1
     # the same file drives `wiremap cache`: its data.cache section is a valid CacheConfig
     cache = CacheConfig(**read_preset(str(preset)))
     assert cache.out == config.data.cache.out and cache.model == config.data.cache.model

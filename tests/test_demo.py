@@ -137,6 +137,17 @@ def test_reduced_demo_writes_valid_graph_json_html_cards_and_report(reduced):
         assert any(g.top_token == answer for g in report.graphs.values())
 
 
+def test_reduced_demo_labels_l0_per_layer_and_all_layers(reduced):
+    # `l0` is per token and layer, `l0_total` per token over all layers: the printed line
+    # puts "all layers" on the total, never on the per-layer mean.
+    report, printed = reduced
+    n_layers = 4  # the organism's
+    for arch, m in report.training.items():
+        assert m["l0_total"] == pytest.approx(n_layers * m["l0"], rel=1e-3)
+        line = next(x for x in printed.splitlines() if x.strip().startswith(f"{arch.upper()}:"))
+        assert f"L0 {m['l0']:.1f} features/token per layer ({m['l0_total']:.1f} all layers)" in line
+
+
 def _check_dallas_circuit_and_swap(report) -> None:
     """The Dallas graph routes ' Dallas' through Texas features to ' Austin' (checked on the
     written JSON), those features respond to Texas, and swapping them makes ' Sacramento'."""

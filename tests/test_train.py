@@ -98,6 +98,37 @@ def test_fvu_and_l0_definitions():
     assert losses.lr_factor(100, 10, 100, "cosine", 0.1) == pytest.approx(0.1)
 
 
+def test_schedule_fractions_of_the_run_and_lr_scaled_with_width():
+    from wiremap.train.module import OptimConfig
+
+    cfg = OptimConfig(warmup_fraction=0.1, decay_fraction=0.2, decay="linear", min_lr_ratio=0.0)
+    warmup, decay = cfg.phases(1000)
+    assert (warmup, decay) == (100, 200)
+    factors = [losses.lr_factor(s, warmup, 1000, cfg.decay, 0.0, decay) for s in range(1000)]
+    assert factors[0] == pytest.approx(0.01) and factors[99] == 1.0
+    assert factors[100:800] == [1.0] * 700  # plateau until the last 20 %
+    assert factors[900] == pytest.approx(0.5) and factors[999] == pytest.approx(1 / 200)
+    assert OptimConfig(warmup_steps=7).phases(1000)[0] == 7  # old presets keep working
+    # old behaviour: decay over everything after warm-up
+    assert losses.lr_factor(55, 10, 100, "linear", 0.0) == pytest.approx(0.5)
+    ref = OptimConfig(base_lr=1e-3, lr_ref_width=4096)
+    assert ref.peak_lr(4096) == pytest.approx(1e-3) and ref.peak_lr(16384) == pytest.approx(5e-4)
+    assert OptimConfig(lr=3e-3).peak_lr(16384) == 3e-3
+    with pytest.raises(WiremapError, match="exceed the whole run"):
+        OptimConfig(warmup_fraction=0.5, decay_fraction=0.6)
+
+
+def test_trainer_uses_the_width_scaled_lr_and_fractional_warmup(cache_cfg, tmp_path):
+    dm = make_dm(cache_cfg)
+    module = make_module(dm, d_transcoder=64, optim={"base_lr": 1e-3, "lr_ref_width": 256})
+    fit = trainer(tmp_path, 10, [])
+    fit.fit(module, datamodule=dm)
+    scheduler = fit.lr_scheduler_configs[0].scheduler
+    assert scheduler.base_lrs == [pytest.approx(2e-3)]  # 1e-3 * sqrt(256 / 64)
+    # warm-up 5 % of 10 steps rounds to 0 (none); decay over the last 2 steps to 0.1 lr
+    assert [scheduler.lr_lambdas[0](s) for s in (0, 7, 9)] == pytest.approx([1.0, 1.0, 0.55])
+
+
 class Crash(L.Callback):
     def __init__(self, at_step: int):
         self.at_step = at_step

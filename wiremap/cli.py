@@ -19,6 +19,7 @@ from wiremap.errors import WiremapError
 COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("wiremap.train.cache_cmd:main", "cache a language model's MLP activations to disk"),
     "train": ("wiremap.train.train_cmd:main", "train transcoders on a cached activation dataset"),
+    "export": ("wiremap.train.export_cmd:main", "write transcoders from a training checkpoint"),
     "serve": ("wiremap.attribute.viewer_cmd:serve_main", "open graph JSON files in a local viewer"),
     "features": ("wiremap.attribute.viewer_cmd:features_main", "compute feature cards"),
     "attribute": ("wiremap.attribute.cli:attribute_main", "build an attribution graph of a prompt"),

@@ -257,7 +257,12 @@ def _quiet_lightning() -> Iterator[None]:
 
 
 def _final_metrics(trainer) -> dict[str, float]:
-    keep = {"fvu": "fvu", "l0": "l0", "train/dead_fraction": "dead_fraction"}
+    keep = {
+        "fvu": "fvu",
+        "l0": "l0",
+        "l0_total": "l0_total",
+        "train/dead_fraction": "dead_fraction",
+    }
     got = trainer.callback_metrics
     return {short: round(float(got[k]), 4) for k, short in keep.items() if k in got}
 
@@ -599,8 +604,9 @@ def _metrics_line(m: dict[str, float]) -> str:
     parts = []
     if "fvu" in m:
         parts.append(f"FVU {m['fvu']:.3f}")
-    if "l0" in m:
-        parts.append(f"L0 {m['l0']:.1f} features/token (all layers)")
+    if "l0" in m:  # `l0`: per token and layer; `l0_total`: per token, all layers together
+        total = f" ({m['l0_total']:.1f} all layers)" if "l0_total" in m else ""
+        parts.append(f"L0 {m['l0']:.1f} features/token per layer{total}")
     if "dead_fraction" in m:
         parts.append(f"dead {100 * m['dead_fraction']:.0f}%")
     return ", ".join(parts) or "trained"

@@ -10,8 +10,11 @@
 - `ReuseHostMemory`: on CPU, keeps freed host memory for reuse (`host_memory.py`), so
   steps stop faulting in fresh pages (`bench/train.py` prints the speed-up).
 - `Throughput`: logs training tokens/s (all processes together) every N steps.
-- `ReplacementQuality`: every N steps, on held-out contexts rebuilt from the cache's
-  validation rows (token ids and positions are stored beside the activations), splices the
+- `ProgressLog`: when stdout is not a terminal, prints one line every N steps (step/total,
+  tokens/s, ETA, loss, FVU, L0 per layer and in total, dead share, lr), flushed.
+- `ReplacementQuality`: every N steps, on the data module's held-out contexts
+  (`heldout_contexts`: rebuilt from a cache's validation rows, whose token ids and positions
+  are stored beside the activations, or the first contexts of a streamed run), splices the
   transcoders into the language model — every covered layer's `mlp_out` replaced by the
   transcoder's reconstruction, computed from the inputs of the spliced run itself (closed
   loop, one forward pass per layer) — and logs the original CE, the spliced CE, the CE with
@@ -25,8 +28,10 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -80,7 +85,7 @@ class NanGuard(L.Callback):
         else:
             cause = (
                 f"a learning rate too high (lr={lr:.3g}); lower --model.optim.lr, lengthen "
-                "--model.optim.warmup_steps or set --trainer.gradient_clip_val 1.0"
+                "--model.optim.warmup_fraction or set --trainer.gradient_clip_val 1.0"
             )
         return (
             f"training stopped: the loss became {value} at step {trainer.global_step} "
@@ -95,25 +100,108 @@ def _current_lr(trainer) -> float:
     return math.nan
 
 
+class TokenRate:
+    """Training tokens per second between two readings, timed from the end of the first step
+    (the first step carries start-up costs: compilation, page faults, loader start)."""
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self._tokens = 0
+
+    def add(self, n_tokens: int) -> None:
+        """Count one finished step of `n_tokens` tokens (all processes together)."""
+        if self._start is None:
+            self._start = time.perf_counter()
+            return
+        self._tokens += n_tokens
+
+    def take(self) -> float | None:
+        """Tokens/s since the last reading (None before two steps have ended); restarts."""
+        now = time.perf_counter()
+        if self._start is None or now <= self._start or self._tokens == 0:
+            return None
+        rate = self._tokens / (now - self._start)
+        self._start, self._tokens = now, 0
+        return rate
+
+
+def _step_tokens(trainer, batch) -> int:
+    return batch[0].shape[0] * trainer.world_size
+
+
 class Throughput(L.Callback):
     """Log `perf/tokens_per_s`: training tokens per second over all processes."""
 
     def __init__(self, every_n_steps: int = 50) -> None:
         self.every_n_steps = max(1, every_n_steps)
-        self._start: float | None = None
-        self._tokens = 0
+        self._rate = TokenRate()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        if self._start is None:  # the first step includes start-up costs: time from its end
-            self._start, self._tokens = now, 0
-            return
-        self._tokens += batch[0].shape[0] * trainer.world_size
-        if trainer.global_step % self.every_n_steps == 0 and now > self._start:
-            rate = self._tokens / (now - self._start)
+        self._rate.add(_step_tokens(trainer, batch))
+        if trainer.global_step % self.every_n_steps == 0:
+            rate = self._rate.take()
+            if rate is None:
+                return
             for logger in trainer.loggers:  # direct: self.log would repeat stale values
                 logger.log_metrics({"perf/tokens_per_s": rate}, trainer.global_step)
-            self._start, self._tokens = now, 0
+
+
+class ProgressLog(L.Callback):
+    """A plain progress line every N steps when stdout is not a terminal (nohup, SLURM, a
+    pipe), where a progress bar shows nothing readable; on a terminal the bar is enough.
+
+        step 250/300 (83%) | 229 tok/s | ETA 0:01:20 | loss 15.64 | fvu 0.072 |
+        l0 43.9/layer, 88 total | dead 0.0% | lr 8.50e-04           (one line in the log)
+
+    The metrics are those of that very step (the module computes them on these steps too).
+    """
+
+    def __init__(self, every_n_steps: int = 50, force: bool = False) -> None:
+        self.every_n_steps, self.force = every_n_steps, force
+        self.enabled = False
+        self._rate = TokenRate()
+        self._t0: float | None = None
+        self._step0 = 0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        tty = sys.stdout.isatty()
+        self.enabled = stage == "fit" and self.every_n_steps > 0 and (self.force or not tty)
+        if self.enabled:
+            pl_module.progress_every = self.every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.enabled:
+            return
+        self._rate.add(_step_tokens(trainer, batch))
+        step = trainer.global_step
+        if self._t0 is None:  # first step of this process (a resumed run starts late)
+            self._t0, self._step0 = time.perf_counter(), step
+        if step % self.every_n_steps == 0 and trainer.is_global_zero:
+            print(self.line(trainer, step), flush=True)
+
+    def line(self, trainer, step: int) -> str:
+        total = trainer.max_steps
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        rate = self._rate.take()
+        parts = [f"step {step}/{total} ({100 * step / total:.0f}%)"]
+        parts.append(f"{rate:,.0f} tok/s" if rate else "- tok/s")
+        parts.append(f"ETA {self._eta(step, total)}")
+        for key, fmt in (("loss", "loss {:.4g}"), ("fvu", "fvu {:.3f}")):
+            if f"train/{key}" in m:
+                parts.append(fmt.format(m[f"train/{key}"]))
+        if "train/l0" in m:
+            parts.append(f"l0 {m['train/l0']:.1f}/layer, {m['train/l0_total']:,.0f} total")
+        if "train/dead_fraction" in m:
+            parts.append(f"dead {100 * m['train/dead_fraction']:.1f}%")
+        parts.append(f"lr {_current_lr(trainer):.2e}")
+        return " | ".join(parts)
+
+    def _eta(self, step: int, total: int) -> str:
+        done = step - self._step0
+        if self._t0 is None or done <= 0:
+            return "-"
+        seconds = (time.perf_counter() - self._t0) / done * max(0, total - step)
+        return str(datetime.timedelta(seconds=round(seconds)))
 
 
 class ReplacementQuality(L.Callback):
@@ -154,7 +242,7 @@ class ReplacementQuality(L.Callback):
             with pl_module.per_token() as tc:
                 return replacement_metrics(
                     self._lm, tc, pl_module.in_scale, pl_module.out_scale, self._ids,
-                    self.batch_size, keep_bos=datamodule.cache.manifest.get("exclude_bos", True),
+                    self.batch_size, keep_bos=datamodule.exclude_bos,
                 )  # fmt: skip
         finally:
             pl_module.train(was_training)
@@ -162,12 +250,11 @@ class ReplacementQuality(L.Callback):
     def _setup(self, datamodule, device):
         from wiremap.models.loading import load_model
 
-        cache = datamodule.cache
+        lm = datamodule.lm_source  # the cache's manifest, or the streamed run's data.cache
         model, _ = load_model(
-            cache.manifest["model"], cache.manifest.get("model_dtype", "float32"), device,
-            cache.manifest.get("revision"), load_tokenizer=False,
-        )  # fmt: skip
-        ids = heldout_contexts(cache, datamodule.n_train, self.n_contexts)
+            lm["model"], lm["model_dtype"], device, lm["revision"], load_tokenizer=False
+        )
+        ids = datamodule.heldout_contexts(self.n_contexts)
         return model, ids.to(device)
 
 
@@ -182,15 +269,25 @@ class ExportTranscoders(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        from wiremap.models.io import save_transcoders
-
-        tc = pl_module.export_transcoder()
         summary = training_summary(trainer, pl_module)
-        save_transcoders(tc, self.folder, extra_config={"training": summary})
-        if self.config_path is not None and Path(self.config_path).is_file():
-            shutil.copyfile(self.config_path, self.folder / "training_config.yaml")
+        export_module(pl_module, self.folder, summary, self.config_path)
         if self.upload:
             upload_artifact(trainer, self.folder)
+
+
+def export_module(
+    pl_module, folder: str | Path, summary: dict[str, Any], config_path: str | Path | None
+) -> Path:
+    """Write a TranscoderModule's transcoders to `folder` with `io.save_transcoders`
+    (normalisation folded in, BatchTopK made per-token; `summary` under `training` in its
+    config.yaml) and copy the run's resolved config beside it as `training_config.yaml`."""
+    from wiremap.models.io import save_transcoders
+
+    folder = Path(folder)
+    save_transcoders(pl_module.export_transcoder(), folder, extra_config={"training": summary})
+    if config_path is not None and Path(config_path).is_file():
+        shutil.copyfile(config_path, folder / "training_config.yaml")
+    return folder
 
 
 def upload_artifact(trainer, folder: Path) -> None:
@@ -221,17 +318,23 @@ def training_summary(trainer, pl_module) -> dict[str, Any]:
         metrics.update(
             getattr(callback, "last", {}) if isinstance(callback, ReplacementQuality) else {}
         )
-    info = pl_module.cache_info
     return {
         "steps": int(trainer.global_step),
         "tokens": int(trainer.global_step * _tokens_per_step(trainer)),
         "precision": str(trainer.precision),
         "world_size": int(trainer.world_size),
-        "cache": info.get("path"),
-        "loss": pl_module.hparams.loss,
-        "optim": pl_module.hparams.optim,
+        **module_summary(pl_module),
         "final_metrics": metrics,
         "wiremap_version": __version__,
+    }
+
+
+def module_summary(pl_module) -> dict[str, Any]:
+    """The facts every export records about the module: its cache and its settings."""
+    return {
+        "cache": pl_module.cache_info.get("path"),
+        "loss": pl_module.hparams.loss,
+        "optim": pl_module.hparams.optim,
     }
 
 

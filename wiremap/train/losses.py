@@ -72,14 +72,24 @@ def ramp(step: int, final: float, ramp_steps: int) -> float:
 
 
 def lr_factor(
-    step: int, warmup_steps: int, total_steps: int, decay: str, min_ratio: float
+    step: int,
+    warmup_steps: int,
+    total_steps: int,
+    decay: str,
+    min_ratio: float,
+    decay_steps: int | None = None,
 ) -> float:
-    """Learning-rate multiplier: linear warm-up, then `cosine`, `linear` or `constant` decay."""
+    """Learning-rate multiplier: linear warm-up, a plateau at 1, then `cosine`, `linear` or
+    `constant` decay over the last `decay_steps` steps (None: everything after warm-up)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
-    if decay == "constant" or total_steps <= warmup_steps:
+    if decay_steps is None:
+        decay_steps = total_steps - warmup_steps
+    decay_steps = min(decay_steps, total_steps - warmup_steps)
+    start = total_steps - decay_steps
+    if decay == "constant" or decay_steps <= 0 or step < start:
         return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = min(1.0, (step - start) / decay_steps)
     if decay == "cosine":
         shape = 0.5 * (1 + math.cos(math.pi * progress))
     else:

@@ -50,12 +50,16 @@ SPARSE_BY_K = ("topk", "batchtopk")
 class LossConfig:
     """Weights of the loss terms."""
 
-    sparsity_coef: float = 1e-3
-    """Final λ of the tanh sparsity penalty (relu, jumprelu)."""
+    sparsity_coef: float = 1.0
+    """Final λ of the tanh sparsity penalty (relu, jumprelu). It prices one active feature
+    against reconstruction (≈ d_model · FVU per layer in normalised units): 1.0 gave 37–52
+    active features per token and layer on SmolLM2 (d_model 576, F 2048; README); scale it
+    with d_model, raise it for fewer features."""
     sparsity_c: float = 4.0
     """Stretch constant c inside tanh(c·‖W_dec‖·a)."""
-    sparsity_ramp: float = 1.0
-    """Fraction of the run over which λ rises linearly from 0."""
+    sparsity_ramp: float = 0.8
+    """Fraction of the run over which λ rises linearly from 0 (default: until the learning
+    rate starts to decay, so the features settle at the final λ)."""
     preact_coef: float = 3e-6
     """λ_p of the pre-activation loss against dead features (relu, jumprelu; 0 = off)."""
     auxk_coef: float = 1 / 32
@@ -68,20 +72,63 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up and decay."""
+    """AdamW; linear warm-up, a plateau, then a decay over the end of the run.
 
-    lr: float = 2e-4
-    """Peak learning rate."""
+    Warm-up and decay are fractions of `trainer.max_steps`, so one preset fits a run of any
+    length. The peak learning rate shrinks with the dictionary width as in sparsify
+    (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"; EleutherAI's sparsify:
+    2e-4 / √(F / 2^14)): wider dictionaries spread the same signal over more, noisier
+    gradient entries. `base_lr` is 5x sparsify's because short runs need the larger rate
+    (issue 11: on a SmolLM2 layer at F 4608, 3e-3 reached FVU 0.35 where sparsify's 3.8e-4
+    reached 0.39); the README's SmolLM2 recipe uses it.
+    """
+
+    lr: float | None = None
+    """Peak learning rate; None = base_lr · √(lr_ref_width / d_transcoder)."""
+    base_lr: float = 1e-3
+    """Peak learning rate at `lr_ref_width` features per layer (used when `lr` is None)."""
+    lr_ref_width: int = 16384
+    """The dictionary width F_ref at which the peak learning rate is `base_lr`."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     weight_decay: float = 0.0
     """Decoupled weight decay."""
-    warmup_steps: int = 1000
-    """Linear warm-up steps."""
-    decay: Literal["cosine", "linear", "constant"] = "cosine"
-    """Shape of the decay after warm-up, down to min_lr_ratio·lr at the last step."""
+    warmup_fraction: float = 0.05
+    """Linear warm-up over this fraction of the run."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps; when set, overrides `warmup_fraction` (older presets)."""
+    decay_fraction: float = 0.2
+    """The last fraction of the run over which the rate decays to min_lr_ratio·lr
+    (1.0: decay from the end of warm-up on)."""
+    decay: Literal["cosine", "linear", "constant"] = "linear"
+    """Shape of that decay (`constant`: no decay)."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of lr."""
+
+    def __post_init__(self) -> None:
+        for name in ("warmup_fraction", "decay_fraction", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise WiremapError(f"optim.{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.warmup_fraction + self.decay_fraction > 1.0:
+            raise WiremapError(
+                f"optim.warmup_fraction ({self.warmup_fraction}) + optim.decay_fraction "
+                f"({self.decay_fraction}) exceed the whole run; lower one of them"
+            )
+        if (self.lr if self.lr is not None else self.base_lr) <= 0:
+            raise WiremapError("the learning rate (optim.lr or optim.base_lr) must be positive")
+
+    def peak_lr(self, d_transcoder: int) -> float:
+        """The peak learning rate for `d_transcoder` features per layer."""
+        if self.lr is not None:
+            return self.lr
+        return self.base_lr * math.sqrt(self.lr_ref_width / d_transcoder)
+
+    def phases(self, total_steps: int) -> tuple[int, int]:
+        """(warm-up steps, decay steps) of a run of `total_steps` steps."""
+        warmup = self.warmup_steps
+        if warmup is None:
+            warmup = round(self.warmup_fraction * total_steps)
+        return warmup, round(self.decay_fraction * total_steps)
 
 
 class StepOutputs(NamedTuple):
@@ -113,6 +160,8 @@ class TranscoderModule(L.LightningModule):
     """Decode from the active features only (`sparse.py`): always for TopK and BatchTopK, for
     ReLU and JumpReLU when a batch is sparse enough (`sparse.worth_it`). Benches set it False
     to time the dense path."""
+    progress_every: int = 0
+    """Also compute the train/* metrics every this many steps (set by callbacks.ProgressLog)."""
 
     def __init__(
         self,
@@ -316,9 +365,12 @@ class TranscoderModule(L.LightningModule):
         return loss
 
     def _log_now(self) -> bool:
-        # Lightning writes on-step metrics when (step + 1) % log_every_n_steps == 0.
+        # Lightning writes on-step metrics when (step + 1) % log_every_n_steps == 0; the
+        # progress line (callbacks.ProgressLog) asks for its own steps via `progress_every`.
+        step = self.global_step + 1
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        return every > 0 and (self.global_step + 1) % every == 0
+        extra = self.progress_every
+        return (every > 0 and step % every == 0) or (extra > 0 and step % extra == 0)
 
     def _log_train(self, loss: Tensor, out: StepOutputs, y: Tensor, n_tokens: int) -> None:
         metrics = {
@@ -326,14 +378,15 @@ class TranscoderModule(L.LightningModule):
             **{f"train/{k}": v.detach() for k, v in out.terms.items()},
         }
         metrics.update(_per_layer("train/fvu", losses.fvu_per_layer(out.y_hat, y)))
-        metrics.update(_per_layer("train/l0", out.active.sum(-1) / n_tokens))
+        metrics.update(l0_metrics("train", out.active.sum(-1) / n_tokens))
         metrics["train/dead_fraction"] = self.dead_mask().float().mean()
         metrics["train/lambda"] = self.sparsity_lambda()
         if self._trainer is not None and self.trainer.lr_scheduler_configs:
             metrics["train/lr"] = self.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
-        self.log("fvu", metrics["train/fvu"], prog_bar=True, logger=False)
-        self.log("l0", metrics["train/l0"], prog_bar=True, logger=False)
+        bar = {"fvu": "train/fvu", "l0": "train/l0", "l0_total": "train/l0_total"}
+        for short, key in bar.items():
+            self.log(short, metrics[key], prog_bar=True, logger=False)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums: dict[str, Tensor] = {}
@@ -357,7 +410,7 @@ class TranscoderModule(L.LightningModule):
         s = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._val_sums.items()}
         variance = s["sq"] - s["sum"].pow(2).sum(-1) / s["n"]
         metrics = _per_layer("val/fvu", s["err"] / variance.clamp_min(1e-12))
-        metrics.update(_per_layer("val/l0", s["active"] / s["n"]))
+        metrics.update(l0_metrics("val", s["active"] / s["n"]))
         self.log_dict(metrics, on_epoch=True, rank_zero_only=True)
 
     # -- optimiser -----------------------------------------------------------------------
@@ -374,13 +427,14 @@ class TranscoderModule(L.LightningModule):
         cfg = self.optim_cfg
         params = list(self.parameters())
         optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-            fused=self._fused_adam_ok(params),
+            params, lr=cfg.peak_lr(self.transcoder.d_transcoder), betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay, fused=self._fused_adam_ok(params),
         )  # fmt: skip
         total = self._total_steps()
+        warmup, decay_steps = cfg.phases(total)
 
         def factor(step: int) -> float:
-            return losses.lr_factor(step, cfg.warmup_steps, total, cfg.decay, cfg.min_lr_ratio)
+            return losses.lr_factor(step, warmup, total, cfg.decay, cfg.min_lr_ratio, decay_steps)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {
@@ -449,6 +503,16 @@ class TranscoderModule(L.LightningModule):
 
 
 def _per_layer(name: str, values: Tensor) -> dict[str, Tensor]:
+    """`name/layer_i` for each layer and `name` = the mean over layers."""
     out = {f"{name}/layer_{i}": v for i, v in enumerate(values)}
     out[name] = values.mean()
+    return out
+
+
+def l0_metrics(prefix: str, per_layer: Tensor) -> dict[str, Tensor]:
+    """L0 under its one set of names: `<prefix>/l0` = active features per token and layer
+    (mean over layers), `<prefix>/l0/layer_i`, and `<prefix>/l0_total` = summed over layers
+    (what a token activates in the whole replacement model)."""
+    out = _per_layer(f"{prefix}/l0", per_layer)
+    out[f"{prefix}/l0_total"] = per_layer.sum()
     return out

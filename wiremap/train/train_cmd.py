@@ -21,6 +21,7 @@ and, at the end, `transcoders/` (the export, with `training_config.yaml` beside 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from wiremap.errors import WiremapError
 from wiremap.train.callbacks import (
     ExportTranscoders,
     NanGuard,
+    ProgressLog,
     ReplacementQuality,
     ReuseHostMemory,
     Throughput,
@@ -68,6 +70,9 @@ class RunConfig:
     """Held-out contexts for the replacement check."""
     throughput_every: int = 50
     """Log tokens/s every this many steps."""
+    log_every: int = 50
+    """When stdout is not a terminal (nohup, SLURM, a pipe), print a progress line every this
+    many steps: step/total, tokens/s, ETA, loss, FVU, L0, dead share, lr (0 = never)."""
     reuse_host_memory: bool = True
     """On CPU, keep freed memory for the next step instead of returning it to the OS
     (faster steps; the process keeps its peak memory)."""
@@ -143,7 +148,7 @@ def wiremap_callbacks(run: RunConfig, config_path: Path) -> list:
     """The callbacks every `wiremap train` run has, in the order they must run."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    callbacks = [NanGuard(), Throughput(run.throughput_every)]
+    callbacks = [NanGuard(), Throughput(run.throughput_every), ProgressLog(run.log_every)]
     if run.reuse_host_memory:
         callbacks.append(ReuseHostMemory())
     if run.logger != "none":
@@ -206,6 +211,8 @@ def build_cli(argv: list[str], **kwargs: Any) -> WiremapCLI:
 def trainer_defaults() -> dict[str, Any]:
     return {
         "precision": default_precision(),
+        # a bar only where someone watches; elsewhere ProgressLog prints plain lines
+        "enable_progress_bar": sys.stdout.isatty(),
         "max_steps": 10_000,
         "gradient_clip_val": 1.0,
         "log_every_n_steps": 50,
