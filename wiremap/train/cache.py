@@ -41,7 +41,7 @@ from torch import Tensor
 from wiremap.errors import WiremapError
 from wiremap.models.adapters import check_layers, get_adapter
 from wiremap.models.hooks import capture
-from wiremap.models.loading import check_model_source, load_model, model_max_length
+from wiremap.models.loading import load_config, load_model, model_max_length
 from wiremap.train.text import TextSpec, boundary_tokens, iter_texts, pack_contexts, tokenize, warn
 
 MANIFEST = "manifest.json"
@@ -173,18 +173,7 @@ def _plan(cfg: CacheConfig, layers: list[int]) -> _Plan:
 
 
 def _model_config(cfg: CacheConfig, model=None):
-    if model is not None:
-        return model.config
-    from transformers import AutoConfig
-
-    check_model_source(cfg.model)
-    try:
-        return AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
-    except (OSError, ValueError) as err:
-        raise WiremapError(
-            f"could not read the config of model {cfg.model!r}: {err}. Check the name or path; "
-            "offline, give a local folder written by `save_pretrained`"
-        ) from err
+    return model.config if model is not None else load_config(cfg.model, cfg.revision)
 
 
 def _check_model(cfg: CacheConfig, config) -> list[int]:
