@@ -39,3 +39,13 @@ def tiny_model_dir(tmp_path_factory):
         return built[key]
 
     return make
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The real-model tier's wall time per step (tests/test_real.py records them)."""
+    times = getattr(config, "wiremap_real_times", None)
+    if not times:
+        return
+    terminalreporter.section("real-model tier: wall time per step")
+    for step, size, seconds in times:
+        terminalreporter.write_line(f"{step:<22} {seconds:7.1f} s   {size}")

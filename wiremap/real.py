@@ -43,14 +43,14 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def doc_sources() -> Path | None:
-    """The newest installed Python documentation source folder, if any."""
-    found = [p for p in Path("/").glob(DOC_SOURCES.lstrip("/")) if _is_version(p.parts[4])]
-    return max(found, key=lambda p: int(p.parts[4].split(".")[1])) if found else None
-
-
-def _is_version(name: str) -> bool:
-    return re.fullmatch(r"python3\.\d+", name) is not None
+def doc_sources(root: Path = Path("/")) -> Path | None:
+    """The newest installed Python documentation source folder under `root`, if any."""
+    found = {
+        int(m[1]): folder
+        for folder in root.glob(DOC_SOURCES.lstrip("/"))
+        if (m := re.fullmatch(r"python3\.(\d+)", folder.parent.parent.name))
+    }
+    return found[max(found)] if found else None
 
 
 def prose_documents() -> tuple[str, Iterator[str]]:
@@ -83,7 +83,16 @@ def write_prose(out: str | Path, max_chars: int | None = None) -> tuple[str, int
     return source, written
 
 
-_ROLE = re.compile(r":[\w:.-]+:`(?:[^`<]*<)?([^`>]+)>?`")
+# :role:`target`, :role:`title <target>`, :role:`~mod.name` (shows `name`), :role:`!name`
+_ROLE = re.compile(r":[\w:.-]+:`([~!]?)([^`<]*?)\s*(?:<[^`>]*>)?`")
+
+
+def _role_text(match: re.Match) -> str:
+    prefix, text = match.groups()
+    return text.rsplit(".", 1)[-1] if prefix == "~" else text
+
+
+_BULLET = re.compile(r"^(?:[-*+•]|#\.|\d+\.|\(?[a-z\d]\))\s+")
 _LINK = re.compile(r"`([^`<]+?)\s*<[^>]+>`_+")
 _MARKUP = re.compile(r"``|\*\*|(?<!\w)\*(?=\w)|(?<=\w)\*(?!\w)|`_*|\|")
 
@@ -134,7 +143,7 @@ def _paragraphs(lines: list[str]) -> Iterator[str]:
         if re.fullmatch(r"([=\-~^*#+\"'])\1{2,}", stripped):  # heading underline
             block.clear()
             continue
-        block.append(stripped)
+        block.append(_BULLET.sub("", stripped))
         if stripped.endswith("::"):
             yield from _flush(block)
             skip_above = indent
@@ -144,7 +153,7 @@ def _flush(block: list[str]) -> Iterator[str]:
     if block:
         text = " ".join(block)
         block.clear()
-        text = _LINK.sub(r"\1", _ROLE.sub(r"\1", text))
+        text = _LINK.sub(r"\1", _ROLE.sub(_role_text, text))
         yield re.sub(r"\s+", " ", _MARKUP.sub("", text).replace("::", ":")).strip()
 
 

@@ -109,7 +109,10 @@ def load_model(
 
 
 def load_config(name_or_path: str, revision: str | None = None):
-    """The model's transformers config, without loading its weights (a GGUF is dequantised once)."""
+    """The model's transformers config without its weights (a GGUF file: its dequantised copy's).
+
+    Commands check the architecture, layers and context length on it before loading the model.
+    """
     from transformers import AutoConfig
 
     check_model_source(str(name_or_path))
@@ -174,6 +177,21 @@ def dequantised_folder(gguf: Path) -> Path:
 
 def _read_gguf(gguf: Path):
     """Dequantise a GGUF file with transformers; one WiremapError for every way it fails."""
+    _require_gguf_packages(gguf)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch = _gguf_architecture(gguf)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except Exception as err:  # transformers' GGUF path raises many types
+        raise WiremapError(_dequantise_failure(gguf, arch, err)) from err
+    return model, tokenizer
+
+
+def _require_gguf_packages(gguf: Path) -> None:
     try:
         import accelerate  # noqa: F401  (transformers' GGUF loader needs both)
         import gguf as _gguf  # noqa: F401
@@ -182,21 +200,42 @@ def _read_gguf(gguf: Path):
             f"loading {gguf.name} needs the packages `gguf` and `accelerate`: "
             "pip install gguf accelerate (or pip install -e '.[real]')"
         ) from err
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-    except Exception as err:  # the GGUF reader raises many types for bad files
+
+def _gguf_architecture(gguf: Path) -> str | None:
+    """`general.architecture` from the header; a clear error for a corrupt or cut file."""
+    from gguf import GGUFReader
+
+    try:  # the reader checks the magic and maps every tensor: truncation shows here
+        field = GGUFReader(gguf).fields.get("general.architecture")
+        return None if field is None else str(field.contents())
+    except Exception as err:  # numpy and the reader raise ValueError, IndexError, ...
         raise WiremapError(
-            f"could not read {str(gguf)!r} as a GGUF model ({type(err).__name__}: "
-            f"{str(err)[:300]}); the file may be truncated or corrupt, or its architecture "
-            "is one transformers cannot dequantise (it reads llama, mistral, qwen2, qwen3, "
-            "gemma2/3, gpt2, phi3, ... GGUF files)"
+            f"{str(gguf)!r} is not a readable GGUF file ({type(err).__name__}: "
+            f"{str(err)[:200]}); it may be truncated or corrupt: download it again"
         ) from err
-    return model, tokenizer
+
+
+def _plain(arch: str) -> str:
+    """transformers renames a few llama.cpp names (qwen2moe -> qwen2_moe, gpt-oss -> gpt_oss)."""
+    return arch.replace("_", "").replace("-", "")
+
+
+def _dequantise_failure(gguf: Path, arch: str | None, err: Exception) -> str:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    known = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+    if arch is None or _plain(arch) not in {_plain(a) for a in known}:
+        return (
+            f"{gguf.name} holds a {arch or 'unnamed'!r} model (general.architecture); "
+            f"transformers dequantises GGUF files of these architectures only: "
+            f"{', '.join(known)}. Use a checkpoint folder of this model instead"
+        )
+    return (
+        f"transformers could not dequantise {str(gguf)!r} ({type(err).__name__}: "
+        f"{str(err)[:300]}); the file may be damaged: download it again, or use a "
+        "checkpoint folder of this model"
+    )
 
 
 def model_max_length(model) -> int | None:

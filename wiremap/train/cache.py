@@ -173,9 +173,7 @@ def make_plan(cfg: CacheConfig, layers: list[int]) -> Plan:
 
 
 def model_config(cfg: CacheConfig, model=None):
-    if model is not None:
-        return model.config
-    return load_config(cfg.model, cfg.revision)
+    return model.config if model is not None else load_config(cfg.model, cfg.revision)
 
 
 def check_model(cfg: CacheConfig, config) -> list[int]:
