@@ -120,13 +120,16 @@ def attribute(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     memory_limit: int | None = None,
+    rerank_every: int | None = None,
     verbose: bool = True,
 ) -> Graph:
     """The attribution graph of `prompt` under the replacement model `model` (module docstring).
 
     `max_feature_nodes` / `batch_size` None: chosen to fit in memory (`memory.py`), which
     is what is free on the device and host, or `memory_limit` bytes when given. The plan
-    is in `graph.settings["memory"]`.
+    is in `graph.settings["memory"]`. With a budget, features are visited best-first and
+    re-ranked after every `rerank_every` visits (None: every batch; 0: ranked once, by
+    their direct effects on the logits).
     """
     start = time.perf_counter()
     rm = _prepare(model, device, dtype)
@@ -160,12 +163,13 @@ def attribute(
     )
     _log(verbose and plan.note is not None, str(plan.note))
     with oom_guard(plan):
-        graph, n_backward = _compute(rm, prompt, ids, table, targets, plan, verbose)
+        graph, n_backward = _compute(rm, prompt, ids, table, targets, plan, rerank_every, verbose)
     options = dict(
         max_n_logits=max_n_logits,
         desired_logit_prob=desired_logit_prob,
         max_feature_nodes=plan.max_feature_nodes,
         batch_size=plan.batch_size,
+        rerank_every=rerank_every,
         zero_bos=zero_bos,
     )
     seconds = time.perf_counter() - start
@@ -175,8 +179,8 @@ def attribute(
     return graph
 
 
-def _compute(rm, prompt, ids, table, targets, plan, verbose) -> tuple[Graph, int]:
-    budget, batch_size = plan.max_feature_nodes, plan.batch_size
+def _compute(rm, prompt, ids, table, targets, plan, rerank_every, verbose) -> tuple[Graph, int]:
+    budget = plan.max_feature_nodes
     # uncapped graphs of moderate size are written straight into a dense adjacency
     dense = _dense_buffer(table, len(targets), budget)
     with rm.linearised(ids) as lin:
@@ -184,7 +188,7 @@ def _compute(rm, prompt, ids, table, targets, plan, verbose) -> tuple[Graph, int
         logit_rows = engine.rows(_logit_targets(targets, len(ids)))
         out = None if dense is None else dense[: table.n_features, : table.n_cols]
         visited, feature_rows = _visit_features(
-            engine, rm, table, targets, logit_rows, budget, batch_size, verbose, out
+            engine, rm, table, targets, logit_rows, plan, rerank_every, verbose, out
         )
     if dense is not None:
         dense[table.n_cols :, : table.n_cols] = logit_rows
@@ -247,15 +251,15 @@ def _dense_buffer(table: SourceTable, n_logits: int, budget: int | None) -> Tens
     return table.tokens.new_zeros(n_nodes, n_nodes, device="cpu")
 
 
-def _visit_features(engine, rm, table, targets, logit_rows, budget, batch_size, verbose, out):
+def _visit_features(engine, rm, table, targets, logit_rows, plan, rerank_every, verbose, out):
     """(visited feature indices, their rows [n_visited, n_cols], written into `out` if given)."""
+    budget, batch_size = plan.max_feature_nodes, plan.batch_size
     if _uncapped(table, budget):
         order = torch.arange(table.n_features)
         rows = _rows_in_batches(engine, rm, table, order, batch_size, verbose, out)
         return order, rows
-    if budget < 0:
-        raise WiremapError(f"max_feature_nodes={budget}; use a non-negative number or None")
-    return _best_first(engine, rm, table, targets, logit_rows, budget, batch_size, verbose)
+    every = batch_size if rerank_every is None else rerank_every
+    return _best_first(engine, rm, table, targets, logit_rows, budget, batch_size, every, verbose)
 
 
 def _rows_in_batches(engine, rm, table, order: Tensor, batch_size: int, verbose: bool, out):
@@ -270,29 +274,37 @@ def _rows_in_batches(engine, rm, table, order: Tensor, batch_size: int, verbose:
     return rows
 
 
-def _best_first(engine, rm, table, targets, logit_rows, budget, batch_size, verbose):
-    # rows are kept (and ranked) on the CPU whatever device computes them
+def _best_first(engine, rm, table, targets, logit_rows, budget, batch_size, every, verbose):
+    """Visit the most influential unvisited features, re-ranked after every `every` visits.
+
+    `every` = 0 ranks once, by the direct effects on the logits. Rows are computed
+    `batch_size` targets at a time and kept (and ranked) on the CPU.
+    """
     logit_rows = logit_rows.cpu()
     rows = torch.empty(budget, table.n_cols, dtype=logit_rows.dtype)
     visited = torch.zeros(table.n_features, dtype=torch.bool)
     order: list[int] = []
     weights = targets.probs.float().cpu().to(logit_rows.dtype)
+    queue = torch.empty(0, dtype=torch.long)
+    n_feat = table.n_features
     while len(order) < budget:
-        score = feature_influence(logit_rows, rows[: len(order)], order, weights, table.n_features)
-        score[visited] = -1.0
-        take = min(batch_size, budget - len(order))
-        picked = score.topk(take).indices
-        picked = picked[score[picked] >= 0]
-        if picked.numel() == 0:
+        if every > 0 or not order:
+            score = feature_influence(logit_rows, rows[: len(order)], order, weights, n_feat)
+            score[visited] = -1.0
+            top = score.topk(min(budget - len(order), n_feat))
+            queue = top.indices[top.values >= 0]
+        take, queue = (queue[:every], queue[every:]) if every > 0 else (queue, queue[:0])
+        if take.numel() == 0:
             break
-        # sorted by (layer, pos) so the batch runs back through as few layers as possible
-        picked = picked.sort().values
-        rows[len(order) : len(order) + picked.numel()] = engine.rows(
-            _feature_targets(rm, table, picked)
-        )
-        visited[picked] = True
-        order.extend(picked.tolist())
-        _log(verbose, f"  visited {len(order)}/{budget} features", end="\r")
+        for picked in take.split(batch_size):
+            # sorted by (layer, pos): the batch runs back through as few layers as possible
+            picked = picked.sort().values
+            rows[len(order) : len(order) + picked.numel()] = engine.rows(
+                _feature_targets(rm, table, picked)
+            )
+            visited[picked] = True
+            order.extend(picked.tolist())
+            _log(verbose, f"  visited {len(order)}/{budget} features", end="\r")
     _log(verbose, "")
     order_t = torch.tensor(order, dtype=torch.long)
     return order_t, rows[: len(order)]
@@ -304,19 +316,32 @@ def feature_influence(
     """[n_feat] influence of each feature on the weighted logits through the rows so far.
 
     I = w(Â + Â² + …) with Â the absolute rows normalised to sum 1 (DESIGN.md §7); rows
-    not computed yet count as zero. The graph is a DAG, so the series ends.
+    not computed yet count as zero. Only visited features pass influence on, so the series
+    runs on the visited × visited block (the graph is a DAG: it ends), and one product
+    with the visited rows spreads the result over every feature.
     """
-    x = _propagate(weights, logit_rows, n_feat)
-    total = x.clone()
+    direct = _propagate(weights, logit_rows, n_feat)
     if not order:
-        return total
+        return direct
     idx = torch.tensor(order, dtype=torch.long)
-    for _ in range(n_feat):
-        x = _propagate(x[idx], feature_rows, n_feat)
-        total += x
-        if float(x.abs().sum()) <= 1e-12 * float(total.abs().sum()):
+    block = _normalised_columns(feature_rows, idx)  # [V, V]
+    y = x = direct[idx]
+    for _ in range(idx.numel()):
+        x = x @ block
+        y = y + x
+        if float(x.abs().sum()) <= 1e-12 * float(y.abs().sum()):
             break
-    return total
+    return direct + _propagate(y, feature_rows, n_feat)
+
+
+def _normalised_columns(rows: Tensor, idx: Tensor) -> Tensor:
+    """Â[:, idx] for Â = |rows| / Σ|rows|, a chunk of rows at a time."""
+    chunk = max(1, CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    out = rows.new_empty(rows.shape[0], idx.numel())
+    for start in range(0, rows.shape[0], chunk):
+        a = rows[start : start + chunk].abs()
+        out[start : start + chunk] = a[:, idx] / a.sum(1, keepdim=True).clamp_min(1e-30)
+    return out
 
 
 def _propagate(x: Tensor, rows: Tensor, n_feat: int) -> Tensor:
