@@ -12,10 +12,11 @@ capped graph is built, and the table shows:
 - the capped graph's replacement / completeness scores (unvisited features count as error)
   and those of its pruned graph (node 0.8, edge 0.98);
 - seconds and backward passes.
-Orders: `direct` ranks once by direct effect on the logits; `rerank` re-ranks by influence
-through the rows computed so far after every batch (the default); `rerank/4` four times as
-often (smaller batches, more passes). Timings are from one run on a possibly busy machine:
-compare within a row group, not across machines.
+Orders: `direct` ranks once by direct effect on the logits; `per batch` re-ranks by
+influence through the rows computed so far after every batch of `--batch-size`;
+`default` re-ranks after every batch or every budget/4 visits, whichever is sooner (what
+`attribute` does); `batch/4` after every quarter batch (smaller batches, more passes).
+Timings are from one run on a possibly busy machine: compare within a row group.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 
 import torch
 
-ORDERS = {"direct": 0, "rerank": None, "rerank/4": "quarter"}
+ORDERS = {"direct": 0, "per batch": "batch", "default": None, "batch/4": "quarter"}
 
 
 def load(args):
@@ -67,12 +68,12 @@ def compare(rm, prompt: str, budgets: list[int], batch_size: int) -> None:
         f"{sc['replacement']:.3f}, completeness {sc['completeness']:.3f}; "
         f"load {os.getloadavg()[0]:.1f}"
     )
-    head = f"{'N':>6} {'order':>9} {'overlap@N':>9} {'infl kept':>9} {'repl':>6} {'compl':>6} "
+    head = f"{'N':>6} {'order':>10} {'overlap@N':>9} {'infl kept':>9} {'repl':>6} {'compl':>6} "
     print(head + f"{'pruned r/c':>12} {'seconds':>8} {'passes':>6}")
     for n in budgets:
         top = set(infl.topk(min(n, infl.numel())).indices.tolist())
         for name, every in ORDERS.items():
-            every = max(1, batch_size // 4) if every == "quarter" else every
+            every = {"batch": batch_size, "quarter": max(1, batch_size // 4)}.get(every, every)
             start = time.perf_counter()
             g = attribute(
                 prompt, rm, verbose=False, max_feature_nodes=n, batch_size=batch_size,
@@ -84,7 +85,7 @@ def compare(rm, prompt: str, budgets: list[int], batch_size: int) -> None:
             share = float(infl[kept].sum() / infl.sum())
             s, p = graph_scores(g), prune_graph(g).scores["pruned"]
             print(
-                f"{n:>6} {name:>9} {overlap:>9.3f} {share:>9.3f} {s['replacement']:>6.3f} "
+                f"{n:>6} {name:>10} {overlap:>9.3f} {share:>9.3f} {s['replacement']:>6.3f} "
                 f"{s['completeness']:>6.3f} {p['replacement']:>5.3f}/{p['completeness']:.3f} "
                 f"{seconds:>8.1f} {g.settings['n_backward_passes']:>6}"
             )
@@ -96,7 +97,7 @@ def main() -> None:
     parser.add_argument("--transcoders", required=True, help="exported transcoders folder")
     parser.add_argument("--prompt", default=None, help="prompt (default: per model)")
     parser.add_argument("--budgets", type=int, nargs="+", default=None, help="feature budgets")
-    parser.add_argument("--batch-size", type=int, default=64, help="targets per backward pass")
+    parser.add_argument("--batch-size", type=int, default=256, help="targets per backward pass")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
     if args.threads:

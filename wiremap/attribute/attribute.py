@@ -128,8 +128,8 @@ def attribute(
     `max_feature_nodes` / `batch_size` None: chosen to fit in memory (`memory.py`), which
     is what is free on the device and host, or `memory_limit` bytes when given. The plan
     is in `graph.settings["memory"]`. With a budget, features are visited best-first and
-    re-ranked after every `rerank_every` visits (None: every batch; 0: ranked once, by
-    their direct effects on the logits).
+    re-ranked after every `rerank_every` visits (None: every batch, or often enough that
+    the budget is re-ranked 4 times; 0: ranked once, by direct effects on the logits).
     """
     start = time.perf_counter()
     rm = _prepare(model, device, dtype)
@@ -258,8 +258,19 @@ def _visit_features(engine, rm, table, targets, logit_rows, plan, rerank_every, 
         order = torch.arange(table.n_features)
         rows = _rows_in_batches(engine, rm, table, order, batch_size, verbose, out)
         return order, rows
-    every = batch_size if rerank_every is None else rerank_every
+    every = default_rerank(budget, batch_size) if rerank_every is None else rerank_every
     return _best_first(engine, rm, table, targets, logit_rows, budget, batch_size, every, verbose)
+
+
+RERANKS = 4
+"""Fewest re-rankings a budget gets by default (bench/budget.py: with one ranking per batch
+of 256, small budgets were ranked once, by direct effects alone, and kept fewer of the
+most influential features)."""
+
+
+def default_rerank(budget: int, batch_size: int) -> int:
+    """Visits between re-rankings: one batch, or less so a budget is re-ranked RERANKS times."""
+    return max(1, min(batch_size, -(-budget // RERANKS)))
 
 
 def _rows_in_batches(engine, rm, table, order: Tensor, batch_size: int, verbose: bool, out):
