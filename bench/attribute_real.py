@@ -96,21 +96,64 @@ def run_ours(rm, prompt: str, budget: int | None, batch: int | None) -> dict:
     )
 
 
-def run_circuit_tracer(model_path: str, transcoders: str, prompt: str, budget, batch) -> float:
-    """Seconds of circuit-tracer's attribute on the same model folder, transcoders and prompt."""
-    from circuit_tracer import ReplacementModel, attribute
-    from circuit_tracer.transcoder import load_transcoder_set
+def circuit_tracer_model(model_path: str, transcoders: str):
+    """circuit-tracer's ReplacementModel (nnsight backend) on the same weights and transcoders.
 
-    from wiremap.models.loading import load_model
+    The model is the dequantised `save_pretrained` folder `load_model` made from the GGUF;
+    the transcoders are our export (circuit-tracer's layout), with TopK put back as their
+    activation (its loader would read TopK layers as ReLU).
+    """
+    import torch
+    import yaml
+    from circuit_tracer import ReplacementModel
+    from circuit_tracer.transcoder.activation_functions import TopK
+    from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
 
-    hf_model, _ = load_model(model_path)  # the dequantised folder, as a save_pretrained model
-    folder = hf_model.name_or_path
-    tcs = load_transcoder_set(transcoders)
-    rm = ReplacementModel.from_pretrained_and_transcoders(
-        folder, tcs, backend="transformerlens", hf_model=hf_model
+    from wiremap.models.loading import dequantised_folder, gguf_file
+
+    gguf = gguf_file(Path(model_path))
+    folder = _for_transformers4(dequantised_folder(gguf) if gguf is not None else Path(model_path))
+    cfg = yaml.safe_load((Path(transcoders) / "config.yaml").read_text())
+    paths = {i: str(Path(transcoders) / f"layer_{i}.safetensors") for i in range(cfg["n_layers"])}
+    cpu = torch.device("cpu")
+    tset = load_transcoder_set(
+        paths, "wiremap", cfg["feature_input_hook"], cfg["feature_output_hook"], device=cpu,
+        lazy_encoder=False, lazy_decoder=False,
+    )  # fmt: skip
+    if cfg.get("activation") == "topk":
+        for layer in range(cfg["n_layers"]):
+            tset[layer].activation_function = TopK(int(cfg["k"]))
+    return ReplacementModel.from_pretrained_and_transcoders(
+        folder, tset, backend="nnsight", device=cpu, dtype=torch.float32
     )
+
+
+def _for_transformers4(folder: Path) -> str:
+    """`folder` as transformers 4 (circuit-tracer pins it) reads it: a linked copy whose
+    tokenizer config names the fast tokenizer class instead of v5's `TokenizersBackend`."""
+    import json
+    import tempfile
+
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    if cfg.get("tokenizer_class") != "TokenizersBackend":
+        return str(folder)
+    out = Path(tempfile.mkdtemp(prefix="wiremap-hf4-"))
+    for f in folder.iterdir():
+        (out / f.name).symlink_to(f)
+    (out / "tokenizer_config.json").unlink()
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return str(out)
+
+
+def run_circuit_tracer(model_path: str, transcoders: str, prompt: str, budget, batch) -> float:
+    """Seconds of circuit-tracer's `attribute` with the same budget and batch size."""
+    from circuit_tracer import attribute
+
+    rm = circuit_tracer_model(model_path, transcoders)
+    attribute("Hello", rm, max_feature_nodes=10, batch_size=batch)  # first-call allocations
     start = time.perf_counter()
-    attribute(prompt, rm, max_feature_nodes=budget, batch_size=batch or 256, verbose=False)
+    attribute(prompt, rm, max_feature_nodes=budget, batch_size=batch)
     return time.perf_counter() - start
 
 
@@ -133,7 +176,7 @@ def run_case(args, case: str) -> None:
     )
     if circuit_tracer_note() is None and budget is not None:
         try:
-            ct = run_circuit_tracer(args.model, args.transcoders, prompt, budget, args.batch_size)
+            ct = run_circuit_tracer(args.model, args.transcoders, prompt, budget, r["batch"])
             line += f"  | circuit-tracer {ct:.1f} s, ratio {ct / r['seconds']:.2f}x"
         except Exception as err:  # report why it could not run, keep our numbers
             line += f"  | circuit-tracer failed: {type(err).__name__}: {str(err)[:200]}"
