@@ -14,9 +14,14 @@ its size before the attribution (`ru_maxrss`), and on a GPU `torch.cuda.max_memo
 circuit-tracer: when `import circuit_tracer` works in this interpreter, the same prompt,
 model and transcoders (the export is in its layout) run through its `attribute` with the
 same budget and batch size, in the same process after ours, and the ratio is printed.
-Install it into a separate environment, not the project's:
-    python -m venv --system-site-packages ct && ct/bin/pip install circuit-tracer
-    ct/bin/python bench/attribute_real.py --transcoders T
+Install it into a separate environment, not the project's (circuit-tracer 0.5.0 pins
+transformers <= 4.57.3 and needs nnsight 0.6 with cloudpickle 3.0):
+    python -m venv --system-site-packages ct
+    ct/bin/python -m pip install circuit-tracer==0.5.0 "nnsight>=0.6,<0.7" "cloudpickle<3.1"
+    ct/bin/python bench/attribute_real.py --model <hf4 folder> --transcoders T
+transformers 4 cannot read the tokenizer config that transformers 5 wrote into the
+dequantised folder (`TokenizersBackend`): `_for_transformers4` makes a linked copy that it
+reads; pass that folder as --model so both tools load the same weights.
 The machine may be shared: the load average is printed with each case.
 """
 
@@ -64,8 +69,9 @@ def circuit_tracer_note() -> str | None:
     except ImportError:
         return (
             "circuit-tracer is not installed in this interpreter; for the comparison: "
-            "python -m venv --system-site-packages ct && ct/bin/pip install circuit-tracer && "
-            "ct/bin/python bench/attribute_real.py ..."
+            "python -m venv --system-site-packages ct && ct/bin/python -m pip install "
+            "circuit-tracer==0.5.0 'nnsight>=0.6,<0.7' 'cloudpickle<3.1' && "
+            "ct/bin/python bench/attribute_real.py ... (see this file's docstring)"
         )
     return None
 
@@ -93,6 +99,7 @@ def run_ours(rm, prompt: str, budget: int | None, batch: int | None) -> dict:
         peak_mb=max(_peak() - before, 0) / 2**20,
         gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0,
         top=g.logit_strings[int(g.logit_probs.argmax())],
+        estimate_mb=s["memory"]["needed_bytes"] / 2**20,
     )
 
 
@@ -170,7 +177,7 @@ def run_case(args, case: str) -> None:
     line = (
         f"{r['n_pos']:>5} tokens  budget {budget or 'auto':>5}  batch {r['batch']:>3}  "
         f"{r['active']:>7} active  {r['kept']:>5} kept  {r['passes']:>4} passes  "
-        f"{r['seconds']:>7.1f} s  peak +{r['peak_mb']:>6.0f} MiB"
+        f"{r['seconds']:>7.1f} s  peak +{r['peak_mb']:>6.0f} MiB (planned {r['estimate_mb']:.0f})"
         + (f"  gpu {r['gpu_mb']:.0f} MiB" if r["gpu_mb"] else "")
         + f"  top {r['top']!r}  load {os.getloadavg()[0]:.1f}"
     )
