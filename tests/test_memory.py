@@ -161,4 +161,5 @@ def test_estimate_is_within_a_factor_of_the_measured_peak(tiny_model_dir):
     n_pos, measured, estimated = map(int, out.stdout.split()[-3:])
     assert n_pos > 300
     assert estimated > 50e6  # the case is big enough for the peak to mean something
-    assert estimated / 3 < measured < estimated * 1.5
+    # within a factor: the estimate is an upper bound with slack (allocator, scratch rows)
+    assert estimated / 4 < measured < estimated * 2, (measured, estimated)
