@@ -265,3 +265,41 @@ def test_attribute_cli(tiny_model_dir, tmp_path, capsys):
     assert (tmp_path / "g.png").read_bytes().startswith(b"\x89PNG")
     assert main([*args, "--prompt", "", "--out", str(out)]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_feature_influence_is_the_series_over_the_rows_so_far():
+    from wiremap.attribute.attribute import feature_influence
+
+    torch.manual_seed(0)
+    n_feat, n_cols, n_logits = 12, 20, 2
+    order = [7, 3, 9, 5]  # visited; a DAG: each row reads only features with a lower index
+    rows = torch.randn(len(order), n_cols)
+    for i, f in enumerate(order):
+        rows[i, f:n_feat] = 0
+    logit_rows, w = torch.randn(n_logits, n_cols), torch.tensor([0.7, 0.2])
+    # brute force: the full matrix over features + logits, unvisited rows zero
+    full = torch.zeros(n_feat + n_logits, n_feat + n_logits)
+    full[order, :n_feat] = rows[:, :n_feat].abs() / rows.abs().sum(1, keepdim=True)
+    full[n_feat:, :n_feat] = logit_rows[:, :n_feat].abs() / logit_rows.abs().sum(1, keepdim=True)
+    weights = torch.cat([torch.zeros(n_feat), w])
+    expected, x = torch.zeros(n_feat + n_logits), weights
+    for _ in range(n_feat + 1):
+        x = x @ full
+        expected += x
+    got = feature_influence(logit_rows, rows, order, w, n_feat)
+    torch.testing.assert_close(got, expected[:n_feat])
+
+
+def test_ranking_once_visits_by_direct_effect(tiny_model_dir):
+    rm = make_rm(tiny_model_dir, "llama", "plt")
+    full = attribute(PROMPT, rm, verbose=False)
+    budget = full.n_features // 3
+    once = attribute(PROMPT, rm, verbose=False, max_feature_nodes=budget, batch_size=8,
+                     rerank_every=0)  # fmt: skip
+    # ranked once: the budget's features with the largest direct effect on the logits
+    A = full.dense_adjacency()[full.logit_slice, : full.logit_slice.start].abs()
+    direct = (full.logit_probs[:, None] * A / A.sum(1, keepdim=True)).sum(0)[: full.n_features]
+    expected = set(direct.topk(budget).indices.tolist())
+    key = {tuple(f): i for i, f in enumerate(full.active_features.tolist())}
+    assert {key[tuple(f)] for f in once.active_features.tolist()} == expected
+    assert once.settings["n_backward_passes"] == 1 + -(-budget // 8)

@@ -33,15 +33,21 @@ import torch
 from torch import Tensor
 
 from wiremap.attribute.graph import Graph
+from wiremap.attribute.memory import (
+    CHUNK_ELEMENTS,
+    DENSE_MAX_NODES,
+    GraphCounts,
+    check_clean_pass,
+    free_bytes,
+    oom_guard,
+    plan_memory,
+)
 from wiremap.attribute.sources import SourceTable
 from wiremap.attribute.targets import LogitTargets, select_targets
 from wiremap.errors import WiremapError
 from wiremap.models.linearise import Linearised
 
 FINAL = -1  # site of the logit targets: the final norm's output
-# Graphs with more nodes get a sparse COO adjacency. An uncapped graph is ~25% non-zero, so
-# up to here dense storage (4 bytes per entry) is smaller than COO (20 bytes per non-zero).
-DENSE_MAX_NODES = 10_000
 
 
 @dataclass
@@ -109,51 +115,97 @@ def attribute(
     target_tokens: list[str | int] | None = None,
     target_directions=None,
     max_feature_nodes: int | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     zero_bos: bool = True,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    memory_limit: int | None = None,
+    rerank_every: int | None = None,
     verbose: bool = True,
 ) -> Graph:
-    """The attribution graph of `prompt` under the replacement model `model` (module docstring)."""
+    """The attribution graph of `prompt` under the replacement model `model` (module docstring).
+
+    `max_feature_nodes` / `batch_size` None: chosen to fit in memory (`memory.py`), which
+    is what is free on the device and host, or `memory_limit` bytes when given. The plan
+    is in `graph.settings["memory"]`. With a budget, features are visited best-first and
+    re-ranked after every `rerank_every` visits (None: every batch, or often enough that
+    the budget is re-ranked 4 times; 0: ranked once, by direct effects on the logits).
+    """
     start = time.perf_counter()
     rm = _prepare(model, device, dtype)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise WiremapError(f"batch_size={batch_size}; use a positive batch size")
+    if max_feature_nodes is not None and max_feature_nodes < 0:
+        raise WiremapError(f"max_feature_nodes={max_feature_nodes}; use a non-negative number")
     ids = rm.tokenize(prompt)
-    run = rm.run(ids)
-    targets = select_targets(
-        rm,
-        run.logits[-1],
+    host_free, device_free = _free_memory(rm, memory_limit)
+    check_clean_pass(rm, len(ids), device_free or host_free)
+    with oom_guard(None, "the clean pass"):
+        run = rm.run(ids)
+        targets = select_targets(
+            rm,
+            run.logits[-1],
+            max_n_logits=max_n_logits,
+            desired_logit_prob=desired_logit_prob,
+            target_tokens=target_tokens,
+            target_directions=target_directions,
+        )
+        table = SourceTable.build(rm, run, zero_bos=zero_bos)
+    del run
+    _log(verbose, f"{len(ids)} tokens, {table.n_features} active features, {len(targets)} logits")
+    counts = GraphCounts.from_table(rm, table, len(targets))
+    plan = plan_memory(
+        counts,
+        budget=max_feature_nodes,
+        batch_size=batch_size,
+        host_free=host_free,
+        device_free=device_free,
+    )
+    _log(verbose and plan.note is not None, str(plan.note))
+    with oom_guard(plan):
+        graph, n_backward = _compute(rm, prompt, ids, table, targets, plan, rerank_every, verbose)
+    options = dict(
         max_n_logits=max_n_logits,
         desired_logit_prob=desired_logit_prob,
-        target_tokens=target_tokens,
-        target_directions=target_directions,
+        max_feature_nodes=plan.max_feature_nodes,
+        batch_size=plan.batch_size,
+        rerank_every=rerank_every,
+        zero_bos=zero_bos,
     )
-    table = SourceTable.build(rm, run, zero_bos=zero_bos)
-    _log(verbose, f"{len(ids)} tokens, {table.n_features} active features, {len(targets)} logits")
+    seconds = time.perf_counter() - start
+    graph.settings = _settings(rm, table, options, n_backward, seconds)
+    graph.settings["memory"] = plan.as_settings()
+    _log(verbose, f"done: {n_backward} backward passes, {graph.settings['seconds']:.2f} s")
+    return graph
+
+
+def _compute(rm, prompt, ids, table, targets, plan, rerank_every, verbose) -> tuple[Graph, int]:
+    budget = plan.max_feature_nodes
     # uncapped graphs of moderate size are written straight into a dense adjacency
-    dense = _dense_buffer(table, len(targets), max_feature_nodes)
+    dense = _dense_buffer(table, len(targets), budget)
     with rm.linearised(ids) as lin:
         engine = RowEngine(lin, table)
         logit_rows = engine.rows(_logit_targets(targets, len(ids)))
         out = None if dense is None else dense[: table.n_features, : table.n_cols]
         visited, feature_rows = _visit_features(
-            engine, rm, table, targets, logit_rows, max_feature_nodes, batch_size, verbose, out
+            engine, rm, table, targets, logit_rows, plan, rerank_every, verbose, out
         )
     if dense is not None:
         dense[table.n_cols :, : table.n_cols] = logit_rows
-    graph = _assemble(rm, prompt, ids, table, targets, visited, feature_rows, logit_rows, dense)
-    options = dict(
-        max_n_logits=max_n_logits,
-        desired_logit_prob=desired_logit_prob,
-        max_feature_nodes=max_feature_nodes,
-        batch_size=batch_size,
-        zero_bos=zero_bos,
+        return _graph(rm, prompt, ids, table, targets, visited, dense), engine.n_backward
+    adjacency = _assemble(table, targets, visited, feature_rows, logit_rows.cpu())
+    del feature_rows
+    return _graph(rm, prompt, ids, table, targets, visited.sort().values, adjacency), (
+        engine.n_backward
     )
-    graph.settings = _settings(rm, table, options, engine.n_backward, time.perf_counter() - start)
-    _log(verbose, f"done: {engine.n_backward} backward passes, {graph.settings['seconds']:.2f} s")
-    return graph
+
+
+def _free_memory(rm, limit: int | None) -> tuple[int, int | None]:
+    """(host bytes, device bytes or None when the model runs on the host) free to use."""
+    on_gpu = rm.device.type == "cuda"
+    if limit is not None:
+        return int(limit), int(limit) if on_gpu else None
+    return free_bytes("cpu"), free_bytes(rm.device) if on_gpu else None
 
 
 def _prepare(model, device, dtype):
@@ -199,15 +251,26 @@ def _dense_buffer(table: SourceTable, n_logits: int, budget: int | None) -> Tens
     return table.tokens.new_zeros(n_nodes, n_nodes, device="cpu")
 
 
-def _visit_features(engine, rm, table, targets, logit_rows, budget, batch_size, verbose, out):
+def _visit_features(engine, rm, table, targets, logit_rows, plan, rerank_every, verbose, out):
     """(visited feature indices, their rows [n_visited, n_cols], written into `out` if given)."""
+    budget, batch_size = plan.max_feature_nodes, plan.batch_size
     if _uncapped(table, budget):
         order = torch.arange(table.n_features)
         rows = _rows_in_batches(engine, rm, table, order, batch_size, verbose, out)
         return order, rows
-    if budget < 0:
-        raise WiremapError(f"max_feature_nodes={budget}; use a non-negative number or None")
-    return _best_first(engine, rm, table, targets, logit_rows, budget, batch_size, verbose)
+    every = default_rerank(budget, batch_size) if rerank_every is None else rerank_every
+    return _best_first(engine, rm, table, targets, logit_rows, budget, batch_size, every, verbose)
+
+
+RERANKS = 4
+"""Fewest re-rankings a budget gets by default (bench/budget.py: with one ranking per batch
+of 256, small budgets were ranked once, by direct effects alone, and kept fewer of the
+most influential features)."""
+
+
+def default_rerank(budget: int, batch_size: int) -> int:
+    """Visits between re-rankings: one batch, or less so a budget is re-ranked RERANKS times."""
+    return max(1, min(batch_size, -(-budget // RERANKS)))
 
 
 def _rows_in_batches(engine, rm, table, order: Tensor, batch_size: int, verbose: bool, out):
@@ -222,29 +285,37 @@ def _rows_in_batches(engine, rm, table, order: Tensor, batch_size: int, verbose:
     return rows
 
 
-def _best_first(engine, rm, table, targets, logit_rows, budget, batch_size, verbose):
-    # rows are kept (and ranked) on the CPU whatever device computes them
+def _best_first(engine, rm, table, targets, logit_rows, budget, batch_size, every, verbose):
+    """Visit the most influential unvisited features, re-ranked after every `every` visits.
+
+    `every` = 0 ranks once, by the direct effects on the logits. Rows are computed
+    `batch_size` targets at a time and kept (and ranked) on the CPU.
+    """
     logit_rows = logit_rows.cpu()
     rows = torch.empty(budget, table.n_cols, dtype=logit_rows.dtype)
     visited = torch.zeros(table.n_features, dtype=torch.bool)
     order: list[int] = []
     weights = targets.probs.float().cpu().to(logit_rows.dtype)
+    queue = torch.empty(0, dtype=torch.long)
+    n_feat = table.n_features
     while len(order) < budget:
-        score = feature_influence(logit_rows, rows[: len(order)], order, weights, table.n_features)
-        score[visited] = -1.0
-        take = min(batch_size, budget - len(order))
-        picked = score.topk(take).indices
-        picked = picked[score[picked] >= 0]
-        if picked.numel() == 0:
+        if every > 0 or not order:
+            score = feature_influence(logit_rows, rows[: len(order)], order, weights, n_feat)
+            score[visited] = -1.0
+            top = score.topk(min(budget - len(order), n_feat))
+            queue = top.indices[top.values >= 0]
+        take, queue = (queue[:every], queue[every:]) if every > 0 else (queue, queue[:0])
+        if take.numel() == 0:
             break
-        # sorted by (layer, pos) so the batch runs back through as few layers as possible
-        picked = picked.sort().values
-        rows[len(order) : len(order) + picked.numel()] = engine.rows(
-            _feature_targets(rm, table, picked)
-        )
-        visited[picked] = True
-        order.extend(picked.tolist())
-        _log(verbose, f"  visited {len(order)}/{budget} features", end="\r")
+        for picked in take.split(batch_size):
+            # sorted by (layer, pos): the batch runs back through as few layers as possible
+            picked = picked.sort().values
+            rows[len(order) : len(order) + picked.numel()] = engine.rows(
+                _feature_targets(rm, table, picked)
+            )
+            visited[picked] = True
+            order.extend(picked.tolist())
+            _log(verbose, f"  visited {len(order)}/{budget} features", end="\r")
     _log(verbose, "")
     order_t = torch.tensor(order, dtype=torch.long)
     return order_t, rows[: len(order)]
@@ -256,23 +327,37 @@ def feature_influence(
     """[n_feat] influence of each feature on the weighted logits through the rows so far.
 
     I = w(Â + Â² + …) with Â the absolute rows normalised to sum 1 (DESIGN.md §7); rows
-    not computed yet count as zero. The graph is a DAG, so the series ends.
+    not computed yet count as zero. Only visited features pass influence on, so the series
+    runs on the visited × visited block (the graph is a DAG: it ends), and one product
+    with the visited rows spreads the result over every feature.
     """
-    x = _propagate(weights, logit_rows, n_feat)
-    total = x.clone()
+    direct = _propagate(weights, logit_rows, n_feat)
     if not order:
-        return total
+        return direct
     idx = torch.tensor(order, dtype=torch.long)
-    for _ in range(n_feat):
-        x = _propagate(x[idx], feature_rows, n_feat)
-        total += x
-        if float(x.abs().sum()) <= 1e-12 * float(total.abs().sum()):
+    block = _normalised_columns(feature_rows, idx)  # [V, V]
+    y = x = direct[idx]
+    for _ in range(idx.numel()):
+        x = x @ block
+        y = y + x
+        if float(x.abs().sum()) <= 1e-12 * float(y.abs().sum()):
             break
-    return total
+    return direct + _propagate(y, feature_rows, n_feat)
 
 
-def _propagate(x: Tensor, rows: Tensor, n_feat: int, chunk: int = 256) -> Tensor:
+def _normalised_columns(rows: Tensor, idx: Tensor) -> Tensor:
+    """Â[:, idx] for Â = |rows| / Σ|rows|, a chunk of rows at a time."""
+    chunk = max(1, CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    out = rows.new_empty(rows.shape[0], idx.numel())
+    for start in range(0, rows.shape[0], chunk):
+        a = rows[start : start + chunk].abs()
+        out[start : start + chunk] = a[:, idx] / a.sum(1, keepdim=True).clamp_min(1e-30)
+    return out
+
+
+def _propagate(x: Tensor, rows: Tensor, n_feat: int) -> Tensor:
     """x @ Â[:, :n_feat] for the rows Â = |rows| / Σ|rows|, a chunk of rows at a time."""
+    chunk = max(1, CHUNK_ELEMENTS // max(rows.shape[1], 1))
     out = rows.new_zeros(n_feat)
     for xs, rs in zip(x.split(chunk), rows.split(chunk), strict=True):
         a = rs.abs()
@@ -281,25 +366,66 @@ def _propagate(x: Tensor, rows: Tensor, n_feat: int, chunk: int = 256) -> Tensor
 
 
 # -- the graph ---------------------------------------------------------------------------
-def _assemble(rm, prompt, ids, table, targets, visited, feature_rows, logit_rows, dense) -> Graph:
-    if dense is not None:  # uncapped: the rows are already in place
-        return _graph(rm, prompt, ids, table, targets, visited, dense)
-    order = torch.argsort(visited)  # graph nodes sorted by (layer, pos, feature)
-    visited, feature_rows = visited[order], feature_rows[order]
-    col_map = _column_map(table, visited)
-    n_nodes = visited.numel() + table.n_layers * table.n_pos + table.n_pos + len(targets)
-    rows = torch.cat([feature_rows.cpu(), logit_rows.cpu()])
-    if visited.numel() < table.n_features:
-        # unvisited features are folded into the error node at their (layer, pos)
-        folded = rows.new_zeros(rows.shape[0], n_nodes)
-        folded.index_add_(1, col_map, rows)
-        rows = folded
-    else:
-        rows = torch.cat([rows, rows.new_zeros(rows.shape[0], len(targets))], dim=1)
-    logit_start = n_nodes - len(targets)
-    row_index = torch.cat([torch.arange(visited.numel()), logit_start + torch.arange(len(targets))])
-    adjacency = _adjacency(rows.cpu(), row_index, n_nodes)
-    return _graph(rm, prompt, ids, table, targets, visited, adjacency)
+def _assemble(table, targets, visited, feature_rows, logit_rows) -> Tensor:
+    """The graph's adjacency from rows in visit order, a chunk of rows at a time.
+
+    Graph nodes are the visited features sorted by (layer, pos, feature); unvisited
+    features are folded into the error node at their (layer, pos), so each row still sums
+    to its target's value. No full-size copy of the rows is made.
+    """
+    order = torch.argsort(visited)
+    col_map = _column_map(table, visited[order])
+    n_vis, n_logits = visited.numel(), len(targets)
+    n_nodes = n_vis + table.n_layers * table.n_pos + table.n_pos + n_logits
+    logit_start = n_nodes - n_logits
+    sink = _DenseSink(n_nodes) if n_nodes <= DENSE_MAX_NODES else _CooSink(n_nodes)
+    chunk = max(1, CHUNK_ELEMENTS // max(table.n_cols, n_nodes))
+    for start in range(0, n_vis, chunk):
+        which = order[start : start + chunk]
+        sink.add(start, _fold(feature_rows[which], col_map, n_nodes))
+    sink.add(logit_start, _fold(logit_rows, col_map, n_nodes))
+    return sink.result(logit_rows.dtype)
+
+
+def _fold(rows: Tensor, col_map: Tensor, n_nodes: int) -> Tensor:
+    """[n, n_cols] source columns -> [n, n_nodes] graph columns (summing folded ones)."""
+    folded = rows.new_zeros(rows.shape[0], n_nodes)
+    folded.index_add_(1, col_map, rows)
+    return folded
+
+
+class _DenseSink:
+    def __init__(self, n_nodes: int) -> None:
+        self.n, self.parts = n_nodes, []
+
+    def add(self, row0: int, rows: Tensor) -> None:
+        self.parts.append((row0, rows))
+
+    def result(self, dtype: torch.dtype) -> Tensor:
+        dense = torch.zeros(self.n, self.n, dtype=dtype)
+        for row0, rows in self.parts:
+            dense[row0 : row0 + rows.shape[0]] = rows
+        return dense
+
+
+class _CooSink:
+    """Non-zeros of rows added in increasing row order: a coalesced COO matrix."""
+
+    def __init__(self, n_nodes: int) -> None:
+        self.n, self.indices, self.values = n_nodes, [], []
+
+    def add(self, row0: int, rows: Tensor) -> None:
+        r, c = rows.nonzero(as_tuple=True)  # row-major: sorted
+        self.indices.append(torch.stack([r + row0, c]))
+        self.values.append(rows[r, c])
+
+    def result(self, dtype: torch.dtype) -> Tensor:
+        indices = torch.cat(self.indices, dim=1)
+        values = torch.cat(self.values).to(dtype)
+        shape = (self.n, self.n)
+        return torch.sparse_coo_tensor(
+            indices, values, shape, is_coalesced=True, check_invariants=False
+        )
 
 
 def _graph(rm, prompt, ids, table, targets, visited, adjacency) -> Graph:
@@ -326,19 +452,6 @@ def _column_map(table: SourceTable, visited: Tensor) -> Tensor:
     col[visited] = torch.arange(n_vis)
     col[table.n_features :] = n_vis + torch.arange(table.n_cols - table.n_features)
     return col
-
-
-def _adjacency(rows: Tensor, row_index: Tensor, n_nodes: int) -> Tensor:
-    if n_nodes <= DENSE_MAX_NODES:
-        dense = rows.new_zeros(n_nodes, n_nodes)
-        dense[row_index] = rows
-        return dense
-    r, c = rows.nonzero(as_tuple=True)  # row-major, and row_index is increasing: sorted
-    indices = torch.stack([row_index[r], c])
-    shape = (n_nodes, n_nodes)
-    return torch.sparse_coo_tensor(
-        indices, rows[r, c], shape, is_coalesced=True, check_invariants=False
-    )
 
 
 def _settings(rm, table, options: dict, n_backward: int, seconds: float) -> dict:

@@ -58,8 +58,25 @@ def attribute_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="graph JSON to write (e.g. graph.json)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence kept")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge score kept")
-    p.add_argument("--max-feature-nodes", type=int, default=None, help="feature budget")
-    p.add_argument("--batch-size", type=int, default=256, help="targets per backward pass")
+    p.add_argument(
+        "--max-feature-nodes",
+        type=int,
+        default=None,
+        help="feature budget (default: every active feature if it fits in memory, else the "
+        "most influential that fit)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="targets per backward pass (default: 256, fewer when memory is short)",
+    )
+    p.add_argument(
+        "--memory-limit",
+        type=parse_bytes,
+        default=None,
+        help="memory attribution may use, e.g. 8GB (default: what is free)",
+    )
     p.add_argument(
         "--target", action="append", default=None, help="a target token (repeatable) or id"
     )
@@ -88,8 +105,12 @@ def attribute_main(argv: list[str]) -> int:
         max_feature_nodes=args.max_feature_nodes,
         batch_size=args.batch_size,
         zero_bos=not args.keep_bos,
+        memory_limit=args.memory_limit,
         verbose=not args.quiet,
     )
+    note = graph.settings["memory"]["note"]
+    if note and args.quiet:  # otherwise attribute() has said it
+        print(note)
     graph.settings.update(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
     out = Path(args.out)
     result = write_graph_json(
@@ -100,6 +121,19 @@ def attribute_main(argv: list[str]) -> int:
     print(f"wrote {out} and {base}.safetensors / {base}.meta.json")
     _write_pictures(out, args.html, args.png)
     return 0
+
+
+def parse_bytes(text: str) -> int:
+    """`8GB`, `512MB`, `1.5e9` -> bytes (decimal units; GiB/MiB binary)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    try:
+        value = float(num) * units[t[len(num) :]]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r}: write a size such as 8GB or 512MB") from None
+    return int(value)
 
 
 def _write_pictures(graph_json: Path, html: str | None, png: str | None) -> None:
