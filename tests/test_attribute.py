@@ -265,6 +265,12 @@ def test_attribute_cli(tiny_model_dir, tmp_path, capsys):
     assert (tmp_path / "g.png").read_bytes().startswith(b"\x89PNG")
     assert main([*args, "--prompt", "", "--out", str(out)]) == 2
     assert "empty" in capsys.readouterr().err
+    out3 = tmp_path / "g3.json"
+    budget = ["--edges-per-node", "1", "--max-edges", "5", "--node-threshold", "1"]
+    assert main([*args, "--prompt", PROMPT, "--out", str(out3), "--quiet", *budget]) == 0
+    budgeted = json.loads(out3.read_text())
+    assert len(budgeted["links"]) <= 5 < len(json.loads(out.read_text())["links"])
+    assert budgeted["metadata"]["edge_budget"]["max_edges"] == 5
 
 
 def test_feature_influence_is_the_series_over_the_rows_so_far():

@@ -84,6 +84,15 @@ def attribute_parser() -> argparse.ArgumentParser:
     p.add_argument("--desired-logit-prob", type=float, default=0.95, help="their total prob")
     p.add_argument("--keep-bos", action="store_true", help="keep BOS features and errors")
     p.add_argument("--paths", type=int, default=5, help="how many top paths to print")
+    p.add_argument(
+        "--edges-per-node",
+        type=int,
+        default=16,
+        help="edge budget of the JSON: each node's strongest inputs and outputs kept (0 = all)",
+    )
+    p.add_argument(
+        "--max-edges", type=int, default=20000, help="edge budget: most links in the JSON (0 = all)"
+    )
     p.add_argument("--html", default=None, help="also write a self-contained HTML view here")
     p.add_argument("--png", default=None, help="also write a static PNG of the pruned graph")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -114,7 +123,12 @@ def attribute_main(argv: list[str]) -> int:
     graph.settings.update(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
     out = Path(args.out)
     result = write_graph_json(
-        graph, out, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold
+        graph,
+        out,
+        node_threshold=args.node_threshold,
+        edge_threshold=args.edge_threshold,
+        edges_per_node=args.edges_per_node or None,
+        max_edges=args.max_edges or None,
     )
     base = graph.save(out.with_suffix(""))
     print(summarize_paths(graph, k=args.paths, result=result))
