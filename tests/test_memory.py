@@ -130,7 +130,7 @@ def test_allocator_errors_become_wiremap_errors(tiny_model_dir, monkeypatch):
 
 MEASURE = textwrap.dedent(
     """
-    import os, resource, sys, torch
+    import os, sys, torch
     from wiremap.attribute.attribute import attribute
     from wiremap.models.loading import load_model
     from wiremap.models.replacement import ReplacementModel
@@ -141,10 +141,15 @@ MEASURE = textwrap.dedent(
     rm = ReplacementModel(model, tok, tc)
     prompt = " ".join(["the moon and the sun"] * 40)
     attribute("the moon", rm, verbose=False)  # first-call allocations
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def status(key):
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith(key + ":"))
+        return int(line.split()[1]) * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) so it covers attribution alone, not loading
+    before = status("VmRSS")
     g = attribute(prompt, rm, verbose=False, max_feature_nodes=600, batch_size=64)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status("VmHWM")
     print(g.n_pos, peak - before, g.settings["memory"]["needed_bytes"])
     """
 )
