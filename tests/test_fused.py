@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from helpers import reference_outputs, run
 
 from wiremap.models.activations import _JumpReLUFn
 from wiremap.train import fused, native
@@ -42,19 +43,6 @@ def make(arch: str, activation: str) -> TranscoderModule:
         for p in module.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return module
-
-
-def reference_outputs(module: TranscoderModule, x, y):
-    y_hat, a, pre = module(x)
-    return module.loss_terms(y_hat, y, a, pre), y_hat, a, (a != 0).sum(0, dtype=torch.float32)
-
-
-def run(module, outputs_fn, x, y):
-    terms, y_hat, a, active = outputs_fn(module, x, y)
-    module.zero_grad()
-    torch.stack(list(terms.values())).sum().backward()
-    grads = {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
-    return terms, y_hat, a, active, grads
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu"])

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers import reference_outputs, run
 
 from wiremap.train import losses, sparse
 from wiremap.train.module import TranscoderModule
@@ -28,20 +29,6 @@ def make(arch: str, activation: str) -> TranscoderModule:
             p.add_(0.1 * torch.randn_like(p))
         module.silent_tokens[:, ::3] = 100  # a third of the features dead: AuxK runs
     return module
-
-
-def reference_outputs(module: TranscoderModule, x, y):
-    y_hat, a, pre = module(x)
-    return module.loss_terms(y_hat, y, a, pre), y_hat, a, (a != 0).sum(0, dtype=torch.float32)
-
-
-def run(module, outputs_fn, x, y):
-    terms, y_hat, a, active = outputs_fn(module, x, y)
-    module.zero_grad()
-    torch.stack(list(terms.values())).sum().backward()
-    grads = {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
-    a = a.to_dense() if a.is_sparse else a
-    return terms, y_hat, a, active, grads
 
 
 @pytest.fixture

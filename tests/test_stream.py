@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import Crash
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from wiremap.errors import WiremapError
@@ -177,15 +178,6 @@ def test_two_processes_train_on_their_own_slices(cfg, tmp_path):
 
 
 # -- resume -----------------------------------------------------------------------------------
-
-
-class Crash(L.Callback):
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated crash")
 
 
 def test_streamed_run_resumed_from_a_checkpoint_reproduces_the_uninterrupted_run(cfg, tmp_path):

@@ -10,6 +10,7 @@ import time
 import lightning as L
 import pytest
 import torch
+from helpers import Crash
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from wiremap.errors import WiremapError
@@ -127,15 +128,6 @@ def test_trainer_uses_the_width_scaled_lr_and_fractional_warmup(cache_cfg, tmp_p
     assert scheduler.base_lrs == [pytest.approx(2e-3)]  # 1e-3 * sqrt(256 / 64)
     # warm-up 5 % of 10 steps rounds to 0 (none); decay over the last 2 steps to 0.1 lr
     assert [scheduler.lr_lambdas[0](s) for s in (0, 7, 9)] == pytest.approx([1.0, 1.0, 0.55])
-
-
-class Crash(L.Callback):
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated crash")
 
 
 def test_resume_reproduces_the_uninterrupted_run(cache_cfg, tmp_path):

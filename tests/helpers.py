@@ -1,0 +1,35 @@
+"""Helpers several test modules share (imported as `helpers`: pytest puts tests/ on the path)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from wiremap.train.module import TranscoderModule
+
+
+def reference_outputs(module: TranscoderModule, x, y):
+    """The unfused, dense reference step: loss terms, ŷ, a and per-feature firing counts."""
+    y_hat, a, pre = module(x)
+    return module.loss_terms(y_hat, y, a, pre), y_hat, a, (a != 0).sum(0, dtype=torch.float32)
+
+
+def run(module, outputs_fn, x, y):
+    """One step through `outputs_fn`: its outputs (a made dense) and every parameter's grad."""
+    terms, y_hat, a, active = outputs_fn(module, x, y)
+    module.zero_grad()
+    torch.stack(list(terms.values())).sum().backward()
+    grads = {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
+    a = a.to_dense() if a.is_sparse else a
+    return terms, y_hat, a, active, grads
+
+
+class Crash(L.Callback):
+    """Stops training with an error when the step `at_step` starts (a simulated crash)."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
