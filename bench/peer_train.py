@@ -1,7 +1,7 @@
 """wiremap's TopK PLT vs EleutherAI sparsify's TopK transcoder on the same activations.
 
-    VENV=/work/real/scratch-sparse/venv       # any venv that can import sparsify (see below)
-    $VENV/bin/python bench/peer_train.py --cache /work/real/cache --layer 12
+    VENV=/path/to/sparsify-venv               # any venv that can import sparsify (see below)
+    $VENV/bin/python bench/peer_train.py --cache wiremap_out/smollm2 --layer 12
     $VENV/bin/python bench/peer_train.py      # the organism's cache, built under --out if missing
 
 One layer of an activation cache (mlp_in -> mlp_out), the same F (default 4608 = 8 x 576), k
