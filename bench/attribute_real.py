@@ -7,7 +7,8 @@
 Model: SmolLM2-135M-Instruct (the GGUF of the `real` extra, dequantised to float32), or
 --model. Cases: prompts of 8 and 128 tokens (BOS included; cut from wiremap_out/prose.txt,
 which `wiremap real --prose wiremap_out/prose.txt` writes, or --text) with feature budgets
-of 1k, 4k and 8k; `--long N` adds an N-token prompt whose budget and batch size the memory planner chooses (bounded memory on 1,000+ tokens).
+of 1k, 4k and 8k; `--long N` adds an N-token prompt whose budget and batch size the
+memory planner chooses (bounded memory on 1,000+ tokens).
 Each case runs in a fresh process: peak memory is the process's peak resident size minus
 its size before the attribution (`ru_maxrss`), and on a GPU `torch.cuda.max_memory_allocated`.
 
@@ -194,9 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model (default: the SmolLM2 GGUF)")
     parser.add_argument("--transcoders", required=True, help="exported transcoders for it")
-    parser.add_argument(
-        "--text", default="wiremap_out/prose.txt", help="prose to cut prompts from"
-    )
+    parser.add_argument("--text", default="wiremap_out/prose.txt", help="prose to cut prompts from")
     parser.add_argument("--case", default=None, help="one case, e.g. 128x4000 or 1024xauto")
     parser.add_argument("--long", type=int, default=None, help="also an N-token prompt")
     parser.add_argument("--batch-size", type=int, default=None, help="default: planned")
