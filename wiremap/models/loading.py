@@ -86,10 +86,7 @@ def load_model(
     """Load `(model, tokenizer)` in eval mode; the tokenizer is None if not asked for."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_model_source(str(name_or_path))
-    gguf = gguf_file(Path(name_or_path).expanduser())
-    if gguf is not None:
-        name_or_path = dequantised_folder(gguf)
+    name_or_path = model_source(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=resolve_dtype(dtype), revision=revision
@@ -108,6 +105,13 @@ def load_model(
     return model, tokenizer
 
 
+def model_source(name_or_path: str | Path) -> str | Path:
+    """What transformers should load: the name or folder itself, or a GGUF's dequantised copy."""
+    check_model_source(str(name_or_path))
+    gguf = gguf_file(Path(name_or_path).expanduser())
+    return dequantised_folder(gguf) if gguf is not None else name_or_path
+
+
 def load_config(name_or_path: str, revision: str | None = None):
     """The model's transformers config without its weights (a GGUF file: its dequantised copy's).
 
@@ -115,11 +119,8 @@ def load_config(name_or_path: str, revision: str | None = None):
     """
     from transformers import AutoConfig
 
-    check_model_source(str(name_or_path))
-    gguf = gguf_file(Path(name_or_path).expanduser())
-    source = dequantised_folder(gguf) if gguf is not None else name_or_path
     try:
-        return AutoConfig.from_pretrained(source, revision=revision)
+        return AutoConfig.from_pretrained(model_source(name_or_path), revision=revision)
     except (OSError, ValueError) as err:
         raise WiremapError(
             f"could not read the config of model {name_or_path!r}: {err}. Check the name or "
