@@ -1,12 +1,14 @@
 """`wiremap attribute` and `wiremap steer`: attribution graphs and interventions from the shell.
 
     wiremap attribute --model gpt2 --transcoders tc/ --prompt "The capital of France is" \\
-        --out graph.json [--node-threshold 0.8 --edge-threshold 0.98 --max-feature-nodes 2000]
+        --out graphs/ [--slug france --scan gpt2] [--node-threshold 0.8 --edge-threshold 0.98]
     wiremap steer --model gpt2 --transcoders tc/ --prompt "I love" \\
         --feature 5:3:1234 --feature 6:*:77=2.5 --scale 4 --generate 20
 
-`attribute` writes the pruned graph JSON (DESIGN.md §8) to --out and the full graph
-(tensors + metadata) next to it (`graph.safetensors`, `graph.meta.json`), then prints the
+`attribute` writes the pruned graph JSON (DESIGN.md §8) to `{slug}.json` in the --out folder
+(or to --out itself when it names a `.json` file; its name is then the slug), lists it in
+that folder's `graph-metadata.json` (circuit-tracer's frontend layout), writes the full graph
+(tensors + metadata) next to it (`{slug}.safetensors`, `{slug}.meta.json`), then prints the
 scores and the strongest paths from the prompt to the top logit.
 
 `steer` edits features given as `LAYER:POS:FEATURE[=VALUE]` (POS `*` = every position,
@@ -55,8 +57,17 @@ def attribute_parser() -> argparse.ArgumentParser:
         prog="wiremap attribute", description="Build an attribution graph for a prompt."
     )
     _model_args(p)
-    p.add_argument("--out", required=True, help="graph JSON to write (e.g. graph.json)")
+    p.add_argument("--out", required=True, help="folder for {slug}.json, or a .json file")
+    p.add_argument("--slug", default=None, help="graph name [a-zA-Z0-9_.-] (default: prompt)")
+    p.add_argument("--scan", default=None, help="model id for Neuronpedia (default: model name)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence kept")
+    p.add_argument(
+        "--node-pool",
+        choices=("all", "features"),
+        default="all",
+        help="what the node threshold is a share of: all nodes (circuit-tracer's rule) or "
+        "feature and error nodes only (keeps more features)",
+    )
     p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge score kept")
     p.add_argument(
         "--max-feature-nodes",
@@ -101,9 +112,12 @@ def attribute_parser() -> argparse.ArgumentParser:
 
 def attribute_main(argv: list[str]) -> int:
     from wiremap.attribute.attribute import attribute
-    from wiremap.attribute.export import summarize_paths, write_graph_json
+    from wiremap.attribute.export import check_name, graph_file, summarize_paths, write_graph_json
 
     args = attribute_parser().parse_args(argv)
+    out, slug = graph_file(args.out, args.slug, args.prompt)  # refuse bad names before the work
+    if args.scan:
+        check_name("scan", args.scan)
     rm = _load(args)
     graph = attribute(
         args.prompt,
@@ -121,18 +135,20 @@ def attribute_main(argv: list[str]) -> int:
     if note and args.quiet:  # otherwise attribute() has said it
         print(note)
     graph.settings.update(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
-    out = Path(args.out)
     result = write_graph_json(
         graph,
         out,
+        slug=slug,
+        scan=args.scan,
         node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold,
+        node_pool=args.node_pool,
         edges_per_node=args.edges_per_node or None,
         max_edges=args.max_edges or None,
     )
     base = graph.save(out.with_suffix(""))
     print(summarize_paths(graph, k=args.paths, result=result))
-    print(f"wrote {out} and {base}.safetensors / {base}.meta.json")
+    print(f"wrote {out} (listed in {out.parent / 'graph-metadata.json'}) and {base}.safetensors")
     _write_pictures(out, args.html, args.png)
     return 0
 
