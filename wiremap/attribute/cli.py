@@ -104,6 +104,17 @@ def attribute_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-edges", type=int, default=20000, help="edge budget: most links in the JSON (0 = all)"
     )
+    p.add_argument(
+        "--features",
+        default=None,
+        help="feature cards folder (default: <transcoders>/features when it exists): their "
+        "per-feature JSON goes to <out folder>/features/<scan>/",
+    )
+    p.add_argument(
+        "--feature-json-base-url",
+        default=None,
+        help="public URL of that folder for Neuronpedia (default: features/<scan>, relative)",
+    )
     p.add_argument("--html", default=None, help="also write a self-contained HTML view here")
     p.add_argument("--png", default=None, help="also write a static PNG of the pruned graph")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -112,7 +123,13 @@ def attribute_parser() -> argparse.ArgumentParser:
 
 def attribute_main(argv: list[str]) -> int:
     from wiremap.attribute.attribute import attribute
-    from wiremap.attribute.export import check_name, graph_file, summarize_paths, write_graph_json
+    from wiremap.attribute.export import (
+        check_name,
+        default_scan,
+        graph_file,
+        summarize_paths,
+        write_graph_json,
+    )
 
     args = attribute_parser().parse_args(argv)
     out, slug = graph_file(args.out, args.slug, args.prompt)  # refuse bad names before the work
@@ -135,11 +152,15 @@ def attribute_main(argv: list[str]) -> int:
     if note and args.quiet:  # otherwise attribute() has said it
         print(note)
     graph.settings.update(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+    scan = args.scan or default_scan(graph.settings)
+    store = _feature_store(args)
+    base_url = args.feature_json_base_url or (f"features/{scan}" if store else None)
     result = write_graph_json(
         graph,
         out,
         slug=slug,
-        scan=args.scan,
+        scan=scan,
+        feature_json_base_url=base_url,
         node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold,
         node_pool=args.node_pool,
@@ -149,8 +170,30 @@ def attribute_main(argv: list[str]) -> int:
     base = graph.save(out.with_suffix(""))
     print(summarize_paths(graph, k=args.paths, result=result))
     print(f"wrote {out} (listed in {out.parent / 'graph-metadata.json'}) and {base}.safetensors")
+    if store is not None:
+        _write_feature_jsons(out, store, out.parent / "features" / scan)
     _write_pictures(out, args.html, args.png)
     return 0
+
+
+def _feature_store(args):
+    """The FeatureStore of --features (an error if missing), else of <transcoders>/features."""
+    from wiremap.attribute.features import FeatureStore
+
+    folder = Path(args.features or Path(args.transcoders) / "features")
+    if args.features is None and not (folder / "index.json").is_file():
+        return None  # no cards computed: the graph has no feature_details
+    return FeatureStore(folder)
+
+
+def _write_feature_jsons(graph_json: Path, store, folder: Path) -> None:
+    import json
+
+    from wiremap.attribute.features import write_feature_jsons
+
+    obj = json.loads(graph_json.read_text(encoding="utf-8"))
+    n = write_feature_jsons(obj, store, folder)
+    print(f"wrote {n} feature JSON files to {folder}")
 
 
 def parse_bytes(text: str) -> int:

@@ -62,6 +62,13 @@ def cantor(layer: int, feature: int) -> int:
     return (layer + feature) * (layer + feature + 1) // 2 + feature
 
 
+def uncantor(z: int) -> tuple[int, int]:
+    """(layer, feature) of a Cantor-paired id: the inverse of `cantor`."""
+    w = (math.isqrt(8 * z + 1) - 1) // 2
+    feature = z - w * (w + 1) // 2
+    return w - feature, feature
+
+
 # ---- node ids and names ------------------------------------------------------------------
 def _logit_token_ids(graph: Graph) -> list[int]:
     seen: set[int] = set()
@@ -519,7 +526,7 @@ def _check_fields(
         problems.append(f"{where} is not an object")
         return
     for key, (expected, ok) in checks.items():
-        if key not in obj:
+        if key not in obj or (optional and obj[key] is None):  # null = absent when optional
             if not optional:
                 problems.append(f"{where} misses {key!r}")
         elif not ok(obj[key]):

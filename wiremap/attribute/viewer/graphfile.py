@@ -7,6 +7,10 @@
 
 Every problem raises `ViewerError(status, message)`, which the server turns into a JSON
 error response, so one bad file never takes the server down.
+
+Reading follows Neuronpedia's graph schema, not only what wiremap writes: a graph from
+circuit-tracer (no `info` / `generation_settings` / `pruning_settings`, error ids
+`0_{layer}_{pos}` in 0.5) opens too; node kinds come from `feature_type`, never from ids.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 MAX_GRAPH_BYTES = 256 * 2**20  # beyond this a browser cannot draw the graph anyway
 MAX_LABEL_CHARS = 500
+NOT_GRAPHS = ("graph-metadata.json",)  # circuit-tracer's index of the folder's graphs
 QPARAM_KEYS = ("pinnedIds", "supernodes", "clickedId", "linkType", "sg_pos")
 
 
@@ -54,7 +59,8 @@ def list_graphs(root: Path) -> list[dict[str, Any]]:
     out = []
     for path in sorted(root.iterdir()):
         name = path.name
-        if not name.endswith(".json") or name.endswith(".meta.json") or name.startswith("."):
+        skip = name.endswith(".meta.json") or name.startswith(".") or name in NOT_GRAPHS
+        if not name.endswith(".json") or skip:
             continue
         try:
             graph_path(root, name)
@@ -96,7 +102,7 @@ def check_graph(obj: Any) -> list[str]:
         if not isinstance(node, dict) or not isinstance(node.get("node_id"), str):
             return [f"node {i} has no string node_id"]
         if node["node_id"] in ids:
-            return [f"duplicate node_id {node['node_id']!r}"]
+            return [_duplicate_problem(nodes, node["node_id"])]
         ids.add(node["node_id"])
     for i, link in enumerate(links):
         ok = isinstance(link, dict) and isinstance(link.get("weight"), (int, float))
@@ -107,19 +113,23 @@ def check_graph(obj: Any) -> list[str]:
     return _exporter_problems(obj)
 
 
+def _duplicate_problem(nodes: list, node_id: str) -> str:
+    kinds = {n.get("feature_type") for n in nodes if n.get("node_id") == node_id}
+    if "mlp reconstruction error" in kinds and len(kinds) > 1:  # circuit-tracer 0.5's ids
+        return (
+            f"node_id {node_id!r} names both an error node and a feature (circuit-tracer "
+            "0.5 writes error ids '0_{layer}_{pos}', which can collide); regenerate the "
+            "graph with a newer circuit-tracer or wiremap, whose error ids are "
+            "'{layer}_-1_{pos}'"
+        )
+    return f"duplicate node_id {node_id!r}"
+
+
 def _exporter_problems(obj: dict) -> list[str]:
-    """The graph workstream's full schema check, when that module is installed."""
-    try:
-        from wiremap.attribute.export import validate_graph_json
-    except ImportError:
-        return []
-    try:
-        result = validate_graph_json(obj)
-    except Exception as err:  # its own error type; report the message, never crash
-        return [str(err)]
-    if isinstance(result, (list, tuple)):
-        return [str(p) for p in result]
-    return [] if result in (None, True) else [str(result)]
+    """The exporter's check against Neuronpedia's schema (not only wiremap's own fields)."""
+    from wiremap.attribute.export import graph_json_problems
+
+    return [str(p) for p in graph_json_problems(obj, strict=False)[:20]]
 
 
 def apply_edits(obj: dict, qparams: Any, labels: Any) -> dict:
