@@ -349,3 +349,35 @@ def test_feature_jsons_for_a_graph(tmp_path):
         body = json.loads((tmp_path / "out" / "features" / "x" / f"{fid}.json").read_text())
         layer, index = uncantor(fid)
         assert body["index"] == fid and body["transcoder_id"].endswith(f"layer_{layer}:{index}")
+
+
+def test_attribute_cli_writes_a_viewer_folder(tiny_model_dir, tmp_path, capsys):
+    from wiremap.cli import main
+    from wiremap.models.io import save_transcoders
+    from wiremap.models.transcoders import build_transcoder
+
+    path = tiny_model_dir("llama", n_layers=3)
+    tc = tmp_path / "tc"
+    save_transcoders(build_transcoder("plt", 3, 32, 48, model_name=str(path)), tc)
+    (tc / "features").mkdir()
+    layers = {str(i): write_layer(tc / "features", i, [demo_card(i, f) for f in range(48)])
+              for i in range(3)}  # fmt: skip
+    (tc / "features" / "index.json").write_text(json.dumps({"layers": layers}))
+    args = ["attribute", "--model", str(path), "--transcoders", str(tc), "--quiet"]
+    out = tmp_path / "graphs"
+    for slug, prompt in (("moon", "The cat sees the moon."), ("sun", "The dog sees the sun.")):
+        cmd = [*args, "--prompt", prompt, "--out", str(out), "--slug", slug, "--scan", "tiny"]
+        assert main(cmd) == 0
+    graphs = json.loads((out / "graph-metadata.json").read_text())["graphs"]
+    assert [(g["slug"], g["scan"]) for g in graphs] == [("moon", "tiny"), ("sun", "tiny")]
+    obj = json.loads((out / "moon.json").read_text())
+    assert np_problems(obj) == []
+    assert obj["metadata"]["feature_details"] == {"feature_json_base_url": "features/tiny"}
+    assert obj["metadata"]["pruning_settings"]["node_pool"] == "all"
+    assert isinstance(obj["metadata"]["generation_settings"]["max_feature_nodes"], int)
+    feats = {n["feature"] for n in obj["nodes"] if n["feature_type"] == "cross layer transcoder"}
+    assert feats and all((out / "features" / "tiny" / f"{f}.json").is_file() for f in feats)
+    assert (out / "moon.safetensors").is_file() and (out / "moon.meta.json").is_file()
+    capsys.readouterr()
+    assert main([*args, "--prompt", "x", "--out", str(out), "--slug", "a b"]) == 2
+    assert "slug 'a b' is not allowed" in capsys.readouterr().err
