@@ -1,7 +1,7 @@
 """One of our graph folders opened in circuit-tracer's own frontend, in headless Chromium.
 
 Needs: Chromium (`apt-get install -y chromium`), circuit-tracer installed (its frontend is
-used from the installed package, never copied here; e.g. the peers venv, README "Tests")
+used from the installed package, never copied here; README "Looking at a graph")
 and npm with registry access: the page loads d3, d3-jetpack, dagre and pako from CDNs, so
 the test fetches them with `npm pack` into a temporary folder and serves them locally in
 their place. Missing any of these skips the test and says which. The script tags that point
@@ -67,7 +67,7 @@ STUBS = {  # CDN scripts with no npm package, not used to draw a graph
 def ct_frontend() -> Path:
     spec = importlib.util.find_spec("circuit_tracer")
     if spec is None or spec.origin is None:
-        pytest.skip("circuit-tracer is not installed (run in the peers venv: README, Tests)")
+        pytest.skip("circuit-tracer is not installed (README, 'Looking at a graph')")
     assets = Path(spec.origin).parent / "frontend" / "assets"
     if not (assets / "index.html").is_file():
         pytest.skip(f"circuit-tracer at {assets.parent.parent} has no frontend/assets")

@@ -4,7 +4,7 @@
 (`apps/webapp/app/api/graph/graph-schema.json`: required keys, JSON types per field) and of
 its upload route (slug and scan only `[a-zA-Z0-9_.-]`), independent of wiremap's own
 `validate_graph_json`, so a bug in the exporter's check cannot hide a bug in the exporter.
-Tests marked `interop` use circuit-tracer's own classes (the peers venv; README, Tests).
+Tests marked `interop` use circuit-tracer's own classes (README, "Looking at a graph").
 """
 
 from __future__ import annotations

@@ -297,7 +297,7 @@ def test_default_rule_matches_circuit_tracer_reimplementation(seed, thresholds):
 
 @pytest.mark.interop
 def test_default_rule_matches_circuit_tracer_prune():
-    """circuit-tracer's own prune_graph on the same adjacency (peers venv: README, Tests)."""
+    """circuit-tracer's own prune_graph on the same adjacency (README, "Looking at a graph")."""
     from types import SimpleNamespace
 
     ct_graph = pytest.importorskip("circuit_tracer.graph")
