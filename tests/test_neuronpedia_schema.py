@@ -381,3 +381,24 @@ def test_attribute_cli_writes_a_viewer_folder(tiny_model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--prompt", "x", "--out", str(out), "--slug", "a b"]) == 2
     assert "slug 'a b' is not allowed" in capsys.readouterr().err
+
+
+def test_viewer_scores_are_the_pruning_code_on_the_json_links():
+    """pinned_scores on a graph JSON's links equals graph_scores on the pruned Graph."""
+    import copy
+
+    from wiremap.attribute.export import graph_to_json, node_ids
+    from wiremap.attribute.prune import graph_scores, prune_graph
+
+    g = random_dag_graph(n_feat=50, seed=4)
+    result = prune_graph(g, 0.9, 0.95)
+    obj = graph_to_json(g, result=result, edges_per_node=None, max_edges=None)
+    pruned = copy.copy(g)
+    pruned.adjacency = result.adjacency.to_dense()
+    ids, kept = node_ids(g), result.node_mask[: g.n_features].nonzero().flatten().tolist()
+    for keep in (kept[::3], kept, []):
+        expected = graph_scores(pruned, keep_nodes=keep)
+        got = pinned_scores(obj, [ids[i] for i in keep])
+        assert got["replacement"] == pytest.approx(expected["replacement"], rel=1e-5)
+        assert got["completeness"] == pytest.approx(expected["completeness"], rel=1e-5)
+    assert got["replacement"] < pinned_scores(obj, [ids[i] for i in kept])["replacement"]

@@ -100,6 +100,13 @@ class SparseMatrix:
     def __init__(self, rows: Tensor, cols: Tensor, vals: Tensor, n: int) -> None:
         self.rows, self.cols, self.vals, self._n = rows, cols, vals, n
 
+    @classmethod
+    def summed(cls, rows: Tensor, cols: Tensor, vals: Tensor, n: int) -> SparseMatrix:
+        """From triplets that may repeat a (row, col): repeated entries are summed, signed."""
+        m = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n, n)).coalesce()
+        r, c = m.indices()
+        return cls(r, c, m.values(), n)
+
     @property
     def n(self) -> int:
         return self._n
@@ -228,17 +235,30 @@ def cumulative_fraction(scores: Tensor) -> Tensor:
     return out
 
 
+def edge_scores(normalised: Matrix, w: Tensor) -> Tensor:
+    """`Â[t,s]·(I_t + w_t)` of every stored entry of a row-normalised matrix (its order)."""
+    return normalised.scale_rows(influence(normalised, w) + w).values()
+
+
 # ---- scores ------------------------------------------------------------------------------
-def _scores(graph: Graph, normalised: Matrix, infl: Tensor, w: Tensor) -> dict[str, float]:
-    tokens = infl[graph.token_slice].sum()
-    errors = infl[graph.error_slice].sum()
+def scores_of(
+    normalised: Matrix, infl: Tensor, w: Tensor, is_token: Tensor, is_error: Tensor
+) -> dict[str, float]:
+    """Replacement and completeness (DESIGN.md §7) from Â, I, w and [N] bool node masks."""
+    tokens, errors = infl[is_token].sum(), infl[is_error].sum()
     replacement = tokens / (tokens + errors) if tokens + errors > 0 else torch.tensor(0.0)
-    is_error = torch.zeros(graph.n_nodes, device=w.device)
-    is_error[graph.error_slice] = 1.0
-    non_error = 1.0 - normalised.row_sum_over(is_error)
+    non_error = 1.0 - normalised.row_sum_over(is_error.to(infl.dtype))
     out = infl + w
-    completeness = (non_error * out).sum() / out.sum()
+    completeness = (non_error * out).sum() / out.sum() if out.sum() > 0 else torch.tensor(0.0)
     return {"replacement": float(replacement), "completeness": float(completeness)}
+
+
+def _scores(graph: Graph, normalised: Matrix, infl: Tensor, w: Tensor) -> dict[str, float]:
+    is_token = torch.zeros(graph.n_nodes, dtype=torch.bool, device=w.device)
+    is_token[graph.token_slice] = True
+    is_error = torch.zeros_like(is_token)
+    is_error[graph.error_slice] = True
+    return scores_of(normalised, infl, w, is_token, is_error)
 
 
 def node_mask_from(graph: Graph, keep_nodes: Tensor | Iterable[int]) -> Tensor:
@@ -326,11 +346,8 @@ def prune_edges(
     kept outgoing edge (errors have no inputs) until nothing changes.
     """
     sub = matrix.restrict(node_mask)
-    normalised = sub.abs_normalised()
-    edge_scores = normalised.scale_rows(influence(normalised, w) + w).values()
-    kept = sub.where_values(
-        (edge_scores >= cutoff(edge_scores, edge_threshold)) & (edge_scores > 0)
-    )
+    scores = edge_scores(sub.abs_normalised(), w)
+    kept = sub.where_values((scores >= cutoff(scores, edge_threshold)) & (scores > 0))
     prunable = _feature_error_mask(graph, node_mask.device)
     needs_input = torch.zeros_like(prunable)
     needs_input[graph.feature_slice] = True
