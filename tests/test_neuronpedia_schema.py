@@ -5,11 +5,14 @@
 its upload route (slug and scan only `[a-zA-Z0-9_.-]`), independent of wiremap's own
 `validate_graph_json`, so a bug in the exporter's check cannot hide a bug in the exporter.
 Tests marked `interop` use circuit-tracer's own classes (README, "Looking at a graph").
+With `jsonschema` importable and WIREMAP_NEURONPEDIA_SCHEMA naming a local copy of that
+schema file, one test also validates our JSON against the file itself (nothing is fetched).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -194,6 +197,22 @@ def test_uncapped_graph_json_passes_neuronpedia_rules(tmp_path):
     assert {(n["run_idx"], n["reverse_ctx_idx"]) for n in obj["nodes"]} == {(0, 0)}
     errors = [n["node_id"] for n in obj["nodes"] if n["feature_type"] == "mlp reconstruction error"]
     assert errors and all(re.fullmatch(r"\d+_-1_\d+", e) for e in errors)
+
+
+def test_against_the_schema_file_itself(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed")
+    schema = os.environ.get("WIREMAP_NEURONPEDIA_SCHEMA")
+    if not schema:
+        pytest.skip("set WIREMAP_NEURONPEDIA_SCHEMA to a local copy of graph-schema.json")
+    write_graph_json(uncapped_graph(), tmp_path, slug="g", feature_json_base_url="https://x/f")
+    obj = json.loads((tmp_path / "g.json").read_text())
+    jsonschema.validate(obj, json.loads(open(schema, encoding="utf-8").read()))
+    bad = {
+        **obj,
+        "metadata": {**obj["metadata"], "generation_settings": {"max_feature_nodes": None}},
+    }
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, json.loads(open(schema, encoding="utf-8").read()))
 
 
 def test_graph_metadata_is_updated_not_clobbered(tmp_path):
