@@ -1,7 +1,8 @@
 """One of our graph folders opened in circuit-tracer's own frontend, in headless Chromium.
 
-Needs: Chromium (`apt-get install -y chromium`), circuit-tracer installed (its frontend is
-used from the installed package, never copied here; README "Looking at a graph")
+Needs: Chromium (`apt-get install -y chromium`), circuit-tracer's frontend (from the installed
+package, or the `frontend/assets` folder of a checkout named by $CIRCUIT_TRACER_FRONTEND;
+never copied here; README "Looking at a graph")
 and npm with registry access: the page loads d3, d3-jetpack, dagre and pako from CDNs, so
 the test fetches them with `npm pack` into a temporary folder and serves them locally in
 their place. Missing any of these skips the test and says which. The script tags that point
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -65,6 +67,10 @@ STUBS = {  # CDN scripts with no npm package, not used to draw a graph
 
 
 def ct_frontend() -> Path:
+    """The frontend assets: $CIRCUIT_TRACER_FRONTEND (e.g. from a git checkout), else the
+    installed package's."""
+    if os.environ.get("CIRCUIT_TRACER_FRONTEND"):
+        return Path(os.environ["CIRCUIT_TRACER_FRONTEND"])
     spec = importlib.util.find_spec("circuit_tracer")
     if spec is None or spec.origin is None:
         pytest.skip("circuit-tracer is not installed (README, 'Looking at a graph')")
