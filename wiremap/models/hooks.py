@@ -14,7 +14,7 @@ with splice_mlp_out(model, lambda layer, x, out: f(layer, x), "mlp_in"):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from functools import partial
 
 import torch
@@ -161,6 +161,26 @@ def _splicer(splice: Splice, layer: int, reads: dict[int, Tensor]):
 def _with_output(output, new: Tensor):
     """A module's `output` (a tensor or a tuple led by one) with its tensor replaced."""
     return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early: nothing after that point is needed."""
+
+
+@contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """Forward passes inside end with `StopForward` once `module` has run (see `stoppable`)."""
+
+    def stop(_module, _args, _output):
+        raise StopForward
+
+    with hooks_removed([module.register_forward_hook(stop)]):
+        yield
+
+
+def stoppable() -> AbstractContextManager:
+    """`with stoppable(): model(ids)`: a pass ended early by `StopForward` just returns."""
+    return suppress(StopForward)
 
 
 def remaining_hooks(model: nn.Module) -> int:
