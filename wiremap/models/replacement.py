@@ -242,7 +242,11 @@ class ReplacementModel(nn.Module):
         return get_module(self.model, self.adapter.unembed).weight
 
     def softcap(self, logits: Tensor) -> Tensor:
-        """The model's final logit soft-capping (identity when it has none)."""
+        """The model's final logit soft-capping (identity when it has none).
+
+        Only for pre-cap logits, such as the frozen model's `lin.logits(final)`: the logits the
+        model returns (`run`, `forward`) are already capped by its own forward pass.
+        """
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         return logits if not cap else torch.tanh(logits / cap) * cap
 
