@@ -99,6 +99,10 @@ def test_keywords_go_to_the_outermost_section_that_has_them():
     assert cfg["model"] == {"optim": {"lr": 1e-3}}
     assert cfg["data"] == {"cache": {"n_tokens": 99}, "source": "stream"}
     assert fit_mod.setting_path("batch_size") == ("data", "batch_size")  # not data.cache's
+    from jsonargparse import Namespace
+
+    as_namespace = fit_mod.fit_config(Namespace(trainer=Namespace(max_steps=2)), {"devices": 1})
+    assert as_namespace == {"trainer": {"max_steps": 2, "devices": 1}}
     with pytest.raises(WiremapError, match="no setting 'max_step'"):
         fit_mod.fit_config(None, {"max_step": 3})
 
@@ -120,5 +124,7 @@ def test_presets_by_name_or_path(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(WiremapError, match="not a mapping"):
         fit_mod.fit_config(bad, {})
+    with pytest.raises(WiremapError, match="refused: .*'max_stepz'"):
+        wiremap.fit("debug-cpu", trainer={"max_stepz": 1})
     with pytest.raises(WiremapError, match="not both"):
         wiremap.fit(["--trainer.max_steps", "3"], max_steps=4)

@@ -190,10 +190,10 @@ def cache_config(cfg: DemoConfig, organism: str, corpus: Path):
 def train_stage(cfg: DemoConfig, cache_cfg, arch: str) -> tuple[Path, dict[str, float]]:
     """Train one transcoder (`clt` or `plt`) on the cache with `wiremap.fit`; export it to
     `<out>/<arch>` (the run's resolved config goes to `<out>/runs/<arch>/config.yaml`)."""
-    from wiremap.train.fit import fit
+    import wiremap
 
     with _quiet_lightning():
-        result = fit(**demo_fit_settings(cfg, cache_cfg, arch))
+        result = wiremap.fit(**demo_fit_settings(cfg, cache_cfg, arch))
     return result.export, result.metrics
 
 

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
+import sys
 from collections.abc import Mapping, Sequence
+from contextlib import redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +62,24 @@ def fit(
                 "keywords into the argument list (--trainer.max_steps 100)"
             )
         return train(build_cli(list(config)))
-    return train(build_cli(fit_config(config, settings)))
+    return train(_parsed(build_cli, fit_config(config, settings)))
+
+
+def _parsed(build_cli, settings: dict):
+    """`build_cli(settings)`, with the parser's refusal as a WiremapError, not an exit."""
+    errors = io.StringIO()
+    try:
+        with redirect_stderr(errors):
+            cli = build_cli(settings)
+    except SystemExit as stop:
+        said = [line for line in errors.getvalue().splitlines() if line.startswith("error:")]
+        reason = said[-1].removeprefix("error:").strip() if said else f"exit status {stop.code}"
+        raise WiremapError(
+            f"fit(): the training settings were refused: {reason}; fix that setting "
+            "(`wiremap train --help` lists them all)"
+        ) from None
+    sys.stderr.write(errors.getvalue())  # what the parser said on the way, e.g. warnings
+    return cli
 
 
 def train(cli) -> FitResult:
@@ -96,14 +116,19 @@ def final_metrics(trainer) -> dict[str, float]:
 
 
 # -- settings --------------------------------------------------------------------------------
-def fit_config(config: str | Path | Mapping | None, settings: Mapping[str, Any]) -> dict:
+def fit_config(config: str | Path | Mapping | Any, settings: Mapping[str, Any]) -> dict:
     """The settings dict the CLI parser checks: `config` with `settings` merged in."""
     if config is None:
         base: dict = {}
-    elif isinstance(config, Mapping):
-        base = _plain(config)
-    else:
+    elif isinstance(config, str | Path):
         base = read_yaml(preset_path(config))
+    else:  # a mapping, a jsonargparse Namespace
+        base = _plain(config)
+        if not isinstance(base, dict):
+            raise WiremapError(
+                f"fit() got a {type(config).__name__} as config; give a preset name or path, "
+                "a mapping of sections, or a list of `wiremap train` arguments"
+            )
     for key, value in settings.items():
         path = (key,) if key in SECTIONS else setting_path(key)
         _merge(base, path, value)
