@@ -67,19 +67,31 @@ def fit(
 
 def _parsed(build_cli, settings: dict):
     """`build_cli(settings)`, with the parser's refusal as a WiremapError, not an exit."""
-    errors = io.StringIO()
+    tee = _Tee(sys.stderr)  # the parser says why on stderr; keep a copy of it
     try:
-        with redirect_stderr(errors):
-            cli = build_cli(settings)
+        with redirect_stderr(tee):
+            return build_cli(settings)
     except SystemExit as stop:
-        said = [line for line in errors.getvalue().splitlines() if line.startswith("error:")]
+        said = [line for line in tee.copy.getvalue().splitlines() if line.startswith("error:")]
         reason = said[-1].removeprefix("error:").strip() if said else f"exit status {stop.code}"
         raise WiremapError(
             f"fit(): the training settings were refused: {reason}; fix that setting "
             "(`wiremap train --help` lists them all)"
         ) from None
-    sys.stderr.write(errors.getvalue())  # what the parser said on the way, e.g. warnings
-    return cli
+
+
+class _Tee:
+    """A text stream that writes through to `stream` and keeps a copy (progress bars too)."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.copy = stream, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 def train(cli) -> FitResult:
