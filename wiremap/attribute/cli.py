@@ -282,11 +282,8 @@ def _edits(args) -> tuple[list[tuple[int, int | None, int, float]], str]:
 
 
 def steer_main(argv: list[str]) -> int:
-    from wiremap.attribute.interventions import (
-        feature_intervention,
-        generate_with_interventions,
-        top_tokens,
-    )
+    from wiremap.attribute.interventions import feature_intervention, generate_with_interventions
+    from wiremap.attribute.targets import top_tokens
 
     args = steer_parser().parse_args(argv)
     edits, mode = _edits(args)
@@ -297,7 +294,7 @@ def steer_main(argv: list[str]) -> int:
     kind = "frozen (direct effects)" if args.frozen else "free"
     print(f"prompt: {args.prompt!r}; {mode} {len(edits)} feature(s), {kind}")
     for name, logits in (("before", before), ("after", after)):
-        tops = ", ".join(f"{t!r} {p:.3f}" for t, p in top_tokens(rm, logits, args.top))
+        tops = ", ".join(f"{t.token!r} {t.prob:.3f}" for t in top_tokens(rm, logits, args.top))
         print(f"  {name:>6}: {tops}")
     if args.generate > 0:
         for name, chosen in (("plain", []), ("steered", edits)):

@@ -7,11 +7,10 @@ wiremap features --cache cache/ --transcoders tc/ [--out tc/features] [--top-k 2
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def serve_main(argv: list[str]) -> int:
-    from wiremap.attribute.viewer.server import host_warning, make_server
+    from wiremap.attribute.viewer import serve
 
     p = argparse.ArgumentParser(
         prog="wiremap serve",
@@ -33,16 +32,7 @@ def serve_main(argv: list[str]) -> int:
         help="feature-card folder (default: <metadata.info.transcoders>/features)",
     )
     args = p.parse_args(argv)
-    warning = host_warning(args.host)
-    if warning:
-        print(warning, file=sys.stderr)
-    server = make_server(args.dir, args.host, args.port, features_dir=args.features)
-    host, port = server.server_address[:2]
-    print(f"wiremap viewer: serving {server.root} at http://{host}:{port}/  (Ctrl-C stops)")
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    serve(args.dir, args.host, args.port, args.features, verbose=True)
     return 0
 
 

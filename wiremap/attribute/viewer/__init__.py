@@ -9,3 +9,45 @@ saved edits), `subgraph.py` (scores of a pinned subgraph), `steer.py` (intervent
 (real-model-sized graphs for tests and benches), `static/` (the page: plain JS/SVG, no
 build step, nothing fetched from the network).
 """
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+
+def serve(
+    folder: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    features: str | Path | None = None,
+    *,
+    block: bool = True,
+    verbose: bool = False,
+) -> Any:
+    """Serve the graph JSON files of `folder` in the local viewer (`wiremap serve`).
+
+    `block=True` serves until Ctrl-C; `block=False` serves from a background thread and
+    returns the server at once (`server.shutdown()` stops it; `server.server_address` is
+    where it listens, `port=0` picks a free port). `verbose`: print the address (and a
+    warning when `host` is not loopback). Returns the `ViewerServer`.
+    """
+    from wiremap.attribute.viewer.server import host_warning, make_server
+
+    warning = host_warning(host)
+    if verbose and warning:
+        print(warning, file=sys.stderr)
+    server = make_server(folder, host, port, features_dir=features)
+    if verbose:
+        where, at = server.server_address[:2]
+        print(f"wiremap viewer: serving {server.root} at http://{where}:{at}/  (Ctrl-C stops)")
+    if not block:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return server

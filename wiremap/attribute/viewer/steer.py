@@ -146,10 +146,7 @@ def run_steering(
 
 
 def top_tokens(model, logits: torch.Tensor, k: int) -> list[dict[str, Any]]:
-    probs = torch.softmax(logits.float(), dim=-1)
-    values, ids = probs.topk(min(k, probs.numel()))
-    decode = model.tokenizer.decode
-    return [
-        {"token": decode([int(i)]), "id": int(i), "prob": float(p)}
-        for p, i in zip(values.tolist(), ids.tolist(), strict=True)
-    ]
+    """The k most probable next tokens as JSON (`wiremap.attribute.targets.top_tokens`)."""
+    from wiremap.attribute.targets import top_tokens as ranked
+
+    return [t._asdict() for t in ranked(model, logits, k)]
