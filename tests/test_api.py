@@ -129,11 +129,11 @@ def test_readme_graph_and_intervention_examples_run(tiny_model_dir, tmp_path, mo
     graph_code = readme_block(
         'import wiremap\n\nrm = wiremap.ReplacementModel.from_pretrained("gpt2"'
     )
-    graph_code = graph_code.replace('"gpt2"', repr(model_dir))
+    graph_code = graph_code.replace('from_pretrained("gpt2"', f"from_pretrained({model_dir!r}")
     graph_code = graph_code.replace('"runs/gpt2-plt/transcoders"', repr(str(tmp_path / "tc")))
     scope: dict = {}
     exec(compile(graph_code, "README.md", "exec"), scope)
-    assert (tmp_path / "graph.json").is_file() and scope["graph"].n_logits > 0
+    assert (tmp_path / "graphs" / "france.json").is_file() and scope["graph"].n_logits > 0
     scope["prompt"] = "The cat sees the moon today."
     exec(
         compile(
