@@ -61,7 +61,8 @@ def test_plt_files_follow_the_circuit_tracer_layout(tmp_path):
     assert config["model_kind"] == "transcoder_set"
     assert config["feature_input_hook"] == "mlp.hook_in"
     assert config["feature_output_hook"] == "mlp.hook_out"
-    assert config["transcoders"] == [f"layer_{i}.safetensors" for i in range(L)]
+    root = tmp_path.resolve()  # absolute: circuit-tracer resolves against its working dir
+    assert config["transcoders"] == [str(root / f"layer_{i}.safetensors") for i in range(L)]
     assert config["model_name"] == "tiny/model" and config["training"]["steps"] == 10
     assert (config["arch"], config["activation"], config["d_transcoder"]) == (
         "skip_plt",
