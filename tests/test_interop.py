@@ -1,0 +1,190 @@
+"""Our transcoder files in circuit-tracer, sparsify and sae-lens, and theirs in wiremap.
+
+Optional: `python -m pytest -m interop` in an environment with circuit-tracer, eai-sparsify
+and sae-lens installed; each test skips when its package is missing.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import yaml
+
+from wiremap.models.io import import_sparsify, load_transcoders, save_transcoders
+from wiremap.models.peer_formats import export_sae_lens, export_sparsify
+from wiremap.models.transcoders import build_transcoder
+
+pytestmark = pytest.mark.interop
+L, D, F, K = 3, 8, 16, 4
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def make(arch, activation="relu", k=None, layers=None, seed=0):
+    torch.manual_seed(seed)
+    n = len(layers) if layers else L
+    tc = build_transcoder(arch, n, D, F, activation, k, model_name="tiny/model", layers=layers)
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        tc.encoder_bias.add_(2.0)  # TopK: at least k positive pre-activations per token
+        if activation == "jumprelu":
+            tc.activation.set_threshold(torch.rand(n, F) * 0.5)
+    return tc
+
+
+def export(tc, folder, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_transcoders(tc, folder, **kw)
+    return yaml.safe_load((folder / "config.yaml").read_text())
+
+
+def ct_load_set(config):
+    """circuit-tracer's own config-driven loader (what its hub configs go through)."""
+    from circuit_tracer.utils.hf_utils import load_transcoders as ct_load
+
+    return ct_load(config, device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)
+
+
+def ct_topk(ct_set, k):
+    """circuit-tracer 0.5.0 ignores `activation`/`k`: set TopK by hand (as our note says)."""
+    from circuit_tracer.transcoder.activation_functions import TopK
+
+    for t in ct_set:
+        if not isinstance(t.activation_function, TopK):
+            t.activation_function = TopK(k)
+
+
+def ours(tc, x):
+    with torch.no_grad():
+        y, a = tc(x)
+    return y.transpose(0, 1), a.transpose(0, 1)  # [n, L, ...] -> circuit-tracer's [L, n, ...]
+
+
+@pytest.mark.parametrize("arch", ["plt", "skip_plt"])
+@pytest.mark.parametrize("activation,k", [("relu", None), ("jumprelu", None), ("topk", K)])
+def test_plt_exports_load_in_circuit_tracer(tmp_path, monkeypatch, arch, activation, k):
+    pytest.importorskip("circuit_tracer")
+    tc = make(arch, activation, k)
+    config = export(tc, tmp_path / "tc")
+    monkeypatch.chdir(tmp_path)  # the config's paths must not depend on the working dir
+    ct_set = ct_load_set(config)
+    if activation == "topk":
+        ct_topk(ct_set, k)
+    x = torch.randn(5, L, D)
+    y, a = ours(tc, x)
+    with torch.no_grad():
+        a_ct = ct_set.encode(x.transpose(0, 1))
+        y_ct = ct_set.decode(a_ct, x.transpose(0, 1))
+    torch.testing.assert_close(a_ct, a, **TOL)
+    torch.testing.assert_close(y_ct, y, **TOL)
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu"])
+def test_clt_exports_load_in_circuit_tracer(tmp_path, activation):
+    ct = pytest.importorskip("circuit_tracer.transcoder.cross_layer_transcoder")
+    tc = make("clt", activation)
+    config = export(tc, tmp_path)
+    clt = ct.load_clt(str(tmp_path), config["feature_input_hook"], config["feature_output_hook"],
+                      None, torch.device("cpu"), torch.float32, False)  # fmt: skip
+    x = torch.randn(5, L, D)
+    y, a = ours(tc, x)
+    with torch.no_grad():
+        a_ct = clt.encode(x.transpose(0, 1))
+        y_ct = clt.decode(a_ct.to_sparse(), x.transpose(0, 1))
+    torch.testing.assert_close(a_ct, a, **TOL)
+    torch.testing.assert_close(y_ct, y, **TOL)
+
+
+def test_skip_clt_export_warns_and_circuit_tracer_drops_the_skip(tmp_path):
+    ct = pytest.importorskip("circuit_tracer.transcoder.cross_layer_transcoder")
+    tc = make("skip_clt", "jumprelu")
+    with pytest.warns(UserWarning, match="ignores W_skip_i"):
+        save_transcoders(tc, tmp_path)
+    clt = ct.load_clt(str(tmp_path), dtype=torch.float32, device=torch.device("cpu"),
+                      lazy_decoder=False)  # fmt: skip
+    x = torch.randn(4, L, D)
+    y, a = ours(tc, x)
+    skip = torch.stack([tc.skip_layer(x[:, i], i) for i in range(L)]).detach()
+    with torch.no_grad():
+        y_ct = clt.decode(clt.encode(x.transpose(0, 1)).to_sparse(), x.transpose(0, 1))
+    torch.testing.assert_close(y_ct, y - skip, **TOL)  # exactly the documented limit
+
+
+def test_padded_layer_subset_lands_at_its_model_layers(tmp_path, monkeypatch):
+    pytest.importorskip("circuit_tracer")
+    tc = make("plt", "jumprelu", layers=[5, 6, 7])
+    config = export(tc, tmp_path / "tc", pad_layers=True)
+    monkeypatch.chdir(tmp_path)
+    ct_set = ct_load_set(config)
+    assert len(ct_set) == 8
+    x = torch.randn(4, 3, D)
+    y, a = ours(tc, x)
+    x8 = torch.cat([torch.randn(4, 5, D), x], 1).transpose(0, 1)
+    with torch.no_grad():
+        a_ct = ct_set.encode(x8)
+        y_ct = ct_set.decode(a_ct, x8)
+    assert not a_ct[:5].any() and not y_ct[:5].any()  # padding layers: nothing fires
+    torch.testing.assert_close(a_ct[5:], a, **TOL)
+    torch.testing.assert_close(y_ct[5:], y, **TOL)
+    assert load_transcoders(tmp_path / "tc").layers == [5, 6, 7]
+
+
+@pytest.mark.parametrize("arch", ["skip_plt", "clt"])
+def test_folders_written_by_circuit_tracer_load_in_wiremap(tmp_path, arch):
+    ctc = pytest.importorskip("circuit_tracer.transcoder.cross_layer_transcoder")
+    tc = make(arch, "jumprelu")
+    config = export(tc, tmp_path / "ours")
+    if arch == "clt":
+        theirs = ctc.load_clt(str(tmp_path / "ours"), dtype=torch.float32,
+                              device=torch.device("cpu"), lazy_decoder=False)  # fmt: skip
+    else:
+        theirs = ct_load_set(config)
+    theirs.to_safetensors(str(tmp_path / "theirs"))  # no config.yaml
+    assert not (tmp_path / "theirs" / "config.yaml").exists()
+    again = load_transcoders(tmp_path / "theirs")
+    assert again.arch == arch and again.activation.name == "jumprelu"
+    x = torch.randn(5, L, D)
+    torch.testing.assert_close(ours(again, x), ours(tc, x), **TOL)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_sparsify_reads_our_topk_export_and_we_read_theirs(tmp_path, skip):
+    sparsify = pytest.importorskip("sparsify")
+    tc = make("skip_plt" if skip else "plt", "topk", K)
+    export_sparsify(tc, tmp_path / "ours")
+    coders = sparsify.SparseCoder.load_many(str(tmp_path / "ours"), local=True)
+    assert list(coders) == [f"layers.{i}.mlp" for i in range(L)]
+    x = torch.randn(6, L, D)
+    y, a = ours(tc, x)
+    for i, coder in enumerate(coders.values()):
+        with torch.no_grad():
+            out = coder(x[:, i], y=None)
+        torch.testing.assert_close(out.sae_out, y[i], **TOL)
+        dense = torch.zeros(6, F).scatter(-1, out.latent_indices, out.latent_acts)
+        torch.testing.assert_close(dense, a[i], **TOL)
+    # theirs -> ours: coders sparsify built and saved itself
+    for name, coder in coders.items():
+        coder.save_to_disk(tmp_path / "theirs" / name)
+    again = import_sparsify(tmp_path / "theirs")
+    torch.testing.assert_close(ours(again, x), (y, a), **TOL)
+
+
+@pytest.mark.parametrize("arch", ["plt", "skip_plt"])
+@pytest.mark.parametrize("activation", ["relu", "jumprelu"])
+def test_sae_lens_reads_our_plt_layers(tmp_path, arch, activation):
+    sae_lens = pytest.importorskip("sae_lens")
+    tc = make(arch, activation, layers=[2, 4, 6])
+    folders = export_sae_lens(tc, tmp_path)
+    x = torch.randn(6, L, D)
+    y, a = ours(tc, x)
+    for i, folder in enumerate(folders):
+        sae = sae_lens.SAE.load_from_disk(folder)
+        assert sae.cfg.metadata.hook_name == f"blocks.{tc.layers[i]}.ln2.hook_normalized"
+        with torch.no_grad():
+            acts = sae.encode(x[:, i])
+            out = sae.decode(acts) if "skip" not in arch else sae(x[:, i])
+        torch.testing.assert_close(acts, a[i], **TOL)
+        torch.testing.assert_close(out, y[i], **TOL)
