@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from wiremap.models.io import import_sparsify, load_transcoders, save_transcoders
-from wiremap.models.peer_formats import export_sae_lens, export_sparsify
+from wiremap.models.peer_formats import export_sae_lens, export_sparsify, import_sae_lens
 from wiremap.models.transcoders import build_transcoder
 
 pytestmark = pytest.mark.interop
@@ -188,3 +188,42 @@ def test_sae_lens_reads_our_plt_layers(tmp_path, arch, activation):
             out = sae.decode(acts) if "skip" not in arch else sae(x[:, i])
         torch.testing.assert_close(acts, a[i], **TOL)
         torch.testing.assert_close(out, y[i], **TOL)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_we_read_transcoders_that_sae_lens_saved(tmp_path, skip):
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_lens.saes.transcoder import (
+        JumpReLUSkipTranscoder,
+        JumpReLUSkipTranscoderConfig,
+        JumpReLUTranscoder,
+        JumpReLUTranscoderConfig,
+    )
+
+    torch.manual_seed(1)
+    cls = JumpReLUSkipTranscoder if skip else JumpReLUTranscoder
+    cfg_cls = JumpReLUSkipTranscoderConfig if skip else JumpReLUTranscoderConfig
+    saes = []
+    for layer in (3, 1):
+        cfg = cfg_cls(d_in=D, d_sae=F, d_out=D, apply_b_dec_to_input=False)
+        cfg.metadata.hook_name = f"blocks.{layer}.ln2.hook_normalized"
+        sae = cls(cfg)
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.copy_(torch.randn_like(p) * 0.5)
+            sae.threshold.abs_()
+        sae.save_model(tmp_path / f"layer_{layer}")
+        saes.append(sae)
+    tc = import_sae_lens(tmp_path)
+    assert (tc.layers, tc.arch, tc.activation.name) == (
+        [1, 3],
+        "skip_plt" if skip else "plt",
+        "jumprelu",
+    )
+    x = torch.randn(6, 2, D)
+    y, a = ours(tc, x)
+    for i, sae in enumerate(saes[::-1]):
+        with torch.no_grad():
+            torch.testing.assert_close(sae.encode(x[:, i]), a[i], **TOL)
+            torch.testing.assert_close(sae(x[:, i]), y[i], **TOL)
+    assert isinstance(sae_lens.SAE.load_from_disk(tmp_path / "layer_1"), JumpReLUTranscoder)

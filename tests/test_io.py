@@ -610,3 +610,61 @@ def test_import_sparsify_accepts_gpt2_style_mlp_hookpoints(tmp_path):
     _write_sparsify(tmp_path, [2])
     (tmp_path / "layers.2.mlp").rename(tmp_path / "h.2.mlp")
     assert import_sparsify(tmp_path).layers == [2]
+
+
+# -- sae-lens and sparsify formats (writers and readers; the peers themselves in test_interop) --
+@pytest.mark.parametrize("arch", ["plt", "skip_plt"])
+@pytest.mark.parametrize("activation", ["relu", "jumprelu"])
+def test_sae_lens_folders_round_trip(tmp_path, arch, activation):
+    from wiremap.models.peer_formats import export_sae_lens, import_sae_lens
+
+    tc = make(arch, activation)
+    tc.layers = [2, 4, 9]
+    folders = export_sae_lens(tc, tmp_path)
+    assert [f.name for f in folders] == ["layer_2", "layer_4", "layer_9"]
+    cfg = json.loads((folders[1] / "cfg.json").read_text())
+    assert (
+        cfg["architecture"]
+        == ("jumprelu_" if activation == "jumprelu" else "")
+        + ("skip_" if arch == "skip_plt" else "")
+        + "transcoder"
+    )
+    assert cfg["metadata"]["hook_name"] == "blocks.4.ln2.hook_normalized"
+    w = load_file(str(folders[0] / "sae_weights.safetensors"))
+    assert list(w["W_enc"].shape) == [D, F] and list(w["W_dec"].shape) == [F, D]
+    again = import_sae_lens(tmp_path)
+    assert (again.layers, again.arch, again.input_hook) == ([2, 4, 9], arch, "mlp_in")
+    _outputs_equal(again, tc)
+
+
+def test_sae_lens_refuses_what_it_cannot_hold(tmp_path):
+    from wiremap.models.peer_formats import export_sae_lens, import_sae_lens
+
+    with pytest.raises(WiremapError, match="ReLU or JumpReLU only, not topk"):
+        export_sae_lens(make("plt", "topk", 3), tmp_path)
+    with pytest.raises(WiremapError, match="no cross-layer transcoders"):
+        export_sae_lens(make("clt"), tmp_path)
+    export_sae_lens(make("plt"), tmp_path)
+    cfg_path = tmp_path / "layer_0" / "cfg.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "architecture": "topk"}))
+    with pytest.raises(WiremapError, match="'topk' SAE .* not a transcoder"):
+        import_sae_lens(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["plt", "skip_plt"])
+def test_sparsify_folders_round_trip(tmp_path, arch):
+    from wiremap.models.peer_formats import export_sparsify
+
+    tc = make(arch, "topk", 3)
+    tc.layers = [1, 3, 5]
+    export_sparsify(tc, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "layers.1.mlp",
+        "layers.3.mlp",
+        "layers.5.mlp",
+    ]
+    again = import_sparsify(tmp_path)
+    assert (again.layers, again.arch, again.activation.k) == ([1, 3, 5], arch, 3)
+    _outputs_equal(again, tc)
+    with pytest.raises(WiremapError, match="TopK coders"):
+        export_sparsify(make("plt", "jumprelu"), tmp_path / "x")

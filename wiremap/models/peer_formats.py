@@ -2,6 +2,7 @@
 
     export_sae_lens(tc, "out/sae_lens")  # out/sae_lens/layer_5/{cfg.json,sae_weights.safetensors}
     sae = sae_lens.SAE.load_from_disk("out/sae_lens/layer_5")
+    tc = import_sae_lens("out/sae_lens")  # or a list of sae-lens transcoder folders
     export_sparsify(tc, "out/sparsify")  # out/sparsify/layers.5.mlp/{cfg.json,sae.safetensors}
     coders = sparsify.SparseCoder.load_many("out/sparsify", local=True)
 
@@ -17,11 +18,15 @@ TopK transcoders. What a format cannot represent raises a WiremapError.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from wiremap.errors import WiremapError
+from wiremap.models.io import _SafeFile, _stack_layers, assemble
+from wiremap.models.loading import resolve_dtype
 from wiremap.models.transcoders import Transcoder
 
 # Our hook names -> TransformerLens names (what sae-lens records as `hook_name`).
@@ -126,3 +131,114 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     save_file(tensors, str(path), metadata={"format": "pt", "writer": "wiremap"})
+
+
+_SAE_LENS_ARCHS = (
+    "transcoder",
+    "skip_transcoder",
+    "jumprelu_transcoder",
+    "jumprelu_skip_transcoder",
+)
+_FROM_TL = {"ln2.hook_normalized": "mlp_in", "mlp.hook_in": "mlp_in", "hook_resid_mid": "resid_mid",
+            "hook_mlp_out": "mlp_out", "mlp.hook_out": "mlp_out"}  # fmt: skip
+
+
+def import_sae_lens(
+    paths: str | Path | Sequence[str | Path],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+) -> Transcoder:
+    """sae-lens transcoder folders (`cfg.json` + `sae_weights.safetensors`) as one PLT.
+
+    `paths`: a list of folders, or a folder of them (`layer_*/`). The layer of each is read
+    from its `metadata.hook_name` (`blocks.5.ln2.hook_normalized` -> 5), the hooks too.
+    """
+    folders = _sae_lens_folders(paths)
+    cfgs = [_read_sae_lens_cfg(d) for d in folders]
+    layers = [c["layer"] for c in cfgs]
+    order = sorted(range(len(folders)), key=lambda j: layers[j])
+    folders, cfgs = [folders[j] for j in order], [cfgs[j] for j in order]
+    first = cfgs[0]
+    for d, c in zip(folders, cfgs, strict=True):
+        if (c["architecture"], c["d_in"], c["d_sae"]) != (
+            first["architecture"],
+            first["d_in"],
+            first["d_sae"],
+        ):
+            raise WiremapError(
+                f"{d / 'cfg.json'} differs from {folders[0].name} in architecture or size; "
+                "import the transcoders of one release"
+            )
+    tensors = [_read_sae_lens_weights(d, c) for d, c in zip(folders, cfgs, strict=True)]
+    jump = first["architecture"].startswith("jumprelu")
+    thresholds = torch.stack([t.pop("threshold") for t in tensors]) if jump else None
+    arch = "skip_plt" if "skip" in first["architecture"] else "plt"
+    spec = dict(n_layers=len(folders), d_model=first["d_in"], d_transcoder=first["d_sae"],
+                layers=sorted(layers), activation="jumprelu" if jump else "relu",
+                input_hook=first["input_hook"], output_hook=first["output_hook"],
+                model_name=first["model_name"])  # fmt: skip
+    return assemble(arch, spec, _stack_layers(tensors), thresholds, device, resolve_dtype(dtype))
+
+
+def _sae_lens_folders(paths) -> list[Path]:
+    if isinstance(paths, (str, Path)):
+        root = Path(paths)
+        if (root / "cfg.json").is_file():
+            return [root]
+        found = (
+            sorted(d for d in root.iterdir() if (d / "cfg.json").is_file()) if root.is_dir() else []
+        )
+        if not found:
+            raise WiremapError(f"{root} holds no sae-lens folders (cfg.json); pass their paths")
+        return found
+    return [Path(p) for p in paths]
+
+
+def _read_sae_lens_cfg(d: Path) -> dict:
+    path = d / "cfg.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise WiremapError(f"{path} is missing or not JSON ({err}); pass sae-lens folders") from err
+    arch = cfg.get("architecture", "standard")
+    if arch not in _SAE_LENS_ARCHS:
+        raise WiremapError(
+            f"{path} is a sae-lens {arch!r} SAE (it reconstructs its input), not a transcoder; "
+            f"wiremap imports the architectures {', '.join(_SAE_LENS_ARCHS)}"
+        )
+    meta = cfg.get("metadata") or {}
+    hook = str(meta.get("hook_name") or cfg.get("hook_name") or "")
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook)
+    numbers = re.findall(r"\d+", d.name)
+    if not match and not numbers:
+        raise WiremapError(
+            f"cannot tell the layer of {d} (no blocks.N hook_name); rename it layer_N"
+        )
+    if int(cfg.get("d_out", cfg["d_in"])) != int(cfg["d_in"]):
+        raise WiremapError(
+            f"{path} maps d_in={cfg['d_in']} to d_out={cfg['d_out']}; wiremap's transcoders "
+            "read and write the residual width (d_in = d_out)"
+        )
+    out_hook = re.sub(r"^blocks\.\d+\.", "", str(meta.get("hook_name_out") or "hook_mlp_out"))
+    return {"architecture": arch, "d_in": int(cfg["d_in"]), "d_sae": int(cfg["d_sae"]),
+            "layer": int(match.group(1)) if match else int(numbers[-1]),
+            "input_hook": _FROM_TL.get(match.group(2) if match else "", "mlp_in"),
+            "output_hook": _FROM_TL.get(out_hook, "mlp_out"),
+            "model_name": meta.get("model_name")}  # fmt: skip
+
+
+def _read_sae_lens_weights(d: Path, cfg: dict) -> dict[str, torch.Tensor]:
+    f = _SafeFile(d / "sae_weights.safetensors", "re-download or re-save the sae-lens transcoder")
+    n, f_ = cfg["d_in"], cfg["d_sae"]
+    t = {
+        "encoder_weight": f.get("W_enc", [n, f_]).T.contiguous(),
+        "encoder_bias": f.get("b_enc", [f_]),
+        "decoder_weight": f.get("W_dec", [f_, n]),
+        "decoder_bias": f.get("b_dec", [n]),
+    }
+    if "skip" in cfg["architecture"]:
+        t["skip_weight"] = f.get("W_skip", [n, n])
+    if cfg["architecture"].startswith("jumprelu"):
+        t["threshold"] = f.get("threshold", [f_]).float()
+    return t
