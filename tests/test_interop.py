@@ -49,12 +49,15 @@ def ct_load_set(config):
 
 
 def ct_topk(ct_set, k):
-    """circuit-tracer 0.5.0 ignores `activation`/`k`: set TopK by hand (as our note says)."""
+    """circuit-tracer main reads `activation`/`k`; 0.5.0 loads ReLU: set TopK by hand."""
     from circuit_tracer.transcoder.activation_functions import TopK
 
+    if all(isinstance(t.activation_function, TopK) for t in ct_set):
+        assert {t.activation_function.k for t in ct_set} == {k}
+        return
+    assert all(t.activation_function is torch.nn.functional.relu for t in ct_set)  # 0.5.0
     for t in ct_set:
-        if not isinstance(t.activation_function, TopK):
-            t.activation_function = TopK(k)
+        t.activation_function = TopK(k)
 
 
 def ours(tc, x):
@@ -227,3 +230,26 @@ def test_we_read_transcoders_that_sae_lens_saved(tmp_path, skip):
             torch.testing.assert_close(sae.encode(x[:, i]), a[i], **TOL)
             torch.testing.assert_close(sae(x[:, i]), y[i], **TOL)
     assert isinstance(sae_lens.SAE.load_from_disk(tmp_path / "layer_1"), JumpReLUTranscoder)
+
+
+@pytest.mark.parametrize(
+    "architecture,model_name",
+    [("Gemma2ForCausalLM", "google/gemma-2-2b"), ("Gemma3ForCausalLM", "google/gemma-3-1b-pt"),
+     ("LlamaForCausalLM", "meta-llama/Llama-3.2-1B"), ("Qwen3ForCausalLM", "Qwen/Qwen3-0.6B")],
+)  # fmt: skip
+@pytest.mark.parametrize("input_hook", ["mlp_in", "resid_mid"])
+def test_our_hook_names_exist_in_circuit_tracers_model_mapping(
+    architecture, model_name, input_hook
+):
+    mapping = pytest.importorskip("circuit_tracer.utils.tl_nnsight_mapping")
+    from wiremap.models.io import ct_hook_names
+
+    tc = make("plt")
+    tc.model_name, tc.input_hook = model_name, input_hook
+    hooks = mapping.get_mapping(architecture).feature_hook_mapping
+    if input_hook == "resid_mid" and "hook_resid_mid" not in hooks:
+        pytest.skip(f"circuit-tracer maps no hook_resid_mid for {architecture}")
+    names = ct_hook_names(tc)
+    assert set(names) <= set(hooks), (names, sorted(hooks))
+    if architecture.startswith("Gemma"):  # the normed MLP output, as our mlp_out
+        assert hooks[names[1]][0].endswith("post_feedforward_layernorm")
