@@ -427,8 +427,7 @@ def test_padding_a_non_consecutive_clt_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "model_name,hooks",
     [
-        ("google/gemma-2-2b", ("ln2.hook_normalized", "hook_mlp_out")),
-        ("google/gemma-3-1b-pt", ("ln2.hook_normalized", "hook_mlp_out")),
+        ("google/gemma-3-1b-pt", ("mlp.hook_in", "hook_mlp_out")),
         ("meta-llama/Llama-3.2-1B", ("mlp.hook_in", "mlp.hook_out")),
     ],
 )
@@ -454,15 +453,39 @@ def test_hook_names_read_the_model_type_of_a_local_checkpoint(tmp_path):
     )
 
 
-def test_a_gemma_config_with_the_pre_norm_mlp_output_is_refused(tmp_path):
+def test_gemma2_mlp_in_export_warns_circuit_tracer_has_no_such_hook(tmp_path):
+    tc = make("plt")
+    tc.model_name = "google/gemma-2-2b"
+    with pytest.warns(UserWarning, match="no Gemma-2 hook for the pre-feedforward norm"):
+        save_transcoders(tc, tmp_path)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert (config["feature_input_hook"], config["feature_output_hook"]) == (
+        "mlp.hook_in",
+        "hook_mlp_out",
+    )
+    tc.input_hook = "resid_mid"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_transcoders(tc, tmp_path / "resid")
+
+
+@pytest.mark.parametrize(
+    "hooks,match",
+    [
+        (("mlp.hook_in", "mlp.hook_out"), "MLP output before its post-feedforward norm"),
+        (("ln2.hook_normalized", "hook_mlp_out"), "pre-feedforward norm before its weight"),
+    ],
+)
+def test_gemma_configs_with_hooks_wiremap_lacks_are_refused(tmp_path, hooks, match):
     _write_ct_plt(tmp_path, [0, 1])
     config = {"model_name": "google/gemma-2-2b", "model_kind": "transcoder_set",
-              "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out",
+              "feature_input_hook": hooks[0], "feature_output_hook": hooks[1],
               "transcoders": ["layer_0.safetensors", "layer_1.safetensors"]}  # fmt: skip
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(WiremapError, match="before its post-feedforward norm"):
+    with pytest.raises(WiremapError, match=match):
         load_transcoders(tmp_path)
-    assert load_transcoders(tmp_path, output_hook="mlp_out").output_hook == "mlp_out"
+    again = load_transcoders(tmp_path, input_hook="mlp_in", output_hook="mlp_out")
+    assert (again.input_hook, again.output_hook) == ("mlp_in", "mlp_out")
 
 
 # -- folders and configs written or published by circuit-tracer ----------------------------
@@ -565,8 +588,8 @@ def test_older_hub_configs_list_layer_and_filepath_entries(tmp_path):
     params = _write_gemma_scope(tmp_path, [0, 1])
     files = sorted(tmp_path.rglob("params.npz"))
     entries = [{"id": f"l{i}", "layer": i, "filepath": str(p)} for i, p in enumerate(files)]
-    config = {"model_kind": "transcoder_set", "model_name": "google/gemma-2-2b",
-              "feature_input_hook": "ln2.hook_normalized", "feature_output_hook": "hook_mlp_out",
+    config = {"model_kind": "transcoder_set", "model_name": "some/model",
+              "feature_input_hook": "mlp.hook_in", "feature_output_hook": "hook_mlp_out",
               "transcoders": entries[::-1]}  # fmt: skip
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     tc = load_transcoders(tmp_path)

@@ -44,9 +44,10 @@ FORMAT_VERSION = 1
 # Our hook names -> the TransformerLens-style names circuit-tracer configs use.
 CT_HOOKS = {"mlp_in": "mlp.hook_in", "resid_mid": "hook_resid_mid", "mlp_out": "mlp.hook_out"}
 # Gemma-2/3 put a norm after the MLP: circuit-tracer's `mlp.hook_out` is the MLP output before
-# it, `hook_mlp_out` the normed output (our `mlp_out`); Gemma-2 has no `mlp.hook_in` there.
-CT_HOOKS_GEMMA = {"mlp_in": "ln2.hook_normalized", "resid_mid": "hook_resid_mid",
-                  "mlp_out": "hook_mlp_out"}  # fmt: skip
+# it, `hook_mlp_out` the normed output (our `mlp_out`). Its `ln2.hook_normalized` is the
+# pre-feedforward norm *before* its weight, so not our `mlp_in`: that is `mlp.hook_in`, which
+# its Gemma-3 mappings have and its Gemma-2 mapping lacks (circuit-tracer 0.5.0).
+CT_HOOKS_GEMMA = {"mlp_in": "mlp.hook_in", "resid_mid": "hook_resid_mid", "mlp_out": "hook_mlp_out"}
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3", "gemma3_text")
 TOPK_NOTE = (
     "circuit-tracer main reads TopK from `activation`/`k` here; 0.5.0 loads it as ReLU (set "
@@ -105,7 +106,7 @@ def save_transcoders(
     config["feature_input_hook"], config["feature_output_hook"] = ct_hook_names(
         transcoder, model_type
     )
-    limits = circuit_tracer_limits(transcoder, act, pad_layers)
+    limits = circuit_tracer_limits(transcoder, act, pad_layers, model_type)
     for text in limits:
         warnings.warn(f"{folder}: {text}", stacklevel=2)
     if limits:
@@ -157,9 +158,18 @@ def guess_model_type(model_name: str | None) -> str | None:
     return f"gemma{match.group(1)}" if match else None
 
 
-def circuit_tracer_limits(tc: Transcoder, act: Activation, pad_layers: bool) -> list[str]:
+def circuit_tracer_limits(
+    tc: Transcoder, act: Activation, pad_layers: bool, model_type: str | None = None
+) -> list[str]:
     """What circuit-tracer (0.5.0 / main) would load differently from wiremap, in words."""
     limits = []
+    if tc.input_hook == "mlp_in" and (model_type or guess_model_type(tc.model_name)) == "gemma2":
+        limits.append(
+            "circuit-tracer has no Gemma-2 hook for the pre-feedforward norm's output (mlp_in): "
+            "its ln2.hook_normalized is before the norm's weight. The config names mlp.hook_in, "
+            "which its Gemma-2 mapping lacks, so it refuses rather than misreads; train on "
+            "resid_mid for a Gemma-2 transcoder circuit-tracer can run"
+        )
     if tc.cross_layer and tc.has_skip:
         limits.append(
             "circuit-tracer's load_clt ignores W_skip_i: it loads this skip CLT without its "
@@ -431,13 +441,23 @@ def _hook(config: dict[str, Any], ours: str, theirs: str, default: str) -> str:
         return config[ours]
     # circuit-tracer names may carry a TransformerLens block prefix: blocks.{layer}.hook_mlp_out
     name = re.sub(r"^blocks\.(\{layer\}|\d+)\.", "", str(config.get(theirs, "")))
-    if name == "mlp.hook_out" and guess_model_type(config.get("model_name")) in GEMMA_MODEL_TYPES:
-        raise WiremapError(
-            f"{theirs} is mlp.hook_out, which for Gemma-2/3 is the MLP output before its "
-            "post-feedforward norm; wiremap's mlp_out is after it (hook_mlp_out). Pass "
-            "output_hook= if you know these transcoders predict the normed output"
-        )
+    if guess_model_type(config.get("model_name")) in GEMMA_MODEL_TYPES:
+        _check_gemma_hook(name, theirs, ours)
     return _FROM_CT.get(name, default)
+
+
+def _check_gemma_hook(name: str, key: str, ours: str) -> None:
+    """circuit-tracer hook names that mean something else for Gemma-2/3 than ours do."""
+    if name == "mlp.hook_out":
+        what = "the MLP output before its post-feedforward norm; wiremap's mlp_out is after it"
+    elif name == "ln2.hook_normalized":
+        what = "the pre-feedforward norm before its weight; wiremap's mlp_in is after it"
+    else:
+        return
+    raise WiremapError(
+        f"{key} is {name}, which for Gemma-2/3 is {what} (wiremap has no hook point for it). "
+        f"Pass {ours}= to load these transcoders at a wiremap hook point anyway"
+    )
 
 
 def _base_spec(config: dict[str, Any], n_layers: int, d_model: int, d_tc: int) -> dict[str, Any]:
