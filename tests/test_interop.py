@@ -250,6 +250,67 @@ def test_our_hook_names_exist_in_circuit_tracers_model_mapping(
     if input_hook == "resid_mid" and "hook_resid_mid" not in hooks:
         pytest.skip(f"circuit-tracer maps no hook_resid_mid for {architecture}")
     names = ct_hook_names(tc)
+    if (architecture, input_hook) == ("Gemma2ForCausalLM", "mlp_in"):
+        assert names[0] not in hooks  # no Gemma-2 hook means our mlp_in: it must refuse
+        names = names[1:]
     assert set(names) <= set(hooks), (names, sorted(hooks))
     if architecture.startswith("Gemma"):  # the normed MLP output, as our mlp_out
-        assert hooks[names[1]][0].endswith("post_feedforward_layernorm")
+        assert hooks[names[-1]][0].endswith("post_feedforward_layernorm")
+
+
+def _ct_replacement(model_dir, config):
+    from circuit_tracer import ReplacementModel
+
+    cpu = torch.device("cpu")
+    tset = ct_load_set(config)
+    rm = ReplacementModel.from_pretrained_and_transcoders(
+        str(model_dir), tset, backend="nnsight", device=cpu, dtype=torch.float32
+    )
+    return rm, tset
+
+
+@pytest.mark.parametrize(
+    "arch,input_hook",
+    [("llama", "mlp_in"), ("qwen3", "mlp_in"), ("gemma2", "resid_mid"), ("gemma3_text", "mlp_in")],
+)
+def test_circuit_tracers_replacement_model_reads_our_hooks(
+    tmp_path, tiny_model_dir, arch, input_hook
+):
+    """In circuit-tracer's own model, our features fire as in ours and its MLP outputs are ours."""
+    pytest.importorskip("circuit_tracer")
+    from transformers import AutoModelForCausalLM
+
+    from wiremap.models.hooks import capture
+
+    model_dir = tiny_model_dir(arch, n_layers=L, d_model=32)
+    torch.manual_seed(0)
+    tc = build_transcoder(
+        "plt", L, 32, 64, "relu", model_name=str(model_dir), input_hook=input_hook
+    )
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    rm, tset = _ct_replacement(model_dir, export(tc, tmp_path))
+    ctx = rm.setup_attribution("the cat sat on the mat")
+    tokens = rm.ensure_tokenized("the cat sat on the mat")
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad(), capture(hf, [input_hook, "mlp_out"]) as acts:
+        hf(tokens[None])
+    x = torch.stack([acts[input_hook][i][0] for i in range(L)], 1)  # [pos, L, d]
+    mlp_out = torch.stack([acts["mlp_out"][i][0] for i in range(L)])  # [L, pos, d]
+    a_ct = ctx.activation_matrix.to_dense()
+    with torch.no_grad():
+        a = tc(x)[1].transpose(0, 1)
+        ct_out = ctx.error_vectors + tset.decode(a_ct, x.transpose(0, 1))
+    # position 0 (BOS) is zeroed by circuit-tracer
+    assert a_ct[:, 1:].count_nonzero() > 0
+    torch.testing.assert_close(a_ct[:, 1:], a[:, 1:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ct_out[:, 1:], mlp_out[:, 1:], rtol=1e-4, atol=1e-4)
+
+
+def test_a_gemma2_mlp_in_export_is_refused_by_circuit_tracer(tmp_path, tiny_model_dir):
+    pytest.importorskip("circuit_tracer")
+    model_dir = tiny_model_dir("gemma2", n_layers=L, d_model=32)
+    tc = build_transcoder("plt", L, 32, 64, "relu", model_name=str(model_dir))
+    with pytest.raises(KeyError, match="mlp.hook_in"):  # rather than reading another input
+        _ct_replacement(model_dir, export(tc, tmp_path))
