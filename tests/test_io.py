@@ -691,3 +691,28 @@ def test_sparsify_folders_round_trip(tmp_path, arch):
     _outputs_equal(again, tc)
     with pytest.raises(WiremapError, match="TopK coders"):
         export_sparsify(make("plt", "jumprelu"), tmp_path / "x")
+
+
+def test_gemma_scope_2_layer_files_load_from_a_config(tmp_path):
+    torch.manual_seed(4)
+    raw = []
+    for i in range(2):
+        t = {"w_enc": torch.randn(D, F), "w_dec": torch.randn(F, D), "b_enc": torch.randn(F),
+             "b_dec": torch.randn(D), "threshold": torch.rand(F),
+             "affine_skip_connection": torch.randn(D, D)}  # fmt: skip
+        save_file(t, str(tmp_path / f"params_{i}.safetensors"))
+        raw.append(t)
+    config = {"model_kind": "transcoder_set", "model_name": "some/model",
+              "feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out",
+              "transcoders": [f"params_{i}.safetensors" for i in range(2)]}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    tc = load_transcoders(tmp_path)
+    assert (tc.arch, tc.activation.name) == ("skip_plt", "jumprelu")
+    x = torch.randn(3, 2, D)
+    for i, t in enumerate(raw):  # Gemma Scope 2: pre = x @ w_enc + b_enc, skip = x @ affine
+        pre = x[:, i] @ t["w_enc"] + t["b_enc"]
+        a = pre * (pre > t["threshold"])
+        y = a @ t["w_dec"] + t["b_dec"] + x[:, i] @ t["affine_skip_connection"]
+        y_hat, a_hat = tc(x)
+        torch.testing.assert_close(a_hat[:, i], a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y_hat[:, i], y, rtol=1e-4, atol=1e-4)
