@@ -4,20 +4,25 @@
     tc = load_transcoders("run/transcoders", device="cuda", dtype=torch.bfloat16, lazy=True)
     tc = import_gemma_scope("gemma-scope-2b-pt-transcoders/")   # folder of layer_*/.../params.npz
     tc = import_sparsify("skip-transcoder-Llama-3.2-1B/")        # folder of <hookpoint>/ folders
+    tc = load_transcoders("ct_folder/")   # circuit-tracer's to_safetensors, hub configs, cache
 
 Layout written by `save_transcoders` (DESIGN.md §9), all tensors un-normalised (fold first):
 - `config.yaml`: circuit-tracer keys `model_name`, `model_kind` (`transcoder_set` |
   `cross_layer_transcoder`), `feature_input_hook`, `feature_output_hook` (their hook names),
-  `scan`, `transcoders` (PLT file list), plus ours: `wiremap_format`, `arch`, `activation`,
-  `k`, activation options, `input_hook`/`output_hook` (our names), `layers`, `n_layers`,
-  `d_model`, `d_transcoder`, `dtype`, `w_skip_layout`, and whatever `extra_config` adds.
+  `scan` / `scan_name`, `transcoders` (PLT files, absolute paths), plus ours:
+  `wiremap_format`, `arch`, `activation`, `k`, activation options, `input_hook`/`output_hook`
+  (our names), `layers`, `n_layers`,
+  `d_model`, `d_transcoder`, `dtype`, `w_skip_layout`, `padded_files`,
+  `circuit_tracer_limits` (what circuit-tracer cannot represent; warned at export), and
+  whatever `extra_config` adds.
 - PLT: `layer_{i}.safetensors` = `W_enc [F, d]`, `W_dec [F, d]`, `b_enc [F]`, `b_dec [d]`,
   `activation_function.threshold [F]` (JumpReLU), `W_skip [d_out, d_in]` (skip = x @ W_skip.T).
 - CLT: `W_enc_{i}.safetensors` = `W_enc_i [F, d]`, `b_enc_i [F]`, `b_dec_i [d]`,
   `threshold_i [F]` (JumpReLU), `W_skip_i [d_in, d_out]` (circuit-tracer's CLT computes
   x @ W_skip_i, the transpose of the PLT convention); `W_dec_{i}.safetensors` =
   `W_dec_i [F, L - i, d]`.
-`i` is the position in `layers` (the model layer is `layers[i]`). A BatchTopK transcoder is
+`i` is the position in `layers` (the model layer is `layers[i]`), or with `pad_layers` the
+model layer itself (all-zero transcoders fill the layers not covered). A BatchTopK transcoder is
 exported as a JumpReLU (its calibrated threshold) so that inference is per token.
 Thresholds are stored in float32 whatever `dtype` the weights use.
 """
