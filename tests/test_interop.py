@@ -314,3 +314,42 @@ def test_a_gemma2_mlp_in_export_is_refused_by_circuit_tracer(tmp_path, tiny_mode
     tc = build_transcoder("plt", L, 32, 64, "relu", model_name=str(model_dir))
     with pytest.raises(KeyError, match="mlp.hook_in"):  # rather than reading another input
         _ct_replacement(model_dir, export(tc, tmp_path))
+
+
+@pytest.mark.parametrize("arch", ["plt", "clt"])
+def test_a_padded_layer_subset_runs_in_circuit_tracers_replacement_model(
+    tmp_path, tiny_model_dir, arch
+):
+    ctc = pytest.importorskip("circuit_tracer.transcoder.cross_layer_transcoder")
+    from circuit_tracer import ReplacementModel
+
+    model_dir = tiny_model_dir("llama", n_layers=4, d_model=32)
+    torch.manual_seed(0)
+    tc = build_transcoder(arch, 2, 32, 64, "relu", model_name=str(model_dir), layers=[1, 2])
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    config = export(tc, tmp_path, pad_layers=True)  # 4 model layers, read from config.json
+    cpu = torch.device("cpu")
+    if arch == "clt":
+        hooks = config["feature_input_hook"], config["feature_output_hook"]
+        ct_tc = ctc.load_clt(str(tmp_path), *hooks, None, cpu, torch.float32, False)
+    else:
+        ct_tc = ct_load_set(config)
+    rm = ReplacementModel.from_pretrained_and_transcoders(
+        str(model_dir), ct_tc, backend="nnsight", device=cpu, dtype=torch.float32
+    )
+    prompt = "the cat sat on the mat"
+    a_ct = rm.setup_attribution(prompt).activation_matrix.to_dense()
+    from transformers import AutoModelForCausalLM
+
+    from wiremap.models.hooks import capture
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad(), capture(hf, ["mlp_in"], layers=[1, 2]) as acts:
+        hf(rm.ensure_tokenized(prompt)[None])
+    x = torch.stack([acts["mlp_in"][m][0] for m in (1, 2)], 1)
+    with torch.no_grad():
+        a = tc(x)[1].transpose(0, 1)
+    assert a_ct.shape[0] == 4 and not a_ct[[0, 3]].any()
+    torch.testing.assert_close(a_ct[1:3, 1:], a[:, 1:], rtol=1e-4, atol=1e-4)

@@ -716,3 +716,26 @@ def test_gemma_scope_2_layer_files_load_from_a_config(tmp_path):
         y_hat, a_hat = tc(x)
         torch.testing.assert_close(a_hat[:, i], a, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(y_hat[:, i], y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["plt", "clt"])
+def test_padding_reaches_every_model_layer(tmp_path, arch):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"num_hidden_layers": 6}))
+    tc = make(arch, "jumprelu")
+    tc.layers, tc.model_name = [1, 2, 3], str(tmp_path / "model")
+    save_transcoders(tc, tmp_path / "a", pad_layers=True)  # 6 layers, from config.json
+    save_transcoders(tc, tmp_path / "b", pad_layers=6)
+    for folder in (tmp_path / "a", tmp_path / "b"):
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        assert config["padded_n_layers"] == 6
+        if tc.cross_layer:  # our layer 3's decoders + zeros for model layers 4 and 5
+            w = load_file(str(folder / "W_dec_1.safetensors"))["W_dec_1"]
+            assert list(w.shape) == [F, 5, D] and not w[:, 3:].any()
+            assert (folder / "W_enc_5.safetensors").is_file()
+        else:
+            assert len(config["transcoders"]) == 6
+        for lazy in (False, True):
+            _outputs_equal(load_transcoders(folder, lazy=lazy), tc)
+    with pytest.raises(WiremapError, match="gives 3 model layers but the transcoder covers"):
+        save_transcoders(tc, tmp_path / "c", pad_layers=3)

@@ -80,16 +80,18 @@ def save_transcoders(
     dtype: torch.dtype | str | None = None,
     batchtopk_threshold: Tensor | float | None = None,
     *,
-    pad_layers: bool = False,
+    pad_layers: bool | int = False,
     model_type: str | None = None,
 ) -> Path:
     """Write `transcoder` (already folded to raw activations) in the circuit-tracer layout.
 
     `dtype` casts the weights (default: the transcoder's); `batchtopk_threshold` overrides
     the recorded threshold used to turn a BatchTopK into a JumpReLU. circuit-tracer numbers
-    its transcoders 0..n-1 as model layers: for other `layers` (e.g. [5, 6, 7]) `pad_layers`
-    writes all-zero transcoders for the model layers below and between them (files named by
-    model layer), otherwise the export warns that circuit-tracer would misplace it.
+    its transcoders 0..n-1 as model layers and wants one for every model layer: for other
+    `layers` (e.g. [5, 6, 7]) `pad_layers` writes all-zero transcoders for the model layers
+    not covered (files named by model layer; `pad_layers=N` for an N-layer model, True reads
+    N from the model's config.json, else max(layers) + 1); otherwise the export warns that
+    circuit-tracer would misplace it.
     `model_type` (HF `config.model_type`; default: read from the model's config.json, or
     guessed from its name) picks circuit-tracer's hook names (Gemma-2/3 differ).
     Whatever circuit-tracer cannot represent is warned about and listed under
@@ -100,14 +102,14 @@ def save_transcoders(
     folder.mkdir(parents=True, exist_ok=True)
     dtype = transcoder.dtype if dtype is None else resolve_dtype(dtype)
     act = _export_activation(transcoder.activation, batchtopk_threshold)
-    files = _file_layers(transcoder, pad_layers)
+    files, n_files = _file_layers(transcoder, pad_layers)
     write = _write_clt_layer if transcoder.cross_layer else _write_plt_layer
     with torch.no_grad():
         for i, file_id in enumerate(files):
-            write(transcoder, i, file_id, folder, dtype, act)
-        for file_id in sorted(set(range(max(files) + 1)) - set(files)) if pad_layers else []:
-            _write_zero_layer(transcoder, file_id, max(files) + 1, folder, dtype, act)
-    config = _export_config(transcoder, act, dtype, folder, files if pad_layers else None)
+            write(transcoder, i, file_id, n_files, folder, dtype, act)
+        for file_id in sorted(set(range(n_files)) - set(files)):
+            _write_zero_layer(transcoder, file_id, n_files, folder, dtype, act)
+    config = _export_config(transcoder, act, dtype, folder, files, n_files)
     config["feature_input_hook"], config["feature_output_hook"] = ct_hook_names(
         transcoder, model_type
     )
@@ -129,17 +131,34 @@ def _export_activation(act: Activation, threshold: Tensor | float | None) -> Act
     return act
 
 
-def _file_layers(tc: Transcoder, pad_layers: bool) -> list[int]:
-    """The file number of each transcoder layer: its model layer when padded, else i."""
-    if not pad_layers or tc.layers == list(range(tc.n_layers)):
-        return list(range(tc.n_layers))
+def _file_layers(tc: Transcoder, pad_layers: bool | int) -> tuple[list[int], int]:
+    """The file number of each layer (its model layer when padded, else i), and the count."""
+    if pad_layers is False:
+        return list(range(tc.n_layers)), tc.n_layers
+    n_files = pad_layers if type(pad_layers) is int else _model_n_layers(tc.model_name)
+    n_files = n_files or tc.layers[-1] + 1
+    if n_files <= max(tc.layers):
+        raise WiremapError(
+            f"pad_layers={pad_layers} gives {n_files} model layers but the transcoder covers "
+            f"layer {max(tc.layers)}; pass the model's number of layers"
+        )
     if tc.cross_layer and tc.layers != list(range(tc.layers[0], tc.layers[-1] + 1)):
         raise WiremapError(
             f"pad_layers needs consecutive layers for a CLT, got {tc.layers}: circuit-tracer's "
             "CLT decoders write to every later layer. Export without pad_layers (wiremap reads "
             "it) or train the CLT on a consecutive range of layers"
         )
-    return list(tc.layers)
+    return list(tc.layers), n_files
+
+
+def _model_n_layers(model_name: str | None) -> int | None:
+    config = Path(model_name or "") / "config.json"
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    n = cfg.get("num_hidden_layers") or cfg.get("n_layer")
+    return int(n) if n else None
 
 
 def ct_hook_names(tc: Transcoder, model_type: str | None = None) -> tuple[str, str]:
@@ -205,7 +224,7 @@ def _write(tensors: dict[str, Tensor], path: Path) -> None:
 
 
 def _write_plt_layer(
-    tc: Transcoder, i: int, file_id: int, folder: Path, dtype: torch.dtype, act: Activation
+    tc: Transcoder, i: int, file_id: int, n_files: int, folder, dtype, act: Activation
 ) -> None:
     tensors = {
         "W_enc": _cpu(tc.W_enc(i), dtype),
@@ -221,7 +240,7 @@ def _write_plt_layer(
 
 
 def _write_clt_layer(
-    tc: Transcoder, i: int, file_id: int, folder: Path, dtype: torch.dtype, act: Activation
+    tc: Transcoder, i: int, file_id: int, n_files: int, folder, dtype, act: Activation
 ) -> None:
     n = file_id
     enc = {
@@ -234,7 +253,9 @@ def _write_clt_layer(
     if tc.W_skip(i) is not None:
         enc[f"W_skip_{n}"] = _cpu(tc.W_skip(i).T, dtype)
     _write(enc, folder / f"W_enc_{n}.safetensors")
-    _write({f"W_dec_{n}": _cpu(tc.decoder(i), dtype)}, folder / f"W_dec_{n}.safetensors")
+    dec = _cpu(tc.decoder(i), dtype)  # [F, L - i, d]; padded: zeros for the layers after ours
+    dec = torch.cat([dec, dec.new_zeros(dec.shape[0], n_files - n - dec.shape[1], dec.shape[2])], 1)
+    _write({f"W_dec_{n}": dec}, folder / f"W_dec_{n}.safetensors")
 
 
 def _write_zero_layer(
@@ -258,7 +279,7 @@ def _write_zero_layer(
 
 
 def _export_config(
-    tc: Transcoder, act: Activation, dtype: torch.dtype, folder: Path, files: list[int] | None
+    tc: Transcoder, act: Activation, dtype, folder: Path, files: list[int], n_files: int
 ) -> dict[str, Any]:
     model_name = tc.model_name or "unknown"
     scan = f"wiremap/{model_name}/{tc.arch}"
@@ -270,14 +291,13 @@ def _export_config(
     }
     if not tc.cross_layer:
         # absolute: circuit-tracer opens these paths relative to its working directory
-        n_files = tc.n_layers if files is None else max(files) + 1
         root = folder.resolve()
         config["transcoders"] = [str(root / f"layer_{i}.safetensors") for i in range(n_files)]
     trained = {k: v for k, v in tc.config.items() if k not in tc.activation.config()}
     config.update(wiremap_format=FORMAT_VERSION, **trained, **act.config())
     config["dtype"] = str(dtype).removeprefix("torch.")
-    if files is not None and files != list(range(tc.n_layers)):
-        config["padded_files"] = files  # file number of each of our layers
+    if (files, n_files) != (list(range(tc.n_layers)), tc.n_layers):
+        config.update(padded_files=files, padded_n_layers=n_files)  # file number of our layers
     if act is not tc.activation:
         config.update(trained_activation=tc.activation.name, k=tc.activation.k)
     if tc.has_skip:
@@ -619,7 +639,9 @@ def _load_clt(folder: Path, config: dict, device, dtype: torch.dtype, lazy: bool
     thresholds = None
     if has_threshold:
         thresholds = torch.stack([_need(e, f"threshold_{m}", folder, m) for m, e in pairs])
-    loader = SafetensorsDecoders(folder, n_layers, d_tc, d_model, files)
+    loader = SafetensorsDecoders(
+        folder, n_layers, d_tc, d_model, files, config.get("padded_n_layers")
+    )
     if not lazy:
         for i in range(n_layers):
             state[f"decoder_weight.{i}"] = loader(i)
@@ -655,7 +677,8 @@ def _need(tensors: dict[str, Tensor], key: str, folder: Path, i: int) -> Tensor:
 class SafetensorsDecoders:
     """Reads CLT decoders `W_dec_{i}` [F, L-i, d] from disk on demand (lazy loading).
 
-    `files[i]` is the file number of layer i (the model layer in a padded export).
+    `files[i]` is the file number of layer i (the model layer in a padded export, whose
+    decoders also hold zeros for the `n_files` model layers after ours: they are cut off).
     """
 
     def __init__(
@@ -665,14 +688,16 @@ class SafetensorsDecoders:
         d_transcoder: int,
         d_model: int,
         files: Sequence[int] | None = None,
+        n_files: int | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.files = list(files) if files is not None else list(range(n_layers))
+        n_files = n_files or self.files[-1] + 1
         self.shapes = [[d_transcoder, n_layers - i, d_model] for i in range(n_layers)]
-        for i in range(n_layers):  # check every header now so a bad file fails at load time
+        for i, m in enumerate(self.files):  # check every header now: a bad file fails at load
             shape = self._file(i).shape(self._key(i))
             path = str(self.folder / f"{self._key(i)}.safetensors")
-            _check_shape(shape, self.shapes[i], path, _REFIX)
+            _check_shape(shape, [d_transcoder, n_files - m, d_model], path, _REFIX)
 
     def _key(self, i: int) -> str:
         return f"W_dec_{self.files[i]}"
@@ -682,9 +707,10 @@ class SafetensorsDecoders:
 
     def __call__(self, i: int, features: Tensor | None = None) -> Tensor:
         f = self._file(i)
+        n_out = self.shapes[i][1]
         if features is None:
-            return f.get(self._key(i), self.shapes[i])
-        return f.rows(self._key(i), features)
+            return f.get(self._key(i))[:, :n_out].contiguous()
+        return f.rows(self._key(i), features)[:, :n_out].contiguous()
 
 
 def _activation_spec(config: dict[str, Any], thresholds: Tensor | None) -> dict[str, Any]:
