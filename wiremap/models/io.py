@@ -109,10 +109,7 @@ def save_transcoders(
             write(transcoder, i, file_id, n_files, folder, dtype, act)
         for file_id in sorted(set(range(n_files)) - set(files)):
             _write_zero_layer(transcoder, file_id, n_files, folder, dtype, act)
-    config = _export_config(transcoder, act, dtype, folder, files, n_files)
-    config["feature_input_hook"], config["feature_output_hook"] = ct_hook_names(
-        transcoder, model_type
-    )
+    config = _export_config(transcoder, act, dtype, folder, files, n_files, model_type)
     limits = circuit_tracer_limits(transcoder, act, pad_layers, model_type)
     for text in limits:
         warnings.warn(f"{folder}: {text}", stacklevel=2)
@@ -279,13 +276,16 @@ def _write_zero_layer(
 
 
 def _export_config(
-    tc: Transcoder, act: Activation, dtype, folder: Path, files: list[int], n_files: int
+    tc: Transcoder, act, dtype, folder: Path, files: list[int], n_files: int, model_type
 ) -> dict[str, Any]:
     model_name = tc.model_name or "unknown"
     scan = f"wiremap/{model_name}/{tc.arch}"
+    hook_in, hook_out = ct_hook_names(tc, model_type)
     config: dict[str, Any] = {
         "model_name": model_name,
         "model_kind": "cross_layer_transcoder" if tc.cross_layer else "transcoder_set",
+        "feature_input_hook": hook_in,
+        "feature_output_hook": hook_out,
         "scan": scan,  # circuit-tracer 0.5.0 reads `scan`, its main branch `scan_name`
         "scan_name": scan,
     }
