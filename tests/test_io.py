@@ -36,6 +36,7 @@ def make(arch: str, activation: str = "relu", k: int | None = None, seed: int = 
     return tc
 
 
+@pytest.mark.filterwarnings("ignore:.*circuit-tracer")
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("activation,k", [("relu", None), ("jumprelu", None), ("topk", 3)])
 @pytest.mark.parametrize("lazy", [False, True])
@@ -84,6 +85,7 @@ def test_plt_files_follow_the_circuit_tracer_layout(tmp_path):
     torch.testing.assert_close(layer["W_skip"], tc.W_skip(1).detach())
 
 
+@pytest.mark.filterwarnings("ignore:.*circuit-tracer")
 def test_clt_files_follow_the_circuit_tracer_layout(tmp_path):
     tc = make("skip_clt", "jumprelu")
     save_transcoders(tc, tmp_path, dtype=torch.bfloat16)
@@ -251,6 +253,7 @@ def test_import_gemma_scope_folder_list_and_glob_agree_with_the_npz_math(tmp_pat
         torch.testing.assert_close(y_hat, y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*circuit-tracer")
 def test_import_gemma_scope_then_export_round_trips(tmp_path):
     _write_gemma_scope(tmp_path / "gs", [4, 7])
     tc = import_gemma_scope(tmp_path / "gs")
