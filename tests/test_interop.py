@@ -185,7 +185,7 @@ def test_sae_lens_reads_our_plt_layers(tmp_path, arch, activation):
     y, a = ours(tc, x)
     for i, folder in enumerate(folders):
         sae = sae_lens.SAE.load_from_disk(folder)
-        assert sae.cfg.metadata.hook_name == f"blocks.{tc.layers[i]}.ln2.hook_normalized"
+        assert sae.cfg.metadata.hook_name == f"blocks.{tc.layers[i]}.mlp.hook_in"
         with torch.no_grad():
             acts = sae.encode(x[:, i])
             out = sae.decode(acts) if "skip" not in arch else sae(x[:, i])
@@ -209,7 +209,7 @@ def test_we_read_transcoders_that_sae_lens_saved(tmp_path, skip):
     saes = []
     for layer in (3, 1):
         cfg = cfg_cls(d_in=D, d_sae=F, d_out=D, apply_b_dec_to_input=False)
-        cfg.metadata.hook_name = f"blocks.{layer}.ln2.hook_normalized"
+        cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_mid"
         sae = cls(cfg)
         with torch.no_grad():
             for p in sae.parameters():
@@ -218,6 +218,7 @@ def test_we_read_transcoders_that_sae_lens_saved(tmp_path, skip):
         sae.save_model(tmp_path / f"layer_{layer}")
         saes.append(sae)
     tc = import_sae_lens(tmp_path)
+    assert tc.input_hook == "resid_mid"
     assert (tc.layers, tc.arch, tc.activation.name) == (
         [1, 3],
         "skip_plt" if skip else "plt",

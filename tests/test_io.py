@@ -476,7 +476,8 @@ def test_gemma2_mlp_in_export_warns_circuit_tracer_has_no_such_hook(tmp_path):
     "hooks,match",
     [
         (("mlp.hook_in", "mlp.hook_out"), "MLP output before its post-feedforward norm"),
-        (("ln2.hook_normalized", "hook_mlp_out"), "pre-feedforward norm before its weight"),
+        (("ln2.hook_normalized", "hook_mlp_out"), "norm's output before its weight"),
+        (("blocks.{layer}.hook_attn_out", "hook_mlp_out"), "none of the hooks wiremap reads"),
     ],
 )
 def test_gemma_configs_with_hooks_wiremap_lacks_are_refused(tmp_path, hooks, match):
@@ -655,7 +656,7 @@ def test_sae_lens_folders_round_trip(tmp_path, arch, activation):
         + ("skip_" if arch == "skip_plt" else "")
         + "transcoder"
     )
-    assert cfg["metadata"]["hook_name"] == "blocks.4.ln2.hook_normalized"
+    assert cfg["metadata"]["hook_name"] == "blocks.4.mlp.hook_in"
     w = load_file(str(folders[0] / "sae_weights.safetensors"))
     assert list(w["W_enc"].shape) == [D, F] and list(w["W_dec"].shape) == [F, D]
     again = import_sae_lens(tmp_path)
@@ -675,6 +676,13 @@ def test_sae_lens_refuses_what_it_cannot_hold(tmp_path):
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "architecture": "topk"}))
     with pytest.raises(WiremapError, match="'topk' SAE .* not a transcoder"):
         import_sae_lens(tmp_path)
+    cfg = json.loads(cfg_path.read_text())
+    cfg["architecture"] = "transcoder"
+    cfg["metadata"]["hook_name"] = "blocks.0.ln2.hook_normalized"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(WiremapError, match="'ln2.hook_normalized'.*pass input_hook="):
+        import_sae_lens(tmp_path)
+    assert import_sae_lens(tmp_path, input_hook="mlp_in").input_hook == "mlp_in"
 
 
 @pytest.mark.parametrize("arch", ["plt", "skip_plt"])

@@ -61,8 +61,7 @@ TOPK_NOTE = (
 )
 _FROM_CT = {
     "mlp.hook_in": "mlp_in",
-    "ln2.hook_normalized": "mlp_in",
-    "hook_mlp_in": "mlp_in",
+    "hook_mlp_in": "resid_mid",  # TransformerLens: the MLP block's input, before its norm
     "hook_resid_mid": "resid_mid",
     "mlp.hook_out": "mlp_out",
     "hook_mlp_out": "mlp_out",
@@ -464,25 +463,32 @@ def _check_shape(actual, expected: Sequence[int] | None, what: str, fix: str) ->
 def _hook(config: dict[str, Any], ours: str, theirs: str, default: str) -> str:
     if config.get(ours):
         return config[ours]
+    raw = config.get(theirs)
+    if not raw:
+        return default
     # circuit-tracer names may carry a TransformerLens block prefix: blocks.{layer}.hook_mlp_out
-    name = re.sub(r"^blocks\.(\{layer\}|\d+)\.", "", str(config.get(theirs, "")))
-    if guess_model_type(config.get("model_name")) in GEMMA_MODEL_TYPES:
-        _check_gemma_hook(name, theirs, ours)
-    return _FROM_CT.get(name, default)
-
-
-def _check_gemma_hook(name: str, key: str, ours: str) -> None:
-    """circuit-tracer hook names that mean something else for Gemma-2/3 than ours do."""
-    if name == "mlp.hook_out":
-        what = "the MLP output before its post-feedforward norm; wiremap's mlp_out is after it"
-    elif name == "ln2.hook_normalized":
-        what = "the pre-feedforward norm before its weight; wiremap's mlp_in is after it"
-    else:
-        return
+    name = re.sub(r"^blocks\.(\{layer\}|\d+)\.", "", str(raw))
+    gemma = guess_model_type(config.get("model_name")) in GEMMA_MODEL_TYPES
+    problem = _hook_problem(name, gemma)
+    if problem is None and name in _FROM_CT:
+        return _FROM_CT[name]
+    known = ", ".join(sorted(_FROM_CT))
     raise WiremapError(
-        f"{key} is {name}, which for Gemma-2/3 is {what} (wiremap has no hook point for it). "
+        f"{theirs} is {raw!r}: {problem or f'none of the hooks wiremap reads ({known})'}. "
         f"Pass {ours}= to load these transcoders at a wiremap hook point anyway"
     )
+
+
+def _hook_problem(name: str, gemma: bool) -> str | None:
+    """Why a circuit-tracer hook name is not the wiremap hook point it sounds like."""
+    if name == "ln2.hook_normalized":
+        return "the pre-MLP norm's output before its weight, wiremap's mlp_in is after it"
+    if name == "mlp.hook_out" and gemma:
+        return (
+            "for Gemma-2/3 the MLP output before its post-feedforward norm, wiremap's "
+            "mlp_out is after it"
+        )
+    return None
 
 
 def _base_spec(config: dict[str, Any], n_layers: int, d_model: int, d_tc: int) -> dict[str, Any]:

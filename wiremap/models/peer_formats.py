@@ -29,12 +29,10 @@ from wiremap.models.io import _SafeFile, _stack_layers, assemble
 from wiremap.models.loading import resolve_dtype
 from wiremap.models.transcoders import Transcoder
 
-# Our hook names -> TransformerLens names (what sae-lens records as `hook_name`).
-TL_HOOKS = {
-    "mlp_in": "ln2.hook_normalized",
-    "resid_mid": "hook_resid_mid",
-    "mlp_out": "hook_mlp_out",
-}
+# Our hook names -> the TransformerLens-style names sae-lens records as `hook_name`. The MLP's
+# input after its norm weight is circuit-tracer's `mlp.hook_in`; `ln2.hook_normalized` is the
+# norm's output *before* its weight, which wiremap has no hook point for.
+TL_HOOKS = {"mlp_in": "mlp.hook_in", "resid_mid": "hook_resid_mid", "mlp_out": "hook_mlp_out"}
 SAE_LENS_VERSION = "6.54.12"  # the format version written (sae-lens >= 6 reads it as is)
 
 
@@ -139,20 +137,24 @@ _SAE_LENS_ARCHS = (
     "jumprelu_transcoder",
     "jumprelu_skip_transcoder",
 )
-_FROM_TL = {"ln2.hook_normalized": "mlp_in", "mlp.hook_in": "mlp_in", "hook_resid_mid": "resid_mid",
-            "hook_mlp_out": "mlp_out", "mlp.hook_out": "mlp_out"}  # fmt: skip
+_FROM_TL = {v: k for k, v in TL_HOOKS.items()} | {"mlp.hook_out": "mlp_out"}
 
 
 def import_sae_lens(
     paths: str | Path | Sequence[str | Path],
     *,
+    input_hook: str | None = None,
+    output_hook: str | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str = torch.float32,
 ) -> Transcoder:
     """sae-lens transcoder folders (`cfg.json` + `sae_weights.safetensors`) as one PLT.
 
     `paths`: a list of folders, or a folder of them (`layer_*/`). The layer of each is read
-    from its `metadata.hook_name` (`blocks.5.ln2.hook_normalized` -> 5), the hooks too.
+    from its `metadata.hook_name` (`blocks.5.hook_resid_mid` -> 5), the hooks too
+    (`mlp.hook_in`, `hook_resid_mid`, `hook_mlp_out`); others, such as `ln2.hook_normalized`
+    (the norm before its weight), are refused unless `input_hook` / `output_hook` say which
+    wiremap hook point to use.
     """
     folders = _sae_lens_folders(paths)
     cfgs = [_read_sae_lens_cfg(d) for d in folders]
@@ -176,7 +178,8 @@ def import_sae_lens(
     arch = "skip_plt" if "skip" in first["architecture"] else "plt"
     spec = dict(n_layers=len(folders), d_model=first["d_in"], d_transcoder=first["d_sae"],
                 layers=sorted(layers), activation="jumprelu" if jump else "relu",
-                input_hook=first["input_hook"], output_hook=first["output_hook"],
+                input_hook=input_hook or _our_hook(first["hook_in"], "input_hook"),
+                output_hook=output_hook or _our_hook(first["hook_out"], "output_hook"),
                 model_name=first["model_name"])  # fmt: skip
     return assemble(arch, spec, _stack_layers(tensors), thresholds, device, resolve_dtype(dtype))
 
@@ -223,9 +226,18 @@ def _read_sae_lens_cfg(d: Path) -> dict:
     out_hook = re.sub(r"^blocks\.\d+\.", "", str(meta.get("hook_name_out") or "hook_mlp_out"))
     return {"architecture": arch, "d_in": int(cfg["d_in"]), "d_sae": int(cfg["d_sae"]),
             "layer": int(match.group(1)) if match else int(numbers[-1]),
-            "input_hook": _FROM_TL.get(match.group(2) if match else "", "mlp_in"),
-            "output_hook": _FROM_TL.get(out_hook, "mlp_out"),
+            "hook_in": match.group(2) if match else hook, "hook_out": out_hook,
             "model_name": meta.get("model_name")}  # fmt: skip
+
+
+def _our_hook(name: str, option: str) -> str:
+    if name in _FROM_TL:
+        return _FROM_TL[name]
+    raise WiremapError(
+        f"these sae-lens transcoders read/write hook {name!r}, which is none of wiremap's hook "
+        f"points ({', '.join(f'{v} = {k}' for k, v in TL_HOOKS.items())}); pass {option}= "
+        "to load them at one anyway"
+    )
 
 
 def _read_sae_lens_weights(d: Path, cfg: dict) -> dict[str, torch.Tensor]:
