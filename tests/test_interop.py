@@ -354,3 +354,24 @@ def test_a_padded_layer_subset_runs_in_circuit_tracers_replacement_model(
         a = tc(x)[1].transpose(0, 1)
     assert a_ct.shape[0] == 4 and not a_ct[[0, 3]].any()
     torch.testing.assert_close(a_ct[1:3, 1:], a[:, 1:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch,activation", [("skip_plt", "jumprelu"), ("clt", "relu")])
+def test_circuit_tracers_own_cache_folder_loads_by_hub_reference(
+    tmp_path, monkeypatch, arch, activation
+):
+    """Our export 'published' on a stand-in hub, cached by circuit-tracer's own
+    save_transcoders_to_cache, then loaded from that cache by its hub reference."""
+    caching = pytest.importorskip("circuit_tracer.utils.caching")
+    tc = make(arch, activation)
+    export(tc, tmp_path / "hub")
+    hub = lambda *args, **kwargs: str(tmp_path / "hub" / "config.yaml")  # noqa: E731
+    monkeypatch.setattr(caching, "hf_hub_download", hub)
+    monkeypatch.setattr(caching, "snapshot_download", lambda *a, **k: str(tmp_path / "hub"))
+    monkeypatch.setenv("CIRCUIT_TRACER_CACHE_DIR", str(tmp_path / "ct_cache"))
+    cached = caching.save_transcoders_to_cache("someone/transcoders@v1")
+    assert cached == tmp_path / "ct_cache" / "someone" / "transcoders@v1"
+    again = load_transcoders("someone/transcoders@v1")
+    assert (again.arch, again.activation.name) == (arch, activation)
+    x = torch.randn(5, L, D)
+    torch.testing.assert_close(ours(again, x), ours(tc, x), **TOL)
