@@ -375,3 +375,18 @@ def test_circuit_tracers_own_cache_folder_loads_by_hub_reference(
     assert (again.arch, again.activation.name) == (arch, activation)
     x = torch.randn(5, L, D)
     torch.testing.assert_close(ours(again, x), ours(tc, x), **TOL)
+
+
+def test_topk_clt_export_warns_and_circuit_tracer_reads_it_as_relu(tmp_path):
+    ct = pytest.importorskip("circuit_tracer.transcoder.cross_layer_transcoder")
+    tc = make("clt", "topk", K)
+    with pytest.warns(UserWarning, match="TopK CLT as a ReLU CLT"):
+        save_transcoders(tc, tmp_path)
+    clt = ct.load_clt(str(tmp_path), dtype=torch.float32, device=torch.device("cpu"),
+                      lazy_decoder=False)  # fmt: skip
+    x = torch.randn(4, L, D)
+    with torch.no_grad():
+        a_ct = clt.encode(x.transpose(0, 1))
+        relu = torch.relu(tc.pre_activations(x)).transpose(0, 1)
+    torch.testing.assert_close(a_ct, relu, **TOL)  # exactly the documented limit
+    assert (a_ct > 0).sum(-1).max() > K
