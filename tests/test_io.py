@@ -750,3 +750,13 @@ def test_padding_reaches_every_model_layer(tmp_path, arch):
             _outputs_equal(load_transcoders(folder, lazy=lazy), tc)
     with pytest.raises(WiremapError, match="gives 3 model layers but the transcoder covers"):
         save_transcoders(tc, tmp_path / "c", pad_layers=3)
+
+
+def test_an_existing_export_can_be_padded_again(tmp_path):
+    tc = make("clt", "jumprelu")
+    tc.layers = [2, 3, 4]
+    with pytest.warns(UserWarning, match="wrong layers"):
+        save_transcoders(tc, tmp_path / "a")
+    save_transcoders(load_transcoders(tmp_path / "a"), tmp_path / "b", pad_layers=True)
+    assert (tmp_path / "b" / "W_enc_4.safetensors").is_file()
+    _outputs_equal(load_transcoders(tmp_path / "b", lazy=True), tc)
