@@ -1,4 +1,4 @@
-"""Writers of other tools' on-disk formats for per-layer transcoders (PLTs).
+"""Other tools' on-disk formats for per-layer transcoders (PLTs): sae-lens and sparsify.
 
     export_sae_lens(tc, "out/sae_lens")  # out/sae_lens/layer_5/{cfg.json,sae_weights.safetensors}
     sae = sae_lens.SAE.load_from_disk("out/sae_lens/layer_5")
