@@ -179,6 +179,8 @@ def served(tmp_path):
         srv = srv or server
         conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        if method == "POST":  # what the page sends; tests of other headers override it
+            headers = {"Content-Type": "application/json", **(headers or {})}
         conn.request(method, path, body=data, headers=headers or {})
         resp = conn.getresponse()
         raw = resp.read()

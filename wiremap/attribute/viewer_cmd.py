@@ -1,6 +1,6 @@
 """`wiremap serve` (the local graph viewer) and `wiremap features` (feature cards).
 
-wiremap serve graphs/ [--host 127.0.0.1] [--port 8000] [--features DIR]
+wiremap serve graphs/ [--host 127.0.0.1] [--port 8000] [--allow-host NAME] [--features DIR]
 wiremap features --cache cache/ --transcoders tc/ [--out tc/features] [--top-k 20]
 """
 
@@ -28,16 +28,29 @@ def serve_main(argv: list[str]) -> int:
     )
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
     p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=(
+            "another host name the page may be opened under (repeatable); localhost, "
+            "127.0.0.1, [::1] and --host are always allowed, other Host headers are refused"
+        ),
+    )
+    p.add_argument(
         "--features",
         default=None,
         help="feature-card folder (default: <metadata.info.transcoders>/features)",
     )
     args = p.parse_args(argv)
+    server = make_server(
+        args.dir, args.host, args.port, features_dir=args.features, allow_hosts=args.allow_host
+    )
     warning = host_warning(args.host)
     if warning:
         print(warning, file=sys.stderr)
-    server = make_server(args.dir, args.host, args.port, features_dir=args.features)
     host, port = server.server_address[:2]
+    host = f"[{host}]" if ":" in host else host
     print(f"wiremap viewer: serving {server.root} at http://{host}:{port}/  (Ctrl-C stops)")
     try:
         server.serve_forever()
