@@ -71,6 +71,7 @@ class ViewerServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    request_queue_size = 128  # a burst of connections waits in the kernel, not refused by it
 
     def __init__(
         self,
