@@ -236,9 +236,10 @@ class ViewerHandler(BaseHTTPRequestHandler):
             check_write(self.headers, host)
             body = read_json_body(self.headers, self.rfile, self.server.max_body)
         except ViewerError as err:
+            self.server.reading(self, done=True)
             self.close_connection = True  # an unread body must not be parsed as a request
             return self._send_json(err.status, {"error": err.message})
-        self.server.reading(self, done=True)
+        self.server.reading(self, done=True)  # read in time; what follows may take long
         self._answer(route, body)
 
     def _host_ok(self) -> bool:
