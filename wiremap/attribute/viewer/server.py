@@ -11,6 +11,10 @@ JSON endpoints (errors are `{"error": message}` with a 4xx/5xx status):
     POST /api/scores  {name, pinnedIds}          replacement/completeness of a pinned subgraph
     POST /api/steer   {name, nodes, scale | ablate, all_positions, max_new_tokens, top_k}
 Static: / (index.html), /static/viewer.js, /static/viewer.css — a fixed list, nothing else.
+
+Every request must carry an allowed Host header; POSTs must be JSON from this origin
+(guard.py). Connections are bounded in number and time (ViewerServer); error answers name
+no absolute path and no exception text.
 """
 
 from __future__ import annotations
