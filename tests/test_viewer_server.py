@@ -169,7 +169,7 @@ def served(tmp_path):
 
     def start(**kw):
         server = make_server(folder, "127.0.0.1", 0, **kw)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         started.append(server)
         return server
 
