@@ -1,6 +1,6 @@
 """`wiremap serve` (the local graph viewer) and `wiremap features` (feature cards).
 
-wiremap serve graphs/ [--host 127.0.0.1] [--port 8000] [--features DIR]
+wiremap serve graphs/ [--host 127.0.0.1] [--port 8000] [--allow-host NAME] [--features DIR]
 wiremap features --cache cache/ --transcoders tc/ [--out tc/features] [--top-k 20]
 """
 
@@ -27,12 +27,22 @@ def serve_main(argv: list[str]) -> int:
     )
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
     p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=(
+            "another host name the page may be opened under (repeatable); localhost, "
+            "127.0.0.1, [::1] and --host are always allowed, other Host headers are refused"
+        ),
+    )
+    p.add_argument(
         "--features",
         default=None,
         help="feature-card folder (default: <metadata.info.transcoders>/features)",
     )
     args = p.parse_args(argv)
-    serve(args.dir, args.host, args.port, args.features, verbose=True)
+    serve(args.dir, args.host, args.port, args.features, allow_hosts=args.allow_host, verbose=True)
     return 0
 
 
