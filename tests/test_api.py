@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
@@ -97,12 +98,19 @@ def test_attribute_graph_puts_the_callers_model_back(tiny_model_dir):
 
 def test_serve_in_the_background(tmp_path):
     (tmp_path / "g.json").write_text("{}")
-    server = wiremap.serve(tmp_path, port=0, block=False)
+    server = wiremap.serve(tmp_path, port=0, block=False, allow_hosts=["mybox.lan"])
     try:
         host, port = server.server_address[:2]
         with urllib.request.urlopen(f"http://{host}:{port}/api/list", timeout=10) as r:
             assert r.status == 200
             assert isinstance(json.loads(r.read()), (list, dict))
+        for name, status in [("mybox.lan", 200), ("other.lan", 403)]:
+            req = urllib.request.Request(f"http://{host}:{port}/api/list", headers={"Host": name})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    assert r.status == status
+            except urllib.error.HTTPError as err:
+                assert err.code == status
     finally:
         server.shutdown()
         server.server_close()
