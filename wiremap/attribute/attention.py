@@ -1,0 +1,554 @@
+"""Why attention attended: head loadings of edges and QK attributions (DESIGN.md §11).
+
+    loads = head_loadings(rm, graph, source, target)     # which heads carry an edge
+    loads.heads            # [layers between, n_heads], + loads.residual == graph edge
+    qk = qk_attribution(rm, graph, layer=2, head=1, query_pos=7, key_pos=3)
+    qk.top(5)              # (query node, key node, contribution) that make the score
+
+Head loadings. In the frozen model (linearise.py) an edge s → t is linear in the value
+path, so it is a sum over paths. Every path either stays in the residual stream (skip
+connections and transcoder skips, same position: the residual share) or passes through a
+first attention head (l, h). That head's share is
+`Σ_q G_l[q, h] · P_h[q, p_s] · V_h(r_l)` with r_l the source's write carried to layer l by
+the residual stream alone, V_h the head's value map, P_h its frozen pattern and G_l the
+target's gradient at the head's output (which carries every later path). Shares and
+residual sum exactly to the edge.
+
+QK attributions. The pre-softmax score of head h at (q, k) is `scaling · ⟨q_vec, k_vec⟩`,
+with q_vec = R_q W_Q N_q x_q + bias (frozen norm N, rotary R). The residual stream x_q is
+the sum of the node writes at q before the layer (features' decoders, error nodes, the
+token embedding, and a remainder `R_{layer}_{pos}`: attention outputs, biases and
+transcoder skips), so the score splits into (query node, key node) pairs plus bias terms.
+The queries and keys are computed by the model's own attention module (rotary, grouped
+heads, LayerNorm centring included) on a batch with one node's write per row. Gemma-2's
+soft-capping is applied after the bilinear score: `.score` is the pre-cap score and
+`.capped_score` the capped one. A key outside the causal mask or the head's sliding
+window, and models with q/k norms (not bilinear), are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from wiremap.attribute.attribute import FINAL, RowEngine, _column_map, _Targets
+from wiremap.attribute.graph import Graph
+from wiremap.attribute.sources import SourceTable
+from wiremap.attribute.targets import demeaned_unembedding
+from wiremap.errors import WiremapError
+from wiremap.models.hooks import capture, hooks_removed
+from wiremap.models.linearise import ATTN_NAME, _frozen_attention_fn
+
+HEADS_NAME = "wiremap_heads"
+QK_NAME = "wiremap_qk"
+
+
+# -- attention functions that record what a head sees ------------------------------------
+@dataclass
+class _Record:
+    """What one attention call saw; `zero` makes the call output zeros (residual-only runs)."""
+
+    zero: bool = False
+    pattern: Tensor | None = None  # [1, H, q, k]
+    value: Tensor | None = None  # [b, H_kv, k, dh]
+    out: Tensor | None = None  # [b, q, H, dh]
+    query: Tensor | None = None  # [b, H, q, dh] (QK capture)
+    key: Tensor | None = None  # [b, H_kv, k, dh]
+    kwargs: dict = field(default_factory=dict)
+
+
+def _heads_fn(module, query, key, value, attention_mask, **kwargs):
+    """The frozen attention function, recording its pattern, values and output."""
+    rec: _Record = module._wiremap_record
+    out, pattern = _frozen_attention_fn(module, query, key, value, attention_mask, **kwargs)
+    if rec.zero:
+        out = torch.zeros_like(out)
+    rec.pattern, rec.value, rec.out = pattern, value, out
+    return out, pattern
+
+
+def _qk_fn(module, query, key, value, attention_mask, **kwargs):
+    """Records the queries and keys the module computed (output: zeros, unused)."""
+    rec: _Record = module._wiremap_record
+    rec.query, rec.key, rec.kwargs = query, key, kwargs
+    b, h, n, dh = query.shape
+    return query.new_zeros(b, n, h, dh), None
+
+
+def _register() -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for name, fn in ((HEADS_NAME, _heads_fn), (QK_NAME, _qk_fn)):
+        if name not in ALL_ATTENTION_FUNCTIONS:
+            ALL_ATTENTION_FUNCTIONS.register(name, fn)
+            ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+@contextmanager
+def recording(rm, name: str = HEADS_NAME, zero: bool = False) -> Iterator[list[_Record]]:
+    """Inside `rm.linearised(...)`: attention calls go through `name`; one record per layer."""
+    _register()
+    attns = [rm.adapter.module(rm.model, layer, rm.adapter.attn) for layer in range(rm.n_layers)]
+    records = [_Record(zero=zero) for _ in attns]
+    config = rm.model.config
+    previous = config._attn_implementation
+    try:
+        for attn, rec in zip(attns, records, strict=True):
+            attn._wiremap_record = rec
+        config._attn_implementation = name
+        yield records
+    finally:
+        config._attn_implementation = previous if previous != name else ATTN_NAME
+        for attn in attns:
+            attn.__dict__.pop("_wiremap_record", None)
+
+
+# -- head loadings -------------------------------------------------------------------------
+@dataclass
+class HeadLoadings:
+    """How an edge s → t splits over the attention heads of the layers between them."""
+
+    source: int
+    target: int
+    layers: list[int]  # the layers whose heads can carry the edge
+    heads: Tensor  # [len(layers), n_heads] share of the edge through each head first
+    residual: float  # share that never passes through attention
+    edge: float  # the graph's edge A[t, s]
+
+    @property
+    def total(self) -> float:
+        return float(self.heads.sum()) + self.residual
+
+    def top(self, n: int = 5) -> list[tuple[int, int, float]]:
+        """The `n` heads with the largest |share|: (layer, head, share)."""
+        flat = self.heads.reshape(-1)
+        order = flat.abs().argsort(descending=True)[:n].tolist()
+        n_heads = self.heads.shape[1]
+        return [(self.layers[i // n_heads], i % n_heads, float(flat[i])) for i in order]
+
+
+def head_loadings(rm, graph: Graph, source: int | str, target: int | str) -> HeadLoadings:
+    """The per-(layer, head) split of the graph's edge A[target, source] (module docstring)."""
+    return head_loadings_batch(rm, graph, [(source, target)])[0]
+
+
+def head_loadings_batch(
+    rm, graph: Graph, pairs: Sequence[tuple[int | str, int | str]], batch_size: int = 64
+) -> list[HeadLoadings]:
+    """Head loadings of many edges (source, target): one backward pass per batch of targets."""
+    ids = _index_of(graph)
+    pairs = [(_node(graph, ids, s), _node(graph, ids, t)) for s, t in pairs]
+    for s, t in pairs:
+        _check_edge(graph, s, t)
+    if not pairs:
+        return []
+    sources = sorted({s for s, _ in pairs})
+    targets = sorted({t for _, t in pairs})
+    input_ids = graph.input_ids.to(rm.device)
+    with torch.no_grad():
+        table = SourceTable.build(rm, rm.run(input_ids), zero_bos=_zero_bos(graph))
+    with rm.linearised(input_ids) as lin:
+        carried = _residual_only(rm, lin, graph, table, sources)
+        grads = {}
+        for start in range(0, len(targets), batch_size):
+            chunk = targets[start : start + batch_size]
+            grads.update(zip(chunk, _head_gradients(rm, lin, graph, chunk), strict=True))
+    return [_loadings(graph, s, t, carried, grads) for s, t in pairs]
+
+
+@dataclass
+class _Carried:
+    """Residual-only propagation of each source's write (no attention anywhere)."""
+
+    row: dict[int, int]  # graph source index -> batch row (row 0: no write)
+    values: list[Tensor]  # per layer [S+1, H_kv, pos, dh]: values minus row 0's
+    reads: dict[int, Tensor]  # per target site [S+1, pos, d]: reads minus row 0's
+
+
+@dataclass
+class _Gradients:
+    """One target's gradient at every head's value input, per layer [H, pos, dh]."""
+
+    site: int
+    pos: int
+    vector: Tensor
+    by_value: list[Tensor | None]
+
+
+def _residual_only(rm, lin, graph: Graph, table: SourceTable, sources: list[int]) -> _Carried:
+    embed, writes = _source_writes(graph, table, sources)
+    with recording(rm, zero=True) as records, torch.no_grad():
+        run = lin.forward(writes=writes, embed_write=embed)
+    values = [rec.value - rec.value[:1] for rec in records]
+    reads = {site: run.reads[site] - run.reads[site][:1] for site in run.reads}
+    reads[FINAL] = run.final - run.final[:1]
+    return _Carried({s: i + 1 for i, s in enumerate(sources)}, values, reads)
+
+
+def _source_writes(graph: Graph, table: SourceTable, sources: list[int]):
+    """(embed [S+1, pos, d], {layer: [S+1, pos, d]}): row i+1 holds graph source i's write.
+
+    A source's write is the sum of its table columns' writes: a visited feature's decoder
+    writes, or an error node with the unvisited features folded into it (as in the graph).
+    """
+    visited = _visited(graph, table)
+    col_map = _column_map(table, visited)
+    n = len(sources) + 1
+    lookup = torch.full((graph.n_nodes + 1,), -1, dtype=torch.long)
+    lookup[torch.tensor(sources)] = torch.arange(1, n)
+    cmap = torch.cat([col_map, torch.tensor([graph.n_nodes])]).to(table.tokens.device)
+    lookup = lookup.to(table.tokens.device)
+    n_pos, d = table.n_pos, table.tokens.shape[-1]
+    writes = {}
+    for block in table.blocks:
+        rows = lookup[cmap[block.cols]]  # [pos, slots]
+        pos, slot = (rows >= 0).nonzero(as_tuple=True)
+        if pos.numel():
+            w = table.tokens.new_zeros(n, n_pos, d)
+            w.index_put_((rows[pos, slot], pos), block.writes[pos, :, slot], accumulate=True)
+            writes[block.out] = w
+    embed = table.tokens.new_zeros(n, n_pos, d)
+    tok_rows = lookup[cmap[table.token_start + torch.arange(n_pos, device=cmap.device)]]
+    pos = (tok_rows >= 0).nonzero().flatten()
+    embed[tok_rows[pos], pos] = table.tokens[pos]
+    return embed, writes
+
+
+def _visited(graph: Graph, table: SourceTable) -> Tensor:
+    """Table index of each of the graph's features."""
+    index = {tuple(f): i for i, f in enumerate(table.features.cpu().tolist())}
+    try:
+        return torch.tensor([index[tuple(f)] for f in graph.active_features.tolist()])
+    except KeyError as err:
+        raise WiremapError(
+            f"feature {err.args[0]} of the graph is not active under these transcoders; "
+            "compute head loadings with the model and transcoders that made the graph"
+        ) from None
+
+
+def _head_gradients(rm, lin, graph: Graph, targets: list[int]) -> list[_Gradients]:
+    """Gradient of each target at every head's output, moved back onto the head's keys."""
+    tg = _targets(rm, graph, targets)
+    n_pos = int(tg.pos.max()) + 1
+    top = lin.n_layers if bool((tg.site == FINAL).any()) else int(tg.site.max())
+    ids = lin.input_ids[:, :n_pos]
+    dtype = next(rm.transcoders.parameters()).dtype
+    embed = torch.zeros(1, n_pos, rm.d_model, dtype=dtype, device=ids.device, requires_grad=True)
+    stop = None if top == lin.n_layers else top
+    with recording(rm) as records, torch.enable_grad():
+        run = lin.forward(ids, embed_write=embed, stop_after=stop)
+        outputs, inject = RowEngine._injections(run, tg, n_pos)
+        layers = [i for i, rec in enumerate(records) if rec.out is not None and i <= top]
+        got = torch.autograd.grad(
+            outputs,
+            [records[i].out for i in layers],
+            inject,
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+    by_value: list[list[Tensor | None]] = [[None] * rm.n_layers for _ in targets]
+    for layer, g in zip(layers, got, strict=True):
+        if g is None:
+            continue
+        # [B, q, H, dh] at the head's output -> [B, H, k, dh] at its value (frozen pattern)
+        pattern = records[layer].pattern[0].to(g.dtype)
+        moved = torch.einsum("hqk,bqhd->bhkd", pattern, g[:, 0])
+        for b in range(len(targets)):
+            by_value[b][layer] = moved[b]
+    return [
+        _Gradients(int(tg.site[b]), int(tg.pos[b]), tg.vectors[b], by_value[b])
+        for b in range(len(targets))
+    ]
+
+
+def _targets(rm, graph: Graph, nodes: list[int]) -> _Targets:
+    sites, pos, vectors = [], [], []
+    for t in nodes:
+        if graph.node_kind(t) == "feature":
+            layer, p, f = graph.active_features[t].tolist()
+            sites.append(layer)
+            pos.append(p)
+            vectors.append(rm.transcoders.W_enc(layer)[f].float())
+        else:
+            j = t - graph.logit_slice.start
+            token = int(graph.logit_tokens[j])
+            if token < 0:
+                raise WiremapError(
+                    f"target {graph.logit_strings[j]!r} is a custom direction the graph file "
+                    "does not store; pick a feature or token logit as the edge's target"
+                )
+            sites.append(FINAL)
+            pos.append(graph.n_pos - 1)
+            vectors.append(demeaned_unembedding(rm, torch.tensor([token], device=rm.device))[0])
+    return _Targets(
+        site=torch.tensor(sites), pos=torch.tensor(pos), vectors=torch.stack(vectors).to(rm.device)
+    )
+
+
+def _loadings(graph: Graph, s: int, t: int, carried: _Carried, grads: dict) -> HeadLoadings:
+    g: _Gradients = grads[t]
+    row = carried.row[s]
+    _, p_s = graph.node_layer_pos(s)
+    first = 0 if graph.node_kind(s) == "token" else graph.node_layer_pos(s)[0] + 1
+    last = len(g.by_value) - 1 if g.site == FINAL else g.site
+    layers = list(range(first, last + 1))
+    n_heads = next(x.shape[0] for x in g.by_value if x is not None) if layers else 0
+    heads = torch.zeros(len(layers), n_heads, dtype=torch.float64)
+    for i, layer in enumerate(layers):
+        gv = g.by_value[layer]
+        if gv is None:
+            continue
+        value = carried.values[layer][row, :, p_s]  # [H_kv, dh]
+        group = gv.shape[0] // value.shape[0]
+        heads[i] = (gv[:, p_s] * value.repeat_interleave(group, 0).to(gv.dtype)).sum(-1).double()
+    read = carried.reads[g.site][row, g.pos]
+    residual = float(read.to(g.vector.dtype) @ g.vector)
+    return HeadLoadings(s, t, layers, heads, residual, _edge(graph, t, s))
+
+
+def _edge(graph: Graph, t: int, s: int) -> float:
+    adj = graph.adjacency
+    if adj.is_sparse:
+        return float(adj.index_select(0, torch.tensor([t])).to_dense()[0, s])
+    return float(adj[t, s])
+
+
+def _check_edge(graph: Graph, s: int, t: int) -> None:
+    if graph.node_kind(s) == "logit" or graph.node_kind(t) not in ("feature", "logit"):
+        raise WiremapError(
+            f"edge {s} -> {t} is not a graph edge: sources are features, errors or tokens, "
+            "targets are features or logits"
+        )
+
+
+def _zero_bos(graph: Graph) -> bool:
+    return bool((graph.settings or {}).get("zero_bos", True))
+
+
+def _index_of(graph: Graph) -> dict[str, int]:
+    from wiremap.attribute.export import node_ids
+
+    return {node_id: i for i, node_id in enumerate(node_ids(graph))}
+
+
+def _node(graph: Graph, ids: dict[str, int], node: int | str) -> int:
+    if isinstance(node, str) and not node.lstrip("-").isdigit():
+        if node not in ids:
+            raise WiremapError(f"unknown node id {node!r}; use a node id from this graph's JSON")
+        return ids[node]
+    i = int(node)
+    if not 0 <= i < graph.n_nodes:
+        raise WiremapError(f"node index {i} is outside the graph (0..{graph.n_nodes - 1})")
+    return i
+
+
+# -- QK attributions -----------------------------------------------------------------------
+@dataclass
+class QKAttribution:
+    """The pre-softmax score of one head at (query_pos, key_pos), split into node pairs."""
+
+    layer: int
+    head: int
+    query_pos: int
+    key_pos: int
+    query_nodes: list[str]  # node ids (graph JSON), the remainder last: R_{layer}_{pos}
+    key_nodes: list[str]
+    pairs: Tensor  # [n_query, n_key] contribution of each (query node, key node) pair
+    bias_terms: dict[str, Tensor]  # "query_bias" [n_key], "key_bias" [n_query], "both" []
+    softcap: float | None = None  # the model's attention soft-cap, applied after the score
+
+    @property
+    def score(self) -> float:
+        """The pre-softmax (pre-cap) score: pairs plus bias terms."""
+        bias = sum(float(v.sum()) for v in self.bias_terms.values())
+        return float(self.pairs.sum()) + bias
+
+    @property
+    def capped_score(self) -> float:
+        s = self.score
+        return (
+            s
+            if not self.softcap
+            else float(torch.tanh(torch.tensor(s / self.softcap)) * self.softcap)
+        )
+
+    def row_sums(self) -> Tensor:
+        """[n_query]: each query node's whole contribution (its pairs and the key bias)."""
+        return self.pairs.sum(1) + self.bias_terms["key_bias"]
+
+    def col_sums(self) -> Tensor:
+        """[n_key]: each key node's whole contribution (its pairs and the query bias)."""
+        return self.pairs.sum(0) + self.bias_terms["query_bias"]
+
+    def top(self, n: int = 10) -> list[tuple[str, str, float]]:
+        """The `n` largest |terms|: (query node, key node, value); "bias" for a bias side."""
+        names_q = [*self.query_nodes, "bias"]
+        names_k = [*self.key_nodes, "bias"]
+        full = torch.zeros(len(names_q), len(names_k), dtype=self.pairs.dtype)
+        full[:-1, :-1] = self.pairs
+        full[-1, :-1] = self.bias_terms["query_bias"]
+        full[:-1, -1] = self.bias_terms["key_bias"]
+        full[-1, -1] = self.bias_terms["both"]
+        flat = full.reshape(-1)
+        order = flat.abs().argsort(descending=True)[:n].tolist()
+        n_k = len(names_k)
+        return [(names_q[i // n_k], names_k[i % n_k], float(flat[i])) for i in order]
+
+
+def qk_attribution(
+    rm, prompt_or_graph: str | Graph, layer: int, head: int, query_pos: int, key_pos: int
+) -> QKAttribution:
+    """Split head `head` of `layer`'s score at (query_pos, key_pos) into node pairs.
+
+    With a graph, nodes are the graph's (unvisited features folded into their error node,
+    as in the graph); with a prompt, every active feature is a node.
+    """
+    graph = prompt_or_graph if isinstance(prompt_or_graph, Graph) else None
+    ids = graph.input_ids.to(rm.device) if graph is not None else rm.tokenize(prompt_or_graph)
+    _check_qk(rm, layer, head, query_pos, key_pos, len(ids))
+    with torch.no_grad():
+        table = SourceTable.build(rm, rm.run(ids), zero_bos=False)
+    names, col_map = _qk_nodes(graph, table, ids)
+    with rm.linearised(ids) as lin, torch.no_grad():
+        resid, call = _attention_call(rm, lin, layer, query_pos + 1)
+        q_ids, q_writes = _position_writes(table, col_map, names, layer, query_pos, resid)
+        k_ids, k_writes = _position_writes(table, col_map, names, layer, key_pos, resid)
+        q, k, kw = _project(rm, layer, call, [(query_pos, q_writes), (key_pos, k_writes)])
+    _check_window(kw, layer, query_pos, key_pos)
+    group = q.shape[1] // k.shape[1]
+    qh, kh = q[:, head, query_pos], k[:, head // group, key_pos]  # [1 + n, dh]
+    q0, k0 = qh[0], kh[0]  # the bias: queries and keys of an all-zero residual stream
+    qs, ks = qh[1 : 1 + len(q_ids)] - q0, kh[1 + len(q_ids) :] - k0
+    scale = kw.get("scaling") or q.shape[-1] ** -0.5
+    bias = {"query_bias": scale * ks @ q0, "key_bias": scale * qs @ k0, "both": scale * q0 @ k0}
+    return QKAttribution(
+        layer,
+        head,
+        query_pos,
+        key_pos,
+        q_ids,
+        k_ids,
+        scale * qs @ ks.T,
+        {k_: v.double().cpu() for k_, v in bias.items()},
+        kw.get("softcap"),
+    )
+
+
+def _check_qk(rm, layer: int, head: int, query_pos: int, key_pos: int, n_pos: int) -> None:
+    extra = [n for n in rm.adapter.extra_norms if _has(rm, layer, n)]
+    if extra:
+        raise WiremapError(
+            f"{rm.adapter.name} normalises queries and keys ({', '.join(extra)}): the score is "
+            "not bilinear in the residual stream, so QK attributions are not exact; use a "
+            "model without q/k norms"
+        )
+    if not 0 <= layer < rm.n_layers:
+        raise WiremapError(f"layer {layer} is outside the model (0..{rm.n_layers - 1})")
+    n_heads = int(rm.model.config.num_attention_heads)
+    if not 0 <= head < n_heads:
+        raise WiremapError(f"head {head} is outside layer {layer}'s heads (0..{n_heads - 1})")
+    if not 0 <= key_pos <= query_pos < n_pos:
+        raise WiremapError(
+            f"positions query={query_pos}, key={key_pos}: use 0 <= key_pos <= query_pos < "
+            f"{n_pos} (attention is causal: a query attends to itself and earlier positions)"
+        )
+
+
+def _has(rm, layer: int, relpath: str) -> bool:
+    module = rm.adapter.layer(rm.model, layer)
+    for part in relpath.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return False
+    return True
+
+
+def _check_window(kwargs: dict, layer: int, query_pos: int, key_pos: int) -> None:
+    window = kwargs.get("sliding_window")
+    if window and query_pos - key_pos >= window:
+        raise WiremapError(
+            f"layer {layer} attends within a sliding window of {window} tokens: query "
+            f"{query_pos} cannot see key {key_pos}; pick a key within {window - 1} tokens"
+        )
+
+
+def _qk_nodes(graph: Graph | None, table: SourceTable, ids: Tensor) -> tuple[list[str], Tensor]:
+    """(node id of each node column, node column of each table column)."""
+    if graph is not None:
+        from wiremap.attribute.export import node_ids
+
+        return node_ids(graph), _column_map(table, _visited(graph, table))
+    # the ids of export.node_ids, for a graph whose nodes are all the table's sources
+    names = [f"{l}_{f}_{p}" for l, p, f in table.features.tolist()]
+    names += [f"{l}_-1_{p}" for l in range(table.n_layers) for p in range(table.n_pos)]
+    names += [f"E_{tok}_{p}" for p, tok in enumerate(ids.tolist())]
+    return names, torch.arange(table.n_cols)
+
+
+def _attention_call(rm, lin, layer: int, n_pos: int):
+    """(residual stream before `layer` [n_pos, d], the attention module's (args, kwargs))."""
+    attn = rm.adapter.module(rm.model, layer, rm.adapter.attn)
+    seen = {}
+
+    def keep(_m, args, kwargs):
+        seen["call"] = (args, kwargs)
+
+    handle = attn.register_forward_pre_hook(keep, with_kwargs=True)
+    with hooks_removed([handle]), capture(rm.model, ["resid_pre"], [layer], rm.adapter) as c:
+        lin.forward(lin.input_ids[:, :n_pos], stop_after=layer)
+    return c["resid_pre"][layer][0], seen["call"]
+
+
+def _position_writes(table, col_map, names, layer: int, pos: int, resid: Tensor):
+    """(node ids, writes [n, d]) of the nodes writing at `pos` before `layer`, remainder last."""
+    n_nodes = len(names)
+    total = resid.new_zeros(n_nodes + 1, resid.shape[-1])  # last: padding scratch
+    cmap = torch.cat([col_map, torch.tensor([n_nodes])]).to(resid.device)
+    for block in table.blocks:
+        if block.out < layer:
+            total.index_add_(0, cmap[block.cols[pos]], block.writes[pos].T.to(total.dtype))
+    total[cmap[table.token_start + pos]] += table.tokens[pos].to(total.dtype)
+    total = total[:-1]
+    used = (total != 0).any(-1).nonzero().flatten()
+    writes = total[used]
+    rest = resid[pos] - writes.sum(0)
+    node_list = [names[i] for i in used.tolist()] + [f"R_{layer}_{pos}"]
+    return node_list, torch.cat([writes, rest[None]])
+
+
+def _project(rm, layer: int, call, parts: list[tuple[int, Tensor]], chunk: int = 256):
+    """Queries [1+n, H, pos, dh] and keys [1+n, H_kv, pos, dh] of the rows (row 0: zeros).
+
+    Each row holds one write at its position; the model's own norm (frozen) and attention
+    module compute the projections, rotary and grouping.
+    """
+    from wiremap.models.linearise import _replace_first
+
+    args, kwargs = call
+    hidden = args[0] if args else kwargs["hidden_states"]
+    n_pos, d = hidden.shape[-2], hidden.shape[-1]
+    rows = [hidden.new_zeros(1, n_pos, d)]
+    for pos, writes in parts:
+        x = hidden.new_zeros(writes.shape[0], n_pos, d)
+        x[:, pos] = writes.to(x.dtype)
+        rows.append(x)
+    x = torch.cat(rows)
+    attn = rm.adapter.module(rm.model, layer, rm.adapter.attn)
+    norm = (
+        rm.adapter.module(rm.model, layer, rm.adapter.attn_norm) if rm.adapter.attn_norm else None
+    )
+    qs, ks = [], []
+    with recording(rm, QK_NAME) as records:
+        for part in x.split(chunk):
+            h = norm(part) if norm is not None else part
+            a, kw = _replace_first(args, kwargs, h)
+            attn(*a, **kw)
+            qs.append(records[layer].query)
+            ks.append(records[layer].key)
+        kwargs_seen = records[layer].kwargs
+    return torch.cat(qs), torch.cat(ks), kwargs_seen
