@@ -46,7 +46,7 @@ def test_head_loadings_sum_to_the_edge(tiny_model_dir, arch, tc_arch, overrides,
     # with a budget, error nodes carry the unvisited features folded into them
     graph = attribute(PROMPT, rm, verbose=False, max_feature_nodes=budget, batch_size=8)
     pairs, A = some_edges(graph)
-    loads = head_loadings_batch(rm, graph, pairs, batch_size=7)
+    loads = head_loadings_batch(rm, graph, pairs, batch_size=7, source_batch=5)
     crossing = 0
     for load, (s, t) in zip(loads, pairs, strict=True):
         assert load.edge == pytest.approx(float(A[t, s]))
@@ -255,3 +255,38 @@ def test_qk_refusals(tiny_model_dir):
     qwen = make_rm(tiny_model_dir, "qwen3")
     with pytest.raises(WiremapError, match="not bilinear"):
         qk_attribution(qwen, PROMPT, 1, 0, 2, 1)
+
+
+# -- CLI -------------------------------------------------------------------------------------
+def test_attribute_cli_heads_block(tiny_model_dir, tmp_path):
+    import json
+
+    from wiremap.attribute.export import validate_graph_json
+    from wiremap.attribute.graph import Graph
+    from wiremap.cli import main
+    from wiremap.models.io import save_transcoders
+
+    path = tiny_model_dir("llama", n_layers=3, **LLAMA)
+    save_transcoders(build_transcoder("plt", 3, 32, 48, model_name=str(path)), tmp_path / "tc")
+    out = tmp_path / "graph.json"
+    args = ["attribute", "--model", str(path), "--transcoders", str(tmp_path / "tc")]
+    assert main([*args, "--prompt", PROMPT, "--out", str(out), "--quiet", "--heads", "30"]) == 0
+    obj = json.loads(out.read_text())
+    validate_graph_json(obj)
+    block = obj["heads"]
+    assert block["n_heads"] == 4 and 0 < len(block["edges"]) <= 30
+    links = {(link["source"], link["target"]): link["weight"] for link in obj["links"]}
+    graph = Graph.load(tmp_path / "graph")
+    rm = ReplacementModel.from_pretrained(str(path), str(tmp_path / "tc"))
+    edge = block["edges"][0]
+    assert edge["weight"] == links[edge["source"], edge["target"]]
+    exact = head_loadings(rm, graph, edge["source"], edge["target"])
+    shares = {(h["layer"], h["head"]): h["share"] for h in edge["heads"]}
+    for layer, head, share in exact.top(3):
+        assert shares[layer, head] == pytest.approx(share, rel=1e-3, abs=1e-7)
+    keyed = [h for h in edge["heads"] if "qk" in h]
+    assert keyed and keyed[0]["qk"] in block["qk"]
+    entry = block["qk"][keyed[0]["qk"]]
+    assert "refused" in entry or (
+        entry["pairs"] and all(q in block["names"] for q, _, _ in entry["pairs"])
+    )

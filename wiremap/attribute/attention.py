@@ -138,9 +138,17 @@ def head_loadings(rm, graph: Graph, source: int | str, target: int | str) -> Hea
 
 
 def head_loadings_batch(
-    rm, graph: Graph, pairs: Sequence[tuple[int | str, int | str]], batch_size: int = 64
+    rm,
+    graph: Graph,
+    pairs: Sequence[tuple[int | str, int | str]],
+    batch_size: int = 64,
+    source_batch: int = 128,
 ) -> list[HeadLoadings]:
-    """Head loadings of many edges (source, target): one backward pass per batch of targets."""
+    """Head loadings of many edges (source, target) in the order given.
+
+    One residual-only forward pass per `source_batch` sources and one batched backward
+    pass per `batch_size` targets; a target's gradients are dropped once its edges are done.
+    """
     ids = _index_of(graph)
     pairs = [(_node(graph, ids, s), _node(graph, ids, t)) for s, t in pairs]
     for s, t in pairs:
@@ -152,22 +160,26 @@ def head_loadings_batch(
     input_ids = graph.input_ids.to(rm.device)
     with torch.no_grad():
         table = SourceTable.build(rm, rm.run(input_ids), zero_bos=_zero_bos(graph))
+    out: dict[tuple[int, int], HeadLoadings] = {}
     with rm.linearised(input_ids) as lin:
-        carried = _residual_only(rm, lin, graph, table, sources)
-        grads = {}
+        carried = _residual_only(rm, lin, graph, table, sources, source_batch)
         for start in range(0, len(targets), batch_size):
             chunk = targets[start : start + batch_size]
-            grads.update(zip(chunk, _head_gradients(rm, lin, graph, chunk), strict=True))
-    return [_loadings(graph, s, t, carried, grads) for s, t in pairs]
+            grads = dict(zip(chunk, _head_gradients(rm, lin, graph, chunk), strict=True))
+            for s, t in pairs:
+                if t in grads:
+                    out[s, t] = _loadings(graph, s, t, carried, grads[t])
+    return [out[pair] for pair in pairs]
 
 
 @dataclass
 class _Carried:
-    """Residual-only propagation of each source's write (no attention anywhere)."""
+    """Each source's write carried by the residual stream alone (no attention anywhere),
+    read at the source's own position (the only one it reaches)."""
 
-    row: dict[int, int]  # graph source index -> batch row (row 0: no write)
-    values: list[Tensor]  # per layer [S+1, H_kv, pos, dh]: values minus row 0's
-    reads: dict[int, Tensor]  # per target site [S+1, pos, d]: reads minus row 0's
+    row: dict[int, int]  # graph source index -> row
+    values: Tensor  # [S, L, H_kv, dh] every layer's values (minus those of no write)
+    reads: dict[int, Tensor]  # per target site (layer or FINAL) [S, d]
 
 
 @dataclass
@@ -180,14 +192,26 @@ class _Gradients:
     by_value: list[Tensor | None]
 
 
-def _residual_only(rm, lin, graph: Graph, table: SourceTable, sources: list[int]) -> _Carried:
-    embed, writes = _source_writes(graph, table, sources)
-    with recording(rm, zero=True) as records, torch.no_grad():
-        run = lin.forward(writes=writes, embed_write=embed)
-    values = [rec.value - rec.value[:1] for rec in records]
-    reads = {site: run.reads[site] - run.reads[site][:1] for site in run.reads}
-    reads[FINAL] = run.final - run.final[:1]
-    return _Carried({s: i + 1 for i, s in enumerate(sources)}, values, reads)
+def _residual_only(rm, lin, graph: Graph, table, sources: list[int], chunk: int) -> _Carried:
+    values, reads = [], {}
+    for start in range(0, len(sources), chunk):
+        mine = sources[start : start + chunk]
+        pos = torch.tensor([graph.node_layer_pos(s)[1] for s in mine], device=rm.device)
+        rows = torch.arange(1, len(mine) + 1, device=rm.device)
+        embed, writes = _source_writes(graph, table, mine)
+        with recording(rm, zero=True) as records, torch.no_grad():
+            run = lin.forward(writes=writes, embed_write=embed)
+        # row 0 has no write: subtracting it leaves the linear part
+        per_layer = [(r.value - r.value[:1])[rows, :, pos] for r in records]
+        values.append(torch.stack(per_layer, dim=1))
+        sites = {**run.reads, FINAL: run.final}
+        for site, x in sites.items():
+            reads.setdefault(site, []).append((x - x[:1])[rows, pos])
+    return _Carried(
+        {s: i for i, s in enumerate(sources)},
+        torch.cat(values),
+        {site: torch.cat(parts) for site, parts in reads.items()},
+    )
 
 
 def _source_writes(graph: Graph, table: SourceTable, sources: list[int]):
@@ -237,7 +261,7 @@ def _head_gradients(rm, lin, graph: Graph, targets: list[int]) -> list[_Gradient
     n_pos = int(tg.pos.max()) + 1
     top = lin.n_layers if bool((tg.site == FINAL).any()) else int(tg.site.max())
     ids = lin.input_ids[:, :n_pos]
-    dtype = next(rm.transcoders.parameters()).dtype
+    dtype = next(rm.model.parameters()).dtype
     embed = torch.zeros(1, n_pos, rm.d_model, dtype=dtype, device=ids.device, requires_grad=True)
     stop = None if top == lin.n_layers else top
     with recording(rm) as records, torch.enable_grad():
@@ -290,24 +314,24 @@ def _targets(rm, graph: Graph, nodes: list[int]) -> _Targets:
     )
 
 
-def _loadings(graph: Graph, s: int, t: int, carried: _Carried, grads: dict) -> HeadLoadings:
-    g: _Gradients = grads[t]
+def _loadings(graph: Graph, s: int, t: int, carried: _Carried, g: _Gradients) -> HeadLoadings:
     row = carried.row[s]
-    _, p_s = graph.node_layer_pos(s)
-    first = 0 if graph.node_kind(s) == "token" else graph.node_layer_pos(s)[0] + 1
+    layer_s, p_s = graph.node_layer_pos(s)
+    first = 0 if layer_s is None else layer_s + 1
     last = len(g.by_value) - 1 if g.site == FINAL else g.site
     layers = list(range(first, last + 1))
-    n_heads = next(x.shape[0] for x in g.by_value if x is not None) if layers else 0
+    n_heads = next((x.shape[0] for x in g.by_value if x is not None), 0)
     heads = torch.zeros(len(layers), n_heads, dtype=torch.float64)
     for i, layer in enumerate(layers):
         gv = g.by_value[layer]
         if gv is None:
             continue
-        value = carried.values[layer][row, :, p_s]  # [H_kv, dh]
+        value = carried.values[row, layer]  # [H_kv, dh]
         group = gv.shape[0] // value.shape[0]
         heads[i] = (gv[:, p_s] * value.repeat_interleave(group, 0).to(gv.dtype)).sum(-1).double()
-    read = carried.reads[g.site][row, g.pos]
-    residual = float(read.to(g.vector.dtype) @ g.vector)
+    residual = 0.0  # the residual stream alone keeps the write at the source's position
+    if p_s == g.pos:
+        residual = float(carried.reads[g.site][row].to(g.vector.dtype) @ g.vector)
     return HeadLoadings(s, t, layers, heads, residual, _edge(graph, t, s))
 
 
@@ -552,3 +576,93 @@ def _project(rm, layer: int, call, parts: list[tuple[int, Tensor]], chunk: int =
             ks.append(records[layer].key)
         kwargs_seen = records[layer].kwargs
     return torch.cat(qs), torch.cat(ks), kwargs_seen
+
+
+# -- the graph JSON's "heads" block ----------------------------------------------------------
+HEADS_PER_EDGE = 8
+"""Heads listed per edge in the graph JSON (largest |share| first)."""
+QK_EDGES = 20
+"""Strongest edges whose top heads get QK pairs in the graph JSON."""
+QK_HEADS = 2
+"""Top heads of each of those edges that get QK pairs."""
+QK_PAIRS = 10
+"""QK terms stored per (head, query, key)."""
+
+
+def heads_block(
+    rm,
+    graph: Graph,
+    links: list[dict],
+    n_edges: int = 1000,
+    qk_edges: int = QK_EDGES,
+    qk_heads: int = QK_HEADS,
+) -> dict:
+    """The graph JSON's optional "heads" block for its `n_edges` strongest links.
+
+    `edges`: per link its residual share and top heads `{layer, head, share, qk}`, where
+    `qk` names an entry of `qk`: the head's top QK terms at (query = the target's position,
+    key = the source's) for the top heads of the `qk_edges` strongest links. `names`: a
+    readable name for every node id the block mentions.
+    """
+    from wiremap.attribute.export import node_name
+
+    links = sorted(links, key=lambda link: -abs(link["weight"]))[:n_edges]
+    loads = head_loadings_batch(rm, graph, [(link["source"], link["target"]) for link in links])
+    qk: dict[str, dict] = {}
+    edges = []
+    for rank, (link, load) in enumerate(zip(links, loads, strict=True)):
+        p_t, p_s = graph.node_layer_pos(load.target)[1], graph.node_layer_pos(load.source)[1]
+        heads = []
+        for i, (layer, head, share) in enumerate(load.top(HEADS_PER_EDGE)):
+            item = {"layer": layer, "head": head, "share": _short(share)}
+            if rank < qk_edges and i < qk_heads:
+                item["qk"] = key = f"{layer}_{head}_{p_t}_{p_s}"
+                if key not in qk:
+                    qk[key] = _qk_entry(rm, graph, layer, head, p_t, p_s)
+            heads.append(item)
+        edges.append(
+            {
+                "source": link["source"],
+                "target": link["target"],
+                "weight": link["weight"],
+                "residual": _short(load.residual),
+                "heads": heads,
+            }
+        )
+    index = _index_of(graph)
+    mentioned = {n for e in qk.values() for q, k, _ in e.get("pairs", []) for n in (q, k)}
+    mentioned |= {n for e in edges for n in (e["source"], e["target"])}
+    names = {
+        n: node_name(graph, index[n]) if n in index else _other_name(graph, n) for n in mentioned
+    }
+    n_heads = int(rm.model.config.num_attention_heads)
+    return {"n_heads": n_heads, "edges": edges, "qk": qk, "names": names}
+
+
+def _qk_entry(rm, graph: Graph, layer: int, head: int, query_pos: int, key_pos: int) -> dict:
+    where = {"layer": layer, "head": head, "query_pos": query_pos, "key_pos": key_pos}
+    try:
+        qk = qk_attribution(rm, graph, layer, head, query_pos, key_pos)
+    except WiremapError as err:  # e.g. a key outside the head's sliding window
+        return {**where, "refused": str(err)}
+    entry = {
+        **where,
+        "score": _short(qk.score),
+        "pairs": [[q, k, _short(v)] for q, k, v in qk.top(QK_PAIRS)],
+    }
+    if qk.softcap:
+        entry["capped_score"] = _short(qk.capped_score)
+    return entry
+
+
+def _other_name(graph: Graph, node_id: str) -> str:
+    if node_id.startswith("R_"):
+        layer, pos = (int(x) for x in node_id.split("_")[1:])
+        return f"attn+bias before L{layer} @'{graph.token_strings[pos]}'"
+    if node_id == "bias":
+        return "bias"
+    return node_id  # a feature that the graph folded away (no name stored)
+
+
+def _short(x: float) -> float:
+    return float(f"{x:.5g}")
