@@ -1,5 +1,8 @@
 """Head loadings and QK attributions are exact (DESIGN.md §11) on Llama, GPT-2 and Gemma-2."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -257,27 +260,36 @@ def test_qk_refusals(tiny_model_dir):
         qk_attribution(qwen, PROMPT, 1, 0, 2, 1)
 
 
-# -- CLI -------------------------------------------------------------------------------------
-def test_attribute_cli_heads_block(tiny_model_dir, tmp_path):
+# -- CLI and viewer --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_graph(tiny_model_dir, tmp_path_factory):
+    """(graph JSON path, model path, transcoders path) of `wiremap attribute --heads 30`."""
+    from wiremap.cli import main
+    from wiremap.models.io import save_transcoders
+
+    tmp = tmp_path_factory.mktemp("heads_cli")
+    path = tiny_model_dir("llama", n_layers=3, **LLAMA)
+    save_transcoders(build_transcoder("plt", 3, 32, 48, model_name=str(path)), tmp / "tc")
+    out = tmp / "graph.json"
+    args = ["attribute", "--model", str(path), "--transcoders", str(tmp / "tc"), "--quiet"]
+    assert main([*args, "--prompt", PROMPT, "--out", str(out), "--heads", "30"]) == 0
+    return out, path, tmp / "tc"
+
+
+def test_attribute_cli_heads_block(cli_graph):
     import json
 
     from wiremap.attribute.export import validate_graph_json
     from wiremap.attribute.graph import Graph
-    from wiremap.cli import main
-    from wiremap.models.io import save_transcoders
 
-    path = tiny_model_dir("llama", n_layers=3, **LLAMA)
-    save_transcoders(build_transcoder("plt", 3, 32, 48, model_name=str(path)), tmp_path / "tc")
-    out = tmp_path / "graph.json"
-    args = ["attribute", "--model", str(path), "--transcoders", str(tmp_path / "tc")]
-    assert main([*args, "--prompt", PROMPT, "--out", str(out), "--quiet", "--heads", "30"]) == 0
+    out, path, tc = cli_graph
     obj = json.loads(out.read_text())
     validate_graph_json(obj)
     block = obj["heads"]
     assert block["n_heads"] == 4 and 0 < len(block["edges"]) <= 30
     links = {(link["source"], link["target"]): link["weight"] for link in obj["links"]}
-    graph = Graph.load(tmp_path / "graph")
-    rm = ReplacementModel.from_pretrained(str(path), str(tmp_path / "tc"))
+    graph = Graph.load(out.with_suffix(""))
+    rm = ReplacementModel.from_pretrained(str(path), str(tc))
     edge = block["edges"][0]
     assert edge["weight"] == links[edge["source"], edge["target"]]
     exact = head_loadings(rm, graph, edge["source"], edge["target"])
@@ -287,6 +299,38 @@ def test_attribute_cli_heads_block(tiny_model_dir, tmp_path):
     keyed = [h for h in edge["heads"] if "qk" in h]
     assert keyed and keyed[0]["qk"] in block["qk"]
     entry = block["qk"][keyed[0]["qk"]]
-    assert "refused" in entry or (
-        entry["pairs"] and all(q in block["names"] for q, _, _ in entry["pairs"])
-    )
+    assert entry["pairs"] and all(q in block["names"] for q, _, _ in entry["pairs"])
+
+
+def test_viewer_lists_heads_and_qk_pairs(cli_graph, tmp_path):
+    import json
+
+    from test_viewer_browser import CHROMIUM, Browser
+
+    from wiremap.attribute.html import write_html
+
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
+    obj = json.loads(cli_graph[0].read_text())
+    edge = next(e for e in obj["heads"]["edges"] if any("qk" in h for h in e["heads"]))
+    page = write_html(obj, tmp_path / "graph.html")
+    browser = Browser(tmp_path / "profile")
+    try:
+        browser.goto(page.as_uri())
+        browser.wait_for("document.querySelectorAll('#graph .node').length", "the graph")
+        browser.js(f"showNode({json.dumps(edge['target'])})")
+        browser.click("#node-panel .heads-button")
+        rows = browser.wait_for(
+            "document.querySelectorAll('#edge-panel .head-list li').length", "heads"
+        )
+        assert 0 < rows <= 8
+        key = json.dumps(f"{edge['source']}>{edge['target']}")
+        browser.js(f"showEdgeHeads(S.heads.get({key}))")
+        browser.click("#edge-panel li.has-qk")
+        n = browser.wait_for("document.querySelectorAll('#qk-box .qk-table tr').length", "QK pairs")
+        assert n > 1
+        assert "score" in browser.js("document.querySelector('#qk-box .facts').textContent")
+        if os.environ.get("WIREMAP_SCREENSHOT"):
+            browser.screenshot(Path(os.environ["WIREMAP_SCREENSHOT"]))
+    finally:
+        browser.close()
