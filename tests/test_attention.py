@@ -169,9 +169,9 @@ def test_qk_pairs_and_bias_equal_the_models_score(tiny_model_dir, arch, tc_arch,
             score = scale * float(q[head, q_pos] @ k[head // group, k_pos])
             assert qk.score == pytest.approx(score, abs=1e-6 * max(1.0, abs(score)))
             assert abs(score) > 1e-4
-            assert (
-                set(qk.query_nodes[:-1]) <= ids_json and qk.query_nodes[-1] == f"R_{layer}_{q_pos}"
-            )
+            graph_nodes = {n for n in qk.query_nodes if n[:2] not in ("A_", "R_")}
+            assert graph_nodes <= ids_json and qk.query_nodes[-1] == f"R_{layer}_{q_pos}"
+            assert f"A_{layer - 1}_{q_pos}" in qk.query_nodes  # earlier attention blocks
             assert qk.pairs.shape == (len(qk.query_nodes), len(qk.key_nodes))
     top = qk.top(4)
     assert len(top) == 4 and abs(top[0][2]) >= abs(top[-1][2])
@@ -194,8 +194,8 @@ def test_qk_brute_force_scaling_one_write(tiny_model_dir, arch, tc_arch, overrid
             ("query", q_pos, qk.query_nodes, qk.row_sums()),
             ("key", k_pos, qk.key_nodes, qk.col_sums()),
         ):
-            for name in _sample_nodes(nodes):
-                w = node_write(rm, run, name, layer)
+            for name in [*_sample_nodes(nodes), f"A_1_{pos}"]:
+                w = node_write(rm, run, name, layer, arch)
                 q2, k2, _ = model_qk(rm, arch, layer, ids, lin, perturb=(pos, eps * w))
                 change = scale * float(q2[head, q_pos] @ k2[head // group, k_pos]) - base
                 i = nodes.index(name)
@@ -212,14 +212,18 @@ def _kv_heads(rm):
 def _sample_nodes(nodes):
     """A feature, an error node and the token node of this side (those present)."""
     kinds = {"E": None, "err": None, "feat": None}
-    for name in nodes[:-1]:
+    for name in nodes:
+        if name[:2] in ("A_", "R_"):
+            continue
         key = "E" if name.startswith("E_") else "err" if "_-1_" in name else "feat"
         kinds[key] = kinds[key] or name
     return [n for n in kinds.values() if n]
 
 
-def node_write(rm, run, name, layer):
+def node_write(rm, run, name, layer, arch):
     """The residual write of node `name` before `layer`, from the clean run."""
+    if name.startswith("A_"):
+        return attention_write(rm, arch, *(int(x) for x in name.split("_")[1:]))
     if name.startswith("E_"):
         return run.resid0[int(name.split("_")[2])]
     src, f, pos = (int(x) for x in name.split("_"))
@@ -228,6 +232,22 @@ def node_write(rm, run, name, layer):
     a = run.activations.to_dense()[src, pos, f]
     dec = rm.transcoders.decoder(src)[f]  # [n_out, d]
     return a * dec[: layer - src].sum(0)
+
+
+def attention_write(rm, arch, layer, pos):
+    """What layer `layer`'s attention block added to the residual at `pos` (clean run)."""
+    block = rm.model.transformer.h[layer] if arch == "gpt2" else rm.model.model.layers[layer]
+    module = {"gpt2": "attn", "gemma2": "post_attention_layernorm"}.get(arch, "self_attn")
+    got = []
+    handle = getattr(block, module).register_forward_hook(
+        lambda _m, _a, out: got.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        with torch.no_grad():
+            rm.model(rm.tokenize(PROMPT)[None])
+    finally:
+        handle.remove()
+    return got[0][0, pos]
 
 
 def test_gemma_soft_cap_gives_the_models_pattern(tiny_model_dir):

@@ -84,6 +84,9 @@ class DemoConfig:
     """Seed of the corpus, the data order and the transcoder initialisation."""
     progress: bool = True
     """Show progress bars."""
+    attention: bool = False
+    """Also name the attention heads that carry the state (Dallas) and the adjective
+    (antonyms) to the last position, and the QK pairs that make them attend there."""
 
     def __post_init__(self) -> None:
         for name in ("n_tokens", "d_transcoder", "steps", "batch_size", "n_paths", "threads"):
@@ -133,6 +136,7 @@ class DemoReport:
     features: dict[str, str] = field(default_factory=dict)  # arch -> feature-card folder
     seconds: dict[str, float] = field(default_factory=dict)
     training: dict[str, dict[str, float]] = field(default_factory=dict)
+    attention: dict[str, Any] = field(default_factory=dict)  # prompt name -> heads (--attention)
 
     def to_json(self) -> dict[str, Any]:
         obj = asdict(self)
@@ -583,6 +587,66 @@ def _graphs_and_swap(cfg, report: DemoReport, model, tokenizer, organism, say, c
     report.swap = swap
     say(f"[5/6] swap: {TARGET_STATE} features -> {SWAP_STATE} features on {DALLAS!r}")
     _print_swap(swap, cfg.swap_city, say)
+    if cfg.attention:
+        report.attention = attention_stage(rms["clt"], computed["clt"], swap.removed, say)
+
+
+# -- `--attention`: the heads that move the state and the adjective -------------------------
+def attention_stage(rm, graphs: dict, texas, say: Say, n_edges: int = 10) -> dict[str, Any]:
+    """For the Dallas graph (from the Texas features at ' Dallas', or every node there) and
+    each antonym graph (from the adjective): the heads carrying the strongest edges to the
+    last position, and for the top two the QK terms of their score (query: last position,
+    key: the source position). Printed, and returned for the report."""
+    from wiremap.train.organism import ANTONYMS
+
+    say("[attention] heads carrying the strongest edges to the last position (CLT graphs)")
+    found = {}
+    for name, (graph, result) in graphs.items():
+        if name == "dallas":
+            word, labels = " Dallas", {(layer, f): TARGET_STATE for layer, _, f in texas}
+        elif name.startswith("antonym_"):
+            word, labels = ANTONYMS[name.split("_", 1)[1]][1][0][0], None
+        else:
+            continue
+        pos = _word_position(graph, word)
+        wanted = {tuple(f) for f in texas} if name == "dallas" else set()
+        sources = [i for i, f in enumerate(graph.active_features.tolist()) if tuple(f) in wanted]
+        found[name] = _heads_of(rm, graph, result, pos, sources or None, labels, n_edges, say)
+    return found
+
+
+def _word_position(graph, word: str) -> int:
+    strings = [t.strip() for t in graph.token_strings]
+    if word.strip() not in strings:
+        raise WiremapError(f"{word!r} is not a token of {graph.prompt!r}; the organism changed")
+    return strings.index(word.strip())
+
+
+def _heads_of(rm, graph, result, pos, sources, labels, n_edges, say: Say) -> dict[str, Any]:
+    from wiremap.attribute.attention import heads_between, qk_attribution, readable
+
+    found = heads_between(rm, graph, result, pos, n_edges=n_edges, sources=sources)
+    toks, last = graph.token_strings, graph.n_pos - 1
+    what = "the Texas features" if sources else "every node"
+    say(f"      {graph.prompt!r}: {len(found.loadings)} edges from {what} at {toks[pos]!r}")
+    residual = sum(x.residual for x in found.loadings) / (found.carried or 1.0)
+    top = [h for h in found.heads if h[2] > 0][:2]
+    shares = ", ".join(f"L{layer} H{head} {100 * v:.0f}%" for layer, head, v in top)
+    say(f"        carried by {shares or 'no head'} (residual path {100 * residual:.0f}%)")
+    heads = []
+    for layer, head, share in top:
+        qk = qk_attribution(rm, graph, layer, head, last, pos)
+        terms = [
+            (readable(graph, q, labels), readable(graph, k, labels), v) for q, k, v in qk.top(3)
+        ]
+        where = f"{toks[last]!r} -> {toks[pos]!r}"
+        say(f"        L{layer} H{head} attends {where}, score {qk.score:.2f}:")
+        for q, k, v in terms:
+            say(f"          {v:+.2f}  query {q}  x  key {k}")
+        heads.append(
+            {"layer": layer, "head": head, "share": share, "score": qk.score, "top": terms}
+        )
+    return {"source_pos": pos, "n_edges": len(found.loadings), "residual": residual, "heads": heads}
 
 
 def _bar(items, arch: str, cfg: DemoConfig):

@@ -17,13 +17,14 @@ residual sum exactly to the edge.
 QK attributions. The pre-softmax score of head h at (q, k) is `scaling · ⟨q_vec, k_vec⟩`,
 with q_vec = R_q W_Q N_q x_q + bias (frozen norm N, rotary R). The residual stream x_q is
 the sum of the node writes at q before the layer (features' decoders, error nodes, the
-token embedding, and a remainder `R_{layer}_{pos}`: attention outputs, biases and
-transcoder skips), so the score splits into (query node, key node) pairs plus bias terms.
-The queries and keys are computed by the model's own attention module (rotary, grouped
-heads, LayerNorm centring included) on a batch with one node's write per row. Gemma-2's
-soft-capping is applied after the bilinear score: `.score` is the pre-cap score and
-`.capped_score` the capped one. A key outside the causal mask or the head's sliding
-window, and models with q/k norms (not bilinear), are refused.
+token embedding, what each earlier attention block added `A_{layer}_{pos}`, and a
+remainder `R_{layer}_{pos}`: biases and transcoder skips), so the score splits into
+(query node, key node) pairs plus bias terms. The queries and keys are computed by the
+model's own attention module (rotary, grouped heads, LayerNorm centring included) on a
+batch with one node's write per row. Gemma-2's soft-capping is applied after the bilinear
+score: `.score` is the pre-cap score and `.capped_score` the capped one. A key outside the
+causal mask or the head's sliding window, and models with q/k norms (not bilinear), are
+refused.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -40,7 +42,7 @@ from wiremap.attribute.graph import Graph
 from wiremap.attribute.sources import SourceTable
 from wiremap.attribute.targets import demeaned_unembedding
 from wiremap.errors import WiremapError
-from wiremap.models.hooks import capture, hooks_removed
+from wiremap.models.hooks import capture, hooks_removed, tensor_hook
 from wiremap.models.linearise import ATTN_NAME, _frozen_attention_fn
 
 HEADS_NAME = "wiremap_heads"
@@ -380,7 +382,8 @@ class QKAttribution:
     head: int
     query_pos: int
     key_pos: int
-    query_nodes: list[str]  # node ids (graph JSON), the remainder last: R_{layer}_{pos}
+    query_nodes: list[str]  # node ids (graph JSON), then A_{l}_{pos} per earlier attention
+    # block, and last the remainder R_{layer}_{pos} (biases, transcoder skips)
     key_nodes: list[str]
     pairs: Tensor  # [n_query, n_key] contribution of each (query node, key node) pair
     bias_terms: dict[str, Tensor]  # "query_bias" [n_key], "key_bias" [n_query], "both" []
@@ -439,9 +442,9 @@ def qk_attribution(
         table = SourceTable.build(rm, rm.run(ids), zero_bos=False)
     names, col_map = _qk_nodes(graph, table, ids)
     with rm.linearised(ids) as lin, torch.no_grad():
-        resid, call = _attention_call(rm, lin, layer, query_pos + 1)
-        q_ids, q_writes = _position_writes(table, col_map, names, layer, query_pos, resid)
-        k_ids, k_writes = _position_writes(table, col_map, names, layer, key_pos, resid)
+        resid, attn, call = _attention_call(rm, lin, layer, query_pos + 1)
+        q_ids, q_writes = _position_writes(table, col_map, names, layer, query_pos, resid, attn)
+        k_ids, k_writes = _position_writes(table, col_map, names, layer, key_pos, resid, attn)
         q, k, kw = _project(rm, layer, call, [(query_pos, q_writes), (key_pos, k_writes)])
     _check_window(kw, layer, query_pos, key_pos)
     group = q.shape[1] // k.shape[1]
@@ -515,21 +518,28 @@ def _qk_nodes(graph: Graph | None, table: SourceTable, ids: Tensor) -> tuple[lis
 
 
 def _attention_call(rm, lin, layer: int, n_pos: int):
-    """(residual stream before `layer` [n_pos, d], the attention module's (args, kwargs))."""
-    attn = rm.adapter.module(rm.model, layer, rm.adapter.attn)
-    seen = {}
+    """(residual stream before `layer` [n_pos, d], what each earlier attention block added to
+    it {layer: [n_pos, d]}, the attention module's (args, kwargs) at `layer`)."""
+    ad = rm.adapter
+    attn = ad.module(rm.model, layer, ad.attn)
+    seen, added = {}, {}
 
     def keep(_m, args, kwargs):
         seen["call"] = (args, kwargs)
 
-    handle = attn.register_forward_pre_hook(keep, with_kwargs=True)
-    with hooks_removed([handle]), capture(rm.model, ["resid_pre"], [layer], rm.adapter) as c:
+    handles = [attn.register_forward_pre_hook(keep, with_kwargs=True)]
+    for earlier in range(layer):
+        block_out = ad.module(rm.model, earlier, ad.post_attn_norm or ad.attn)
+        handles.append(tensor_hook(block_out, "output", partial(added.__setitem__, earlier)))
+    with hooks_removed(handles), capture(rm.model, ["resid_pre"], [layer], ad) as c:
         lin.forward(lin.input_ids[:, :n_pos], stop_after=layer)
-    return c["resid_pre"][layer][0], seen["call"]
+    return c["resid_pre"][layer][0], {k: v[0] for k, v in added.items()}, seen["call"]
 
 
-def _position_writes(table, col_map, names, layer: int, pos: int, resid: Tensor):
-    """(node ids, writes [n, d]) of the nodes writing at `pos` before `layer`, remainder last."""
+def _position_writes(table, col_map, names, layer: int, pos: int, resid: Tensor, attn: dict):
+    """(node ids, writes [n, d]) of what writes at `pos` before `layer`: the graph's nodes,
+    each earlier attention block (`A_{layer}_{pos}`), and the remainder `R_{layer}_{pos}`
+    (biases and transcoder skips)."""
     n_nodes = len(names)
     total = resid.new_zeros(n_nodes + 1, resid.shape[-1])  # last: padding scratch
     cmap = torch.cat([col_map, torch.tensor([n_nodes])]).to(resid.device)
@@ -539,9 +549,10 @@ def _position_writes(table, col_map, names, layer: int, pos: int, resid: Tensor)
     total[cmap[table.token_start + pos]] += table.tokens[pos].to(total.dtype)
     total = total[:-1]
     used = (total != 0).any(-1).nonzero().flatten()
-    writes = total[used]
+    attn_ids = [f"A_{earlier}_{pos}" for earlier in sorted(attn)]
+    writes = torch.cat([total[used], *(attn[e][pos][None].to(total.dtype) for e in sorted(attn))])
     rest = resid[pos] - writes.sum(0)
-    node_list = [names[i] for i in used.tolist()] + [f"R_{layer}_{pos}"]
+    node_list = [names[i] for i in used.tolist()] + attn_ids + [f"R_{layer}_{pos}"]
     return node_list, torch.cat([writes, rest[None]])
 
 
@@ -576,6 +587,58 @@ def _project(rm, layer: int, call, parts: list[tuple[int, Tensor]], chunk: int =
             ks.append(records[layer].key)
         kwargs_seen = records[layer].kwargs
     return torch.cat(qs), torch.cat(ks), kwargs_seen
+
+
+# -- which heads move information between two positions --------------------------------
+@dataclass
+class PositionHeads:
+    """The heads that carry a pruned graph's strongest edges from one position to another."""
+
+    source_pos: int
+    target_pos: int
+    loadings: list[HeadLoadings]  # the edges looked at, strongest first
+    heads: list[tuple[int, int, float]]  # (layer, head, share of Σ|edge|), largest first
+
+    @property
+    def carried(self) -> float:
+        """Σ |edge| over the edges looked at."""
+        return sum(abs(x.edge) for x in self.loadings)
+
+
+def heads_between(
+    rm,
+    graph: Graph,
+    result,
+    source_pos: int,
+    target_pos: int | None = None,
+    n_edges: int = 10,
+    sources: Sequence[int] | None = None,
+) -> PositionHeads:
+    """Rank heads by the share they carry of the `n_edges` strongest kept edges from nodes at
+    `source_pos` (or only `sources`, graph node indices) to nodes at `target_pos` (default:
+    the last position). An edge's head share counts with the edge's sign, so a head that
+    carries an edge in its direction scores positive."""
+    target_pos = graph.n_pos - 1 if target_pos is None else target_pos
+    allowed = set(sources) if sources is not None else None
+    picked = []
+    for t, s, w in zip(*(x.tolist() for x in result.edges()), strict=True):
+        kind = graph.node_kind(s)
+        if kind == "logit" or graph.node_layer_pos(s)[1] != source_pos:
+            continue
+        if graph.node_layer_pos(t)[1] != target_pos or (allowed is not None and s not in allowed):
+            continue
+        picked.append((abs(w), s, t))
+    picked.sort(reverse=True)
+    loads = head_loadings_batch(rm, graph, [(s, t) for _, s, t in picked[:n_edges]])
+    total = sum(abs(x.edge) for x in loads) or 1.0
+    score: dict[tuple[int, int], float] = {}
+    for x in loads:
+        sign = 1.0 if x.edge >= 0 else -1.0
+        for i, layer in enumerate(x.layers):
+            for h, share in enumerate(x.heads[i].tolist()):
+                score[layer, h] = score.get((layer, h), 0.0) + sign * share / total
+    ranked = sorted(((l, h, v) for (l, h), v in score.items()), key=lambda r: -r[2])
+    return PositionHeads(source_pos, target_pos, loads, ranked)
 
 
 # -- the graph JSON's "heads" block ----------------------------------------------------------
@@ -655,10 +718,23 @@ def _qk_entry(rm, graph: Graph, layer: int, head: int, query_pos: int, key_pos: 
     return entry
 
 
+def readable(graph: Graph, node_id: str, labels=None) -> str:
+    """A readable name for a node id of a QK term (graph nodes, `R_…` remainders, "bias")."""
+    from wiremap.attribute.export import node_name
+
+    index = _index_of(graph)
+    if node_id in index:
+        return node_name(graph, index[node_id], labels)
+    return _other_name(graph, node_id)
+
+
 def _other_name(graph: Graph, node_id: str) -> str:
+    if node_id.startswith("A_"):
+        layer, pos = (int(x) for x in node_id.split("_")[1:])
+        return f"attn L{layer} @'{graph.token_strings[pos]}'"
     if node_id.startswith("R_"):
         layer, pos = (int(x) for x in node_id.split("_")[1:])
-        return f"attn+bias before L{layer} @'{graph.token_strings[pos]}'"
+        return f"biases before L{layer} @'{graph.token_strings[pos]}'"
     if node_id == "bias":
         return "bias"
     return node_id  # a feature that the graph folded away (no name stored)
