@@ -6,7 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from wiremap.attribute.attention import head_loadings, head_loadings_batch, qk_attribution
+from wiremap.attribute.attention import (
+    head_loadings,
+    head_loadings_batch,
+    qk_attribution,
+    qk_attributions,
+)
 from wiremap.attribute.attribute import attribute
 from wiremap.attribute.export import node_ids
 from wiremap.errors import WiremapError
@@ -175,6 +180,12 @@ def test_qk_pairs_and_bias_equal_the_models_score(tiny_model_dir, arch, tc_arch,
             assert qk.pairs.shape == (len(qk.query_nodes), len(qk.key_nodes))
     top = qk.top(4)
     assert len(top) == 4 and abs(top[0][2]) >= abs(top[-1][2])
+    requests = [(layer, h, q_pos, k) for layer in (1, 2) for h in range(n_heads) for k in (1, 2)]
+    requests = [r for r in requests if r[0] != 2 or "sliding_window" not in overrides]
+    for request, batched in zip(requests, qk_attributions(rm, graph, requests), strict=True):
+        alone = qk_attribution(rm, graph, *request)
+        assert batched.query_nodes == alone.query_nodes and batched.key_nodes == alone.key_nodes
+        torch.testing.assert_close(batched.pairs, alone.pairs)
 
 
 @pytest.mark.parametrize("arch,tc_arch,overrides", CASES)

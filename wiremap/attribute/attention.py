@@ -435,18 +435,53 @@ def qk_attribution(
     With a graph, nodes are the graph's (unvisited features folded into their error node,
     as in the graph); with a prompt, every active feature is a node.
     """
+    return qk_attributions(rm, prompt_or_graph, [(layer, head, query_pos, key_pos)])[0]
+
+
+def qk_attributions(
+    rm, prompt_or_graph: str | Graph, requests: Sequence[tuple[int, int, int, int]]
+) -> list[QKAttribution]:
+    """`qk_attribution` for many (layer, head, query_pos, key_pos), sharing the passes."""
+    out = _qk_batch(rm, prompt_or_graph, requests)
+    for x in out:
+        if isinstance(x, WiremapError):
+            raise x
+    return out
+
+
+def _qk_batch(rm, prompt_or_graph, requests) -> list[QKAttribution | WiremapError]:
+    """Like `qk_attributions`, a refused request (sliding window) giving its error instead."""
     graph = prompt_or_graph if isinstance(prompt_or_graph, Graph) else None
     ids = graph.input_ids.to(rm.device) if graph is not None else rm.tokenize(prompt_or_graph)
-    _check_qk(rm, layer, head, query_pos, key_pos, len(ids))
+    for request in requests:
+        _check_qk(rm, *request, len(ids))
     with torch.no_grad():
         table = SourceTable.build(rm, rm.run(ids), zero_bos=False)
     names, col_map = _qk_nodes(graph, table, ids)
+    done: dict[tuple[int, int, int], tuple] = {}
+    out = []
     with rm.linearised(ids) as lin, torch.no_grad():
-        resid, attn, call = _attention_call(rm, lin, layer, query_pos + 1)
-        q_ids, q_writes = _position_writes(table, col_map, names, layer, query_pos, resid, attn)
-        k_ids, k_writes = _position_writes(table, col_map, names, layer, key_pos, resid, attn)
-        q, k, kw = _project(rm, layer, call, [(query_pos, q_writes), (key_pos, k_writes)])
-    _check_window(kw, layer, query_pos, key_pos)
+        calls = {}
+        for layer in sorted({r[0] for r in requests}):
+            calls[layer] = _attention_call(rm, lin, layer, len(ids))
+        for layer, head, query_pos, key_pos in requests:
+            where = (layer, query_pos, key_pos)
+            if where not in done:
+                resid, attn, call = calls[layer]
+                q_ids, q_w = _position_writes(table, col_map, names, layer, query_pos, resid, attn)
+                k_ids, k_w = _position_writes(table, col_map, names, layer, key_pos, resid, attn)
+                q, k, kw = _project(rm, layer, call, [(query_pos, q_w), (key_pos, k_w)])
+                done[where] = (q_ids, k_ids, q, k, kw)
+            out.append(_split(layer, head, query_pos, key_pos, *done[where]))
+    return out
+
+
+def _split(layer, head, query_pos, key_pos, q_ids, k_ids, q, k, kw) -> QKAttribution | WiremapError:
+    """The pair matrix and bias terms of one head from the projected rows (row 0: zeros)."""
+    try:
+        _check_window(kw, layer, query_pos, key_pos)
+    except WiremapError as err:
+        return err
     group = q.shape[1] // k.shape[1]
     qh, kh = q[:, head, query_pos], k[:, head // group, key_pos]  # [1 + n, dh]
     q0, k0 = qh[0], kh[0]  # the bias: queries and keys of an all-zero residual stream
@@ -461,7 +496,7 @@ def qk_attribution(
         q_ids,
         k_ids,
         scale * qs @ ks.T,
-        {k_: v.double().cpu() for k_, v in bias.items()},
+        {name: v.double().cpu() for name, v in bias.items()},
         kw.get("softcap"),
     )
 
@@ -671,7 +706,7 @@ def heads_block(
 
     links = sorted(links, key=lambda link: -abs(link["weight"]))[:n_edges]
     loads = head_loadings_batch(rm, graph, [(link["source"], link["target"]) for link in links])
-    qk: dict[str, dict] = {}
+    requests: dict[str, tuple[int, int, int, int]] = {}
     edges = []
     for rank, (link, load) in enumerate(zip(links, loads, strict=True)):
         p_t, p_s = graph.node_layer_pos(load.target)[1], graph.node_layer_pos(load.source)[1]
@@ -680,8 +715,7 @@ def heads_block(
             item = {"layer": layer, "head": head, "share": _short(share)}
             if rank < qk_edges and i < qk_heads:
                 item["qk"] = key = f"{layer}_{head}_{p_t}_{p_s}"
-                if key not in qk:
-                    qk[key] = _qk_entry(rm, graph, layer, head, p_t, p_s)
+                requests[key] = (layer, head, p_t, p_s)
             heads.append(item)
         edges.append(
             {
@@ -692,6 +726,8 @@ def heads_block(
                 "heads": heads,
             }
         )
+    found = _qk_batch(rm, graph, list(requests.values())) if requests else []
+    qk = {key: _qk_entry(r, x) for (key, r), x in zip(requests.items(), found, strict=True)}
     index = _index_of(graph)
     mentioned = {n for e in qk.values() for q, k, _ in e.get("pairs", []) for n in (q, k)}
     mentioned |= {n for e in edges for n in (e["source"], e["target"])}
@@ -702,17 +738,12 @@ def heads_block(
     return {"n_heads": n_heads, "edges": edges, "qk": qk, "names": names}
 
 
-def _qk_entry(rm, graph: Graph, layer: int, head: int, query_pos: int, key_pos: int) -> dict:
-    where = {"layer": layer, "head": head, "query_pos": query_pos, "key_pos": key_pos}
-    try:
-        qk = qk_attribution(rm, graph, layer, head, query_pos, key_pos)
-    except WiremapError as err:  # e.g. a key outside the head's sliding window
-        return {**where, "refused": str(err)}
-    entry = {
-        **where,
-        "score": _short(qk.score),
-        "pairs": [[q, k, _short(v)] for q, k, v in qk.top(QK_PAIRS)],
-    }
+def _qk_entry(request: tuple[int, int, int, int], qk: QKAttribution | WiremapError) -> dict:
+    where = dict(zip(("layer", "head", "query_pos", "key_pos"), request, strict=True))
+    if isinstance(qk, WiremapError):  # e.g. a key outside the head's sliding window
+        return {**where, "refused": str(qk)}
+    pairs = [[q, k, _short(v)] for q, k, v in qk.top(QK_PAIRS)]
+    entry = {**where, "score": _short(qk.score), "pairs": pairs}
     if qk.softcap:
         entry["capped_score"] = _short(qk.capped_score)
     return entry
