@@ -365,3 +365,31 @@ def test_viewer_lists_heads_and_qk_pairs(cli_graph, tmp_path):
             browser.screenshot(Path(os.environ["WIREMAP_SCREENSHOT"]))
     finally:
         browser.close()
+
+
+# -- heads between two positions, and the demo's report of them --------------------------------
+def test_heads_between_and_the_demo_report(tiny_model_dir):
+    from wiremap.attribute.attention import heads_between
+    from wiremap.attribute.prune import prune_graph
+    from wiremap.demo import _heads_of
+
+    rm = make_rm(tiny_model_dir, "llama", **LLAMA)
+    graph = attribute(PROMPT, rm, verbose=False)
+    result = prune_graph(graph)
+    pos, last = 3, graph.n_pos - 1
+    found = heads_between(rm, graph, result, pos, n_edges=6)
+    assert 0 < len(found.loadings) <= 6
+    for x in found.loadings:
+        assert graph.node_layer_pos(x.source)[1] == pos
+        assert graph.node_layer_pos(x.target)[1] == last
+    # every edge crosses positions, so the signed head shares add up to all of Σ|edge|
+    assert sum(v for *_, v in found.heads) == pytest.approx(1.0, abs=1e-4)
+    lines = []
+    report = _heads_of(rm, graph, result, pos, None, None, 6, lines.append)
+    top = report["heads"][0]
+    assert (top["layer"], top["head"]) == found.heads[0][:2]
+    assert "carried by" in lines[1] and f"L{top['layer']} H{top['head']}" in lines[1]
+    rm.model.config._attn_implementation = "eager"  # the model's own attention weights
+    with torch.no_grad():
+        weights = rm.model(graph.input_ids[None], output_attentions=True).attentions
+    assert top["weight"] == pytest.approx(float(weights[top["layer"]][0, top["head"], last, pos]))

@@ -623,30 +623,64 @@ def _word_position(graph, word: str) -> int:
 
 
 def _heads_of(rm, graph, result, pos, sources, labels, n_edges, say: Say) -> dict[str, Any]:
-    from wiremap.attribute.attention import heads_between, qk_attribution, readable
+    from wiremap.attribute.attention import heads_between
 
     found = heads_between(rm, graph, result, pos, n_edges=n_edges, sources=sources)
     toks, last = graph.token_strings, graph.n_pos - 1
-    what = "the Texas features" if sources else "every node"
-    say(f"      {graph.prompt!r}: {len(found.loadings)} edges from {what} at {toks[pos]!r}")
-    residual = sum(x.residual for x in found.loadings) / (found.carried or 1.0)
+    what = "the Texas features" if sources else "the nodes"
+    say(
+        f"      {graph.prompt!r}: the {len(found.loadings)} strongest edges from {what} at "
+        f"{toks[pos]!r} to {toks[last]!r}"
+    )
     top = [h for h in found.heads if h[2] > 0][:2]
     shares = ", ".join(f"L{layer} H{head} {100 * v:.0f}%" for layer, head, v in top)
-    say(f"        carried by {shares or 'no head'} (residual path {100 * residual:.0f}%)")
-    heads = []
-    for layer, head, share in top:
-        qk = qk_attribution(rm, graph, layer, head, last, pos)
-        terms = [
-            (readable(graph, q, labels), readable(graph, k, labels), v) for q, k, v in qk.top(3)
-        ]
-        where = f"{toks[last]!r} -> {toks[pos]!r}"
-        say(f"        L{layer} H{head} attends {where}, score {qk.score:.2f}:")
-        for q, k, v in terms:
-            say(f"          {v:+.2f}  query {q}  x  key {k}")
-        heads.append(
-            {"layer": layer, "head": head, "share": share, "score": qk.score, "top": terms}
-        )
-    return {"source_pos": pos, "n_edges": len(found.loadings), "residual": residual, "heads": heads}
+    rest = 1.0 - sum(v for *_, v in top)
+    say(f"        carried by {shares or 'no head'}; other heads {100 * rest:.0f}%")
+    heads = [_why_attended(rm, graph, layer, head, pos, labels, say) for layer, head, _ in top]
+    for item, (_, _, share) in zip(heads, top, strict=True):
+        item["share"] = share
+    return {"source_pos": pos, "n_edges": len(found.loadings), "heads": heads}
+
+
+def _why_attended(rm, graph, layer: int, head: int, pos: int, labels, say: Say) -> dict:
+    """Print the head's attention weight on `pos` from the last position and its top terms."""
+    import torch
+
+    from wiremap.attribute.attention import qk_attributions, readable
+
+    last, toks = graph.n_pos - 1, graph.token_strings
+    keys = list(range(last + 1))  # every key: the weight is a softmax over them
+    scores = qk_attributions(rm, graph, [(layer, head, last, k) for k in keys])
+    weight = torch.softmax(torch.tensor([s.capped_score for s in scores]), 0)[pos]
+    qk = scores[pos]
+    say(
+        f"        L{layer} H{head} puts {float(weight):.2f} of its attention from {toks[last]!r} "
+        f"on {toks[pos]!r} (score {qk.score:.2f}); the largest terms:"
+    )
+
+    def name(node_id):
+        return readable(graph, node_id, labels)
+
+    sides = []
+    for side, nodes, sums in (
+        ("key", qk.key_nodes, qk.col_sums()),
+        ("query", qk.query_nodes, qk.row_sums()),
+    ):
+        order = sums.abs().argsort(descending=True)[:3].tolist()
+        sides.append([(name(nodes[i]), float(sums[i])) for i in order])
+        say(f"          {side:>5} side: " + ", ".join(f"{n} {v:+.2f}" for n, v in sides[-1]))
+    pairs = [(name(q), name(k), v) for q, k, v in qk.top(3)]
+    for q, k, v in pairs:
+        say(f"          pair {v:+.2f}: query {q} x key {k}")
+    return {
+        "layer": layer,
+        "head": head,
+        "weight": float(weight),
+        "score": qk.score,
+        "key_side": sides[0],
+        "query_side": sides[1],
+        "pairs": pairs,
+    }
 
 
 def _bar(items, arch: str, cfg: DemoConfig):
