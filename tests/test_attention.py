@@ -100,6 +100,17 @@ def _rms_scale(norm, x):
     return norm.weight * torch.rsqrt(x.pow(2).mean() + norm.variance_epsilon)
 
 
+def test_head_loadings_of_a_sparse_graph(tiny_model_dir):
+    rm = make_rm(tiny_model_dir, "gpt2", "plt")
+    graph = attribute(PROMPT, rm, verbose=False)
+    pairs, A = some_edges(graph, n=12)
+    pairs.append((graph.token_index(0), graph.logit_slice.start))  # BOS: a zero edge
+    graph.adjacency = A.to_sparse()
+    for load, (s, t) in zip(head_loadings_batch(rm, graph, pairs), pairs, strict=True):
+        assert load.edge == float(A[t, s])
+        assert load.total == pytest.approx(load.edge, abs=1e-5 * float(A[t].abs().max()))
+
+
 def test_head_loadings_bad_input(tiny_model_dir):
     rm = make_rm(tiny_model_dir, "llama")
     graph = attribute(PROMPT, rm, verbose=False)

@@ -163,6 +163,7 @@ def head_loadings_batch(
     with torch.no_grad():
         table = SourceTable.build(rm, rm.run(input_ids), zero_bos=_zero_bos(graph))
     out: dict[tuple[int, int], HeadLoadings] = {}
+    edges = _edges(graph, pairs)
     with rm.linearised(input_ids) as lin:
         carried = _residual_only(rm, lin, graph, table, sources, source_batch)
         for start in range(0, len(targets), batch_size):
@@ -170,7 +171,7 @@ def head_loadings_batch(
             grads = dict(zip(chunk, _head_gradients(rm, lin, graph, chunk), strict=True))
             for s, t in pairs:
                 if t in grads:
-                    out[s, t] = _loadings(graph, s, t, carried, grads[t])
+                    out[s, t] = _loadings(graph, s, t, carried, grads[t], edges[s, t])
     return [out[pair] for pair in pairs]
 
 
@@ -316,7 +317,7 @@ def _targets(rm, graph: Graph, nodes: list[int]) -> _Targets:
     )
 
 
-def _loadings(graph: Graph, s: int, t: int, carried: _Carried, g: _Gradients) -> HeadLoadings:
+def _loadings(graph: Graph, s: int, t: int, carried: _Carried, g: _Gradients, edge: float):
     row = carried.row[s]
     layer_s, p_s = graph.node_layer_pos(s)
     first = 0 if layer_s is None else layer_s + 1
@@ -334,14 +335,23 @@ def _loadings(graph: Graph, s: int, t: int, carried: _Carried, g: _Gradients) ->
     residual = 0.0  # the residual stream alone keeps the write at the source's position
     if p_s == g.pos:
         residual = float(carried.reads[g.site][row].to(g.vector.dtype) @ g.vector)
-    return HeadLoadings(s, t, layers, heads, residual, _edge(graph, t, s))
+    return HeadLoadings(s, t, layers, heads, residual, edge)
 
 
-def _edge(graph: Graph, t: int, s: int) -> float:
-    adj = graph.adjacency
-    if adj.is_sparse:
-        return float(adj.index_select(0, torch.tensor([t])).to_dense()[0, s])
-    return float(adj[t, s])
+def _edges(graph: Graph, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
+    """The graph's A[t, s] of each (s, t), from a dense or sparse adjacency."""
+    if not graph.is_sparse:
+        return {(s, t): float(graph.adjacency[t, s]) for s, t in pairs}
+    rows, cols, values = graph.adjacency_coo()
+    keys = rows.long() * graph.n_nodes + cols.long()
+    keys, order = keys.sort()
+    wanted = torch.tensor([t * graph.n_nodes + s for s, t in pairs], dtype=torch.long)
+    at = torch.searchsorted(keys, wanted).clamp_max(max(keys.numel() - 1, 0))
+    found = keys.numel() > 0
+    out = {}
+    for (s, t), w, i in zip(pairs, wanted.tolist(), at.tolist(), strict=True):
+        out[s, t] = float(values[order[i]]) if found and int(keys[i]) == w else 0.0
+    return out
 
 
 def _check_edge(graph: Graph, s: int, t: int) -> None:
