@@ -47,7 +47,7 @@ def some_edges(graph, n=40):
 
 
 # -- head loadings -------------------------------------------------------------------------
-@pytest.mark.parametrize("arch,tc_arch,overrides", CASES)
+@pytest.mark.parametrize("arch,tc_arch,overrides", [*CASES, ("gpt_neox", "skip_clt", {})])
 @pytest.mark.parametrize("budget", [None, 6])
 def test_head_loadings_sum_to_the_edge(tiny_model_dir, arch, tc_arch, overrides, budget):
     rm = make_rm(tiny_model_dir, arch, tc_arch, **overrides)

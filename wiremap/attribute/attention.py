@@ -43,7 +43,7 @@ from wiremap.attribute.sources import SourceTable
 from wiremap.attribute.targets import demeaned_unembedding
 from wiremap.errors import WiremapError
 from wiremap.models.hooks import capture, hooks_removed, tensor_hook
-from wiremap.models.linearise import ATTN_NAME, _frozen_attention_fn
+from wiremap.models.linearise import _frozen_attention_fn
 
 HEADS_NAME = "wiremap_heads"
 QK_NAME = "wiremap_qk"
@@ -92,7 +92,7 @@ def _register() -> None:
 
 
 @contextmanager
-def recording(rm, name: str = HEADS_NAME, zero: bool = False) -> Iterator[list[_Record]]:
+def _recording(rm, name: str = HEADS_NAME, zero: bool = False) -> Iterator[list[_Record]]:
     """Inside `rm.linearised(...)`: attention calls go through `name`; one record per layer."""
     _register()
     attns = [rm.adapter.module(rm.model, layer, rm.adapter.attn) for layer in range(rm.n_layers)]
@@ -105,7 +105,7 @@ def recording(rm, name: str = HEADS_NAME, zero: bool = False) -> Iterator[list[_
         config._attn_implementation = name
         yield records
     finally:
-        config._attn_implementation = previous if previous != name else ATTN_NAME
+        config._attn_implementation = previous
         for attn in attns:
             attn.__dict__.pop("_wiremap_record", None)
 
@@ -202,7 +202,7 @@ def _residual_only(rm, lin, graph: Graph, table, sources: list[int], chunk: int)
         pos = torch.tensor([graph.node_layer_pos(s)[1] for s in mine], device=rm.device)
         rows = torch.arange(1, len(mine) + 1, device=rm.device)
         embed, writes = _source_writes(graph, table, mine)
-        with recording(rm, zero=True) as records, torch.no_grad():
+        with _recording(rm, zero=True) as records, torch.no_grad():
             run = lin.forward(writes=writes, embed_write=embed)
         # row 0 has no write: subtracting it leaves the linear part
         per_layer = [(r.value - r.value[:1])[rows, :, pos] for r in records]
@@ -267,7 +267,7 @@ def _head_gradients(rm, lin, graph: Graph, targets: list[int]) -> list[_Gradient
     dtype = next(rm.model.parameters()).dtype
     embed = torch.zeros(1, n_pos, rm.d_model, dtype=dtype, device=ids.device, requires_grad=True)
     stop = None if top == lin.n_layers else top
-    with recording(rm) as records, torch.enable_grad():
+    with _recording(rm) as records, torch.enable_grad():
         run = lin.forward(ids, embed_write=embed, stop_after=stop)
         outputs, inject = RowEngine._injections(run, tg, n_pos)
         layers = [i for i, rec in enumerate(records) if rec.out is not None and i <= top]
@@ -623,7 +623,7 @@ def _project(rm, layer: int, call, parts: list[tuple[int, Tensor]], chunk: int =
         rm.adapter.module(rm.model, layer, rm.adapter.attn_norm) if rm.adapter.attn_norm else None
     )
     qs, ks = [], []
-    with recording(rm, QK_NAME) as records:
+    with _recording(rm, QK_NAME) as records:
         for part in x.split(chunk):
             h = norm(part) if norm is not None else part
             a, kw = _replace_first(args, kwargs, h)
