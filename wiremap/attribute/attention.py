@@ -46,6 +46,8 @@ from wiremap.models.hooks import capture, hooks_removed, tensor_hook
 from wiremap.models.linearise import _frozen_attention_fn
 
 HEADS_NAME = "wiremap_heads"
+BATCH_ELEMENTS = 2**27
+"""Default cap on a head-loadings batch's per-layer tensors (elements; 512 MiB in fp32)."""
 QK_NAME = "wiremap_qk"
 
 
@@ -143,13 +145,15 @@ def head_loadings_batch(
     rm,
     graph: Graph,
     pairs: Sequence[tuple[int | str, int | str]],
-    batch_size: int = 64,
-    source_batch: int = 128,
+    batch_size: int | None = None,
+    source_batch: int | None = None,
 ) -> list[HeadLoadings]:
     """Head loadings of many edges (source, target) in the order given.
 
     One residual-only forward pass per `source_batch` sources and one batched backward
     pass per `batch_size` targets; a target's gradients are dropped once its edges are done.
+    None: up to 64 targets / 128 sources, fewer where a batch's per-layer tensors
+    (batch × positions × d_model × layers) would pass `BATCH_ELEMENTS`.
     """
     ids = _index_of(graph)
     pairs = [(_node(graph, ids, s), _node(graph, ids, t)) for s, t in pairs]
@@ -157,8 +161,12 @@ def head_loadings_batch(
         _check_edge(graph, s, t)
     if not pairs:
         return []
-    sources = sorted({s for s, _ in pairs})
+    # by position, so that a batch runs on a short prefix of the prompt
+    sources = sorted({s for s, _ in pairs}, key=lambda s: (graph.node_layer_pos(s)[1], s))
     targets = sorted({t for _, t in pairs})
+    per_row = graph.n_pos * rm.d_model * (rm.n_layers + 1)
+    fits = max(1, BATCH_ELEMENTS // per_row)
+    batch_size, source_batch = batch_size or min(64, fits), source_batch or min(128, fits)
     input_ids = graph.input_ids.to(rm.device)
     with torch.no_grad():
         table = SourceTable.build(rm, rm.run(input_ids), zero_bos=_zero_bos(graph))
@@ -201,9 +209,10 @@ def _residual_only(rm, lin, graph: Graph, table, sources: list[int], chunk: int)
         mine = sources[start : start + chunk]
         pos = torch.tensor([graph.node_layer_pos(s)[1] for s in mine], device=rm.device)
         rows = torch.arange(1, len(mine) + 1, device=rm.device)
-        embed, writes = _source_writes(graph, table, mine)
+        n = int(pos.max()) + 1  # causal: the prefix up to the last source is enough
+        embed, writes = _source_writes(graph, table, mine, n)
         with _recording(rm, zero=True) as records, torch.no_grad():
-            run = lin.forward(writes=writes, embed_write=embed)
+            run = lin.forward(lin.input_ids[:, :n], writes=writes, embed_write=embed)
         # row 0 has no write: subtracting it leaves the linear part
         per_layer = [(r.value - r.value[:1])[rows, :, pos] for r in records]
         values.append(torch.stack(per_layer, dim=1))
@@ -217,8 +226,8 @@ def _residual_only(rm, lin, graph: Graph, table, sources: list[int], chunk: int)
     )
 
 
-def _source_writes(graph: Graph, table: SourceTable, sources: list[int]):
-    """(embed [S+1, pos, d], {layer: [S+1, pos, d]}): row i+1 holds graph source i's write.
+def _source_writes(graph: Graph, table: SourceTable, sources: list[int], n_pos: int):
+    """(embed [S+1, n_pos, d], {layer: [S+1, n_pos, d]}): row i+1 holds source i's write.
 
     A source's write is the sum of its table columns' writes: a visited feature's decoder
     writes, or an error node with the unvisited features folded into it (as in the graph).
@@ -230,10 +239,10 @@ def _source_writes(graph: Graph, table: SourceTable, sources: list[int]):
     lookup[torch.tensor(sources)] = torch.arange(1, n)
     cmap = torch.cat([col_map, torch.tensor([graph.n_nodes])]).to(table.tokens.device)
     lookup = lookup.to(table.tokens.device)
-    n_pos, d = table.n_pos, table.tokens.shape[-1]
+    d = table.tokens.shape[-1]
     writes = {}
     for block in table.blocks:
-        rows = lookup[cmap[block.cols]]  # [pos, slots]
+        rows = lookup[cmap[block.cols[:n_pos]]]  # [pos, slots]
         pos, slot = (rows >= 0).nonzero(as_tuple=True)
         if pos.numel():
             w = table.tokens.new_zeros(n, n_pos, d)
