@@ -482,14 +482,15 @@ def _qk_batch(rm, prompt_or_graph, requests) -> list[QKAttribution | WiremapErro
     with rm.linearised(ids) as lin, torch.no_grad():
         calls = {}
         for layer in sorted({r[0] for r in requests}):
-            calls[layer] = _attention_call(rm, lin, layer, len(ids))
+            n_pos = max(r[2] for r in requests if r[0] == layer) + 1  # causal: a prefix will do
+            calls[layer] = _attention_call(rm, lin, layer, n_pos)
         for layer, head, query_pos, key_pos in requests:
             where = (layer, query_pos, key_pos)
             if where not in done:
                 resid, attn, call = calls[layer]
                 q_ids, q_w = _position_writes(table, col_map, names, layer, query_pos, resid, attn)
                 k_ids, k_w = _position_writes(table, col_map, names, layer, key_pos, resid, attn)
-                q, k, kw = _project(rm, layer, call, [(query_pos, q_w), (key_pos, k_w)])
+                q, k, kw = _project(rm, layer, call, (query_pos, q_w), (key_pos, k_w))
                 done[where] = (q_ids, k_ids, q, k, kw)
             out.append(_split(layer, head, query_pos, key_pos, *done[where]))
     return out
@@ -502,7 +503,7 @@ def _split(layer, head, query_pos, key_pos, q_ids, k_ids, q, k, kw) -> QKAttribu
     except WiremapError as err:
         return err
     group = q.shape[1] // k.shape[1]
-    qh, kh = q[:, head, query_pos], k[:, head // group, key_pos]  # [1 + n, dh]
+    qh, kh = q[:, head], k[:, head // group]  # [1 + n, dh]
     q0, k0 = qh[0], kh[0]  # the bias: queries and keys of an all-zero residual stream
     qs, ks = qh[1 : 1 + len(q_ids)] - q0, kh[1 + len(q_ids) :] - k0
     scale = kw.get("scaling") or q.shape[-1] ** -0.5
@@ -610,35 +611,36 @@ def _position_writes(table, col_map, names, layer: int, pos: int, resid: Tensor,
     return node_list, torch.cat([writes, rest[None]])
 
 
-def _project(rm, layer: int, call, parts: list[tuple[int, Tensor]], chunk: int = 256):
-    """Queries [1+n, H, pos, dh] and keys [1+n, H_kv, pos, dh] of the rows (row 0: zeros).
-
-    Each row holds one write at its position; the model's own norm (frozen) and attention
-    module compute the projections, rotary and grouping.
+def _project(rm, layer: int, call, query: tuple[int, Tensor], key: tuple[int, Tensor]):
+    """Queries [1+n, H, dh] at the query position and keys [1+n, H_kv, dh] at the key
+    position of the rows: row 0 all zeros, then one row per write (query writes at the
+    query position, then key writes at the key position). The model's own norm (frozen)
+    and attention module compute projections, rotary and grouping; rows go in chunks.
     """
     from wiremap.models.linearise import _replace_first
 
     args, kwargs = call
     hidden = args[0] if args else kwargs["hidden_states"]
     n_pos, d = hidden.shape[-2], hidden.shape[-1]
-    rows = [hidden.new_zeros(1, n_pos, d)]
-    for pos, writes in parts:
-        x = hidden.new_zeros(writes.shape[0], n_pos, d)
-        x[:, pos] = writes.to(x.dtype)
-        rows.append(x)
-    x = torch.cat(rows)
-    attn = rm.adapter.module(rm.model, layer, rm.adapter.attn)
-    norm = (
-        rm.adapter.module(rm.model, layer, rm.adapter.attn_norm) if rm.adapter.attn_norm else None
+    (q_pos, q_writes), (k_pos, k_writes) = query, key
+    writes = torch.cat(
+        [hidden.new_zeros(1, d), q_writes.to(hidden.dtype), k_writes.to(hidden.dtype)]
     )
+    pos = torch.tensor([q_pos] * (1 + len(q_writes)) + [k_pos] * len(k_writes))
+    chunk = max(1, min(256, BATCH_ELEMENTS // (n_pos * d)))
+    ad = rm.adapter
+    attn = ad.module(rm.model, layer, ad.attn)
+    norm = ad.module(rm.model, layer, ad.attn_norm) if ad.attn_norm else None
     qs, ks = [], []
     with _recording(rm, QK_NAME) as records:
-        for part in x.split(chunk):
-            h = norm(part) if norm is not None else part
-            a, kw = _replace_first(args, kwargs, h)
+        for start in range(0, len(writes), chunk):
+            part = writes[start : start + chunk]
+            x = hidden.new_zeros(len(part), n_pos, d)
+            x[torch.arange(len(part)), pos[start : start + chunk]] = part
+            a, kw = _replace_first(args, kwargs, norm(x) if norm is not None else x)
             attn(*a, **kw)
-            qs.append(records[layer].query)
-            ks.append(records[layer].key)
+            qs.append(records[layer].query[:, :, q_pos])
+            ks.append(records[layer].key[:, :, k_pos])
         kwargs_seen = records[layer].kwargs
     return torch.cat(qs), torch.cat(ks), kwargs_seen
 
