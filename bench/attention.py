@@ -31,16 +31,15 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def _strongest(result, n: int) -> list[tuple[int, int]]:
-    targets, sources, weights = result.edges()
-    order = weights.abs().argsort(descending=True)[:n].tolist()
-    return [(int(sources[i]), int(targets[i])) for i in order]
-
-
 def run(root: Path, n_edges: int, n_tokens: int, budget: int | None, threads: int | None):
     import torch
 
-    from wiremap.attribute.attention import head_loadings_batch, heads_block, qk_attribution
+    from wiremap.attribute.attention import (
+        head_loadings_batch,
+        heads_block,
+        qk_attribution,
+        strongest_edges,
+    )
     from wiremap.attribute.attribute import attribute
     from wiremap.attribute.export import graph_to_json
     from wiremap.attribute.prune import prune_graph
@@ -51,10 +50,10 @@ def run(root: Path, n_edges: int, n_tokens: int, budget: int | None, threads: in
     rm = _setup(root)
     prompt = _prompt(rm, n_tokens)
     warm = attribute(_prompt(rm, 8), rm, verbose=False)  # allocator, first-call overheads
-    head_loadings_batch(rm, warm, _strongest(prune_graph(warm), 5))
+    head_loadings_batch(rm, warm, strongest_edges(prune_graph(warm), 5))
     graph, t_graph = _timed(lambda: attribute(prompt, rm, max_feature_nodes=budget, verbose=False))
     result = prune_graph(graph)  # the default thresholds, as `wiremap attribute`
-    pairs = _strongest(result, n_edges)
+    pairs = strongest_edges(result, n_edges)
     loads, t_heads = _timed(lambda: head_loadings_batch(rm, graph, pairs))
     scale = max(abs(x.edge) for x in loads)
     err = max(abs(x.total - x.edge) for x in loads) / scale

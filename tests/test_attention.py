@@ -380,7 +380,7 @@ def test_viewer_lists_heads_and_qk_pairs(cli_graph, tmp_path):
 
 # -- heads between two positions, and the demo's report of them --------------------------------
 def test_heads_between_and_the_demo_report(tiny_model_dir):
-    from wiremap.attribute.attention import heads_between
+    from wiremap.attribute.attention import heads_between, strongest_edges
     from wiremap.attribute.prune import prune_graph
     from wiremap.demo import _heads_of
 
@@ -388,6 +388,11 @@ def test_heads_between_and_the_demo_report(tiny_model_dir):
     graph = attribute(PROMPT, rm, verbose=False)
     result = prune_graph(graph)
     pos, last = 3, graph.n_pos - 1
+    A = graph.dense_adjacency()
+    weights = [abs(float(A[t, s])) for s, t in strongest_edges(result, 8)]
+    assert weights == sorted(weights, reverse=True) and weights[0] == float(
+        result.edges()[2].abs().max()
+    )
     found = heads_between(rm, graph, result, pos, n_edges=6)
     assert 0 < len(found.loadings) <= 6
     for x in found.loadings:

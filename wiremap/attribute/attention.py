@@ -183,6 +183,13 @@ def head_loadings_batch(
     return [out[pair] for pair in pairs]
 
 
+def strongest_edges(result, n: int) -> list[tuple[int, int]]:
+    """(source, target) of a pruned graph's `n` strongest kept edges (by |weight|)."""
+    targets, sources, weights = result.edges()
+    order = weights.abs().argsort(descending=True)[:n].tolist()
+    return [(int(sources[i]), int(targets[i])) for i in order]
+
+
 @dataclass
 class _Carried:
     """Each source's write carried by the residual stream alone (no attention anywhere),
