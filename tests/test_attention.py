@@ -344,6 +344,15 @@ def test_attribute_cli_heads_block(cli_graph):
     assert entry["pairs"] and all(q in block["names"] for q, _, _ in entry["pairs"])
 
 
+def test_attribute_cli_rejects_a_bad_heads_count(capsys):
+    from wiremap.cli import main
+
+    args = ["attribute", "--model", "m", "--transcoders", "t", "--prompt", "p", "--out", "o.json"]
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--heads", "0"])
+    assert stop.value.code == 2 and "positive number of edges" in capsys.readouterr().err
+
+
 def test_viewer_lists_heads_and_qk_pairs(cli_graph, tmp_path):
     import json
 

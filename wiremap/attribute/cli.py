@@ -100,7 +100,7 @@ def attribute_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", default=None, help="also write a static PNG of the pruned graph")
     p.add_argument(
         "--heads",
-        type=int,
+        type=_n_edges,
         nargs="?",
         const=1000,
         default=None,
@@ -149,6 +149,16 @@ def attribute_main(argv: list[str]) -> int:
     print(f"wrote {out} and {base}.safetensors / {base}.meta.json")
     _write_pictures(out, args.html, args.png)
     return 0
+
+
+def _n_edges(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of edges, e.g. 1000")
+    return n
 
 
 def _write_heads(rm, graph, out: Path, n_edges: int) -> None:
