@@ -418,3 +418,31 @@ def test_heads_between_and_the_demo_report(tiny_model_dir):
     with torch.no_grad():
         weights = rm.model(graph.input_ids[None], output_attentions=True).attentions
     assert top["weight"] == pytest.approx(float(weights[top["layer"]][0, top["head"], last, pos]))
+
+
+def test_demo_attention_stage_on_the_organism():
+    """`wiremap demo --attention` on the shipped organism (random transcoders: fast)."""
+    from wiremap.demo import attention_stage, attribute_prompt, demo_prompts
+    from wiremap.models.organism import organism_path
+
+    model, tokenizer = load_model(str(organism_path()))
+    tc = build_transcoder("clt", model.config.num_hidden_layers, model.config.hidden_size, 64)
+    rm = ReplacementModel(model, tokenizer, tc, check_model_name=False)
+    prompts = demo_prompts()
+    graphs = {name: attribute_prompt(rm, prompts[name]) for name in ("dallas", "antonym_fr")}
+    dallas = graphs["dallas"][0]
+    city = [t.strip() for t in dallas.token_strings].index("Dallas")
+    texas = [f for f in dallas.active_features.tolist() if f[1] == city][:3]
+    lines = []
+    found = attention_stage(rm, graphs, texas, lines.append, n_edges=4)
+    assert set(found) == {"dallas", "antonym_fr"}
+    assert found["dallas"]["source_pos"] == city
+    assert found["antonym_fr"]["source_pos"] == graphs["antonym_fr"][0].token_strings.index(
+        " petit"
+    )
+    text = "\n".join(lines)
+    assert "from the Texas features at ' Dallas'" in text and "' petit'" in text
+    assert all(report["heads"] for report in found.values())
+    for report in found.values():
+        for head in report["heads"]:
+            assert 0.0 <= head["weight"] <= 1.0 and head["key_side"] and head["pairs"]
