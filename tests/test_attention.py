@@ -422,6 +422,7 @@ def test_heads_between_and_the_demo_report(tiny_model_dir):
 
 def test_demo_attention_stage_on_the_organism():
     """`wiremap demo --attention` on the shipped organism (random transcoders: fast)."""
+    from wiremap.attribute.prune import prune_graph
     from wiremap.demo import attention_stage, attribute_prompt, demo_prompts
     from wiremap.models.organism import organism_path
 
@@ -429,7 +430,11 @@ def test_demo_attention_stage_on_the_organism():
     tc = build_transcoder("clt", model.config.num_hidden_layers, model.config.hidden_size, 64)
     rm = ReplacementModel(model, tokenizer, tc, check_model_name=False)
     prompts = demo_prompts()
-    graphs = {name: attribute_prompt(rm, prompts[name]) for name in ("dallas", "antonym_fr")}
+    graphs = {}
+    for name in ("dallas", "antonym_fr"):
+        graph, _ = attribute_prompt(rm, prompts[name])
+        # random transcoders: the default pruning keeps a handful of edges; keep them all
+        graphs[name] = (graph, prune_graph(graph, node_threshold=1.0, edge_threshold=1.0))
     dallas = graphs["dallas"][0]
     city = [t.strip() for t in dallas.token_strings].index("Dallas")
     texas = [f for f in dallas.active_features.tolist() if f[1] == city][:3]

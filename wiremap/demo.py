@@ -632,6 +632,9 @@ def _heads_of(rm, graph, result, pos, sources, labels, n_edges, say: Say) -> dic
         f"      {graph.prompt!r}: the {len(found.loadings)} strongest edges from {what} at "
         f"{toks[pos]!r} to {toks[last]!r}"
     )
+    if not found.loadings:
+        say("        no kept edge between them")
+        return {"source_pos": pos, "n_edges": 0, "heads": []}
     top = [h for h in found.heads if h[2] > 0][:2]
     shares = ", ".join(f"L{layer} H{head} {100 * v:.0f}%" for layer, head, v in top)
     rest = 1.0 - sum(v for *_, v in top)
