@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 
 from wiremap.models.adapters import get_adapter
+from wiremap.models.hooks import stop_after
 from wiremap.models.loading import load_model
 from wiremap.models.tiny import build_tiny_model, sample_corpus
-from wiremap.train.cache import CacheConfig, _forward, _stop_after, build_cache, read_manifest
+from wiremap.train.cache import CacheConfig, _forward, build_cache, read_manifest
 from wiremap.train.cache_cmd import count
 from wiremap.train.text import TextSpec, iter_texts, pack_contexts, tokenize
 
@@ -55,7 +56,8 @@ def _batches(tokenizer, corpus: Path, cfg: CacheConfig) -> list[torch.Tensor]:
 def _time_forward(model, batches, device, cut: bool) -> float:
     start = time.perf_counter()
     if cut:
-        with _stop_after(model, get_adapter(model), get_adapter(model).n_layers(model) - 1):
+        adapter = get_adapter(model)
+        with stop_after(adapter.layer(model, adapter.n_layers(model) - 1)):
             for ids in batches:
                 _forward(model, ids.to(device))
     else:

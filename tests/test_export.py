@@ -38,7 +38,10 @@ def test_cantor_pairing():
 
 def test_hand_graph_json_fields():
     g = hand_graph()
-    obj = graph_to_json(g, node_threshold=0.8, edge_threshold=1.0, labels={(1, 2): "says a"})
+    labels = {(1, 2): "says a"}
+    obj = graph_to_json(
+        g, node_threshold=0.8, edge_threshold=1.0, labels=labels, node_pool="features"
+    )
     validate_graph_json(obj)
     nodes = {n["node_id"]: n for n in obj["nodes"]}
     # kept: f0, f1, f2, e(0,1), both tokens, both logits (e(1,1) is pruned at 0.8)
@@ -57,7 +60,11 @@ def test_hand_graph_json_fields():
     assert ("1_-1_1", "3_20_1") not in links  # pruned error node takes its links with it
     meta = obj["metadata"]
     assert meta["schema_version"] == 1 and meta["info"]["generator"]["name"] == "wiremap"
-    assert meta["pruning_settings"] == {"node_threshold": 0.8, "edge_threshold": 1.0}
+    assert meta["pruning_settings"] == {
+        "node_threshold": 0.8,
+        "edge_threshold": 1.0,
+        "node_pool": "features",
+    }
     assert meta["scores"]["full"]["replacement"] == pytest.approx(0.6875)
     assert obj["qParams"]["linkType"] == "both" and obj["qParams"]["pinnedIds"] == []
 
@@ -114,8 +121,8 @@ def test_validate_lists_problems():
 
 def test_write_graph_json(tmp_path):
     g = random_dag_graph(seed=3)
-    result = write_graph_json(g, tmp_path / "out" / "g.json", node_threshold=0.7, slug="demo")
-    obj = json.loads((tmp_path / "out" / "g.json").read_text())
+    result = write_graph_json(g, tmp_path / "out", node_threshold=0.7, slug="demo")
+    obj = json.loads((tmp_path / "out" / "demo.json").read_text())
     validate_graph_json(obj)
     assert obj["metadata"]["slug"] == "demo"
     assert len(obj["nodes"]) == int(result.node_mask.sum())

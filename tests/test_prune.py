@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from wiremap.attribute.prune import (
     influence,
     logit_weights,
     prune_graph,
+    prune_nodes,
 )
 from wiremap.errors import WiremapError
 
@@ -106,12 +108,12 @@ def test_node_pruning_by_hand(backend):
     g = hand_graph()
     # features+errors ranked: f1 .375, f0 .34375, f2 .3125, e01 .21875, e11 .09375 (sum 43/32)
     # cumulative: 12/43, 23/43, 33/43, 40/43, 1
-    r = prune_graph(g, node_threshold=0.8, edge_threshold=1.0, backend=backend)
+    r = prune_graph(g, 0.8, 1.0, backend=backend, node_pool="features")
     assert r.node_mask.nonzero().flatten().tolist() == [F0, F1, F2, E01, T0, T1, LA, LB]
     expected_cum = {F1: 12 / 43, F0: 23 / 43, F2: 33 / 43, E01: 40 / 43, E11: 1.0}
     for i, v in expected_cum.items():
         assert r.cumulative_influence[i].item() == pytest.approx(v)
-    r = prune_graph(g, node_threshold=0.5, edge_threshold=0.98, backend=backend)
+    r = prune_graph(g, 0.5, 0.98, backend=backend, node_pool="features")
     assert r.node_mask.nonzero().flatten().tolist() == [F0, F1, T0, T1, LA, LB]
     # Pruned scores: f2 folds into e(1,1); I becomes f1 .5, f0 .25, e01 .25, e11 .25,
     # t1 .4375, t0 .0625 -> replacement .5; completeness (2.75 - .5) / 2.75.
@@ -125,16 +127,41 @@ def test_edge_pruning_by_hand(backend):
     # a (f1 .8, t1 .2); I'+w: f0 .4, f1 .6, a .75. Edge scores: a<-f1 .6, f1<-f0 .4,
     # f0<-t1 .3, f1<-t1 .2, a<-t1 .15, f0<-t0 .1 (total 1.75).
     g = hand_graph()
-    r = prune_graph(g, node_threshold=0.5, edge_threshold=0.8, backend=backend)
+    r = prune_graph(g, 0.5, 0.8, backend=backend, node_pool="features")
     t, s, w = r.edges()
     kept = {(ti, si): wi for ti, si, wi in zip(t.tolist(), s.tolist(), w.tolist(), strict=True)}
     assert sorted(kept) == sorted([(LA, F1), (F1, F0), (F0, T1), (F1, T1)])
     assert kept[(F1, T1)] == -1.0  # links carry the signed raw A[t, s]
     # At 0.5 only a<-f1 and f1<-f0 survive; f0 then has no input and is dropped, which
     # leaves f1 without input, which is dropped too: the iteration empties the features.
-    r = prune_graph(g, node_threshold=0.5, edge_threshold=0.5, backend=backend)
+    r = prune_graph(g, 0.5, 0.5, backend=backend, node_pool="features")
     assert r.node_mask.nonzero().flatten().tolist() == [T0, T1, LA, LB]
     assert r.n_edges == 0
+
+
+@pytest.mark.parametrize("backend", ["dense", "sparse"])
+def test_node_pool_all_by_hand(backend):
+    # Every node ranked (circuit-tracer): t1 .6015625, f1 .375, f0 .34375, f2 .3125, e01
+    # .21875, e11 .09375, t0 .0859375 (sum 65/32): cumulative .296, .481, .650, .804, ...
+    g = hand_graph()
+    r = prune_graph(g, node_threshold=0.8, edge_threshold=1.0, backend=backend)
+    assert r.settings["node_pool"] == "all"
+    assert r.node_mask.nonzero().flatten().tolist() == [F0, F1, F2, T0, T1, LA, LB]
+    total = 65 / 32
+    expected_cum = {
+        T1: 0.6015625 / total,
+        F1: (0.6015625 + 0.375) / total,
+        E11: 1 - 0.0859375 / total,
+    }
+    for i, v in expected_cum.items():
+        assert r.cumulative_influence[i].item() == pytest.approx(v)
+    # the earlier rule keeps a superset: e01 too
+    wide = prune_graph(
+        g, node_threshold=0.8, edge_threshold=1.0, backend=backend, node_pool="features"
+    )
+    assert (wide.node_mask & ~r.node_mask).nonzero().flatten().tolist() == [E01]
+    with pytest.raises(WiremapError, match="node_pool"):
+        prune_graph(g, node_pool="tokens")
 
 
 def random_dag_graph(n_layers=3, n_pos=5, n_feat=40, n_logits=3, density=0.3, seed=0) -> Graph:
@@ -212,3 +239,79 @@ def test_cycle_and_bad_input_raise():
     g.adjacency[F0, T1] = float("nan")
     with pytest.raises(WiremapError, match="NaN"):
         prune_graph(g)
+
+
+# ---- circuit-tracer's rule, reimplemented independently (dense numpy, influence by inverse) --
+def ct_rule(
+    adjacency: np.ndarray, probs: np.ndarray, n_feat: int, n_tok: int, nt: float, et: float
+):
+    """circuit-tracer's prune_graph as its code reads (graph.py): (node mask, edge mask)."""
+    n, n_logit = len(adjacency), len(probs)
+    w = np.zeros(n)
+    w[n - n_logit :] = probs
+
+    def infl(a):
+        norm = np.abs(a) / np.maximum(np.abs(a).sum(1, keepdims=True), 1e-10)
+        return w @ (np.linalg.inv(np.eye(n) - norm) - np.eye(n)), norm
+
+    def threshold(x, t):
+        s = np.sort(x)[::-1]
+        i = min(int(np.searchsorted(np.cumsum(s) / s.sum(), t)), len(s) - 1)
+        return s[i]
+
+    node_infl, _ = infl(adjacency)
+    nodes = node_infl >= threshold(node_infl, nt)  # every node in the pool
+    nodes[n - n_logit - n_tok :] = True
+    pruned = adjacency * nodes[:, None] * nodes[None, :]
+    pruned_infl, norm = infl(pruned)
+    scores = norm * (pruned_infl + w)[:, None]
+    edges = (scores >= threshold(scores.ravel(), et)) & (scores > 0)
+    prunable = n - n_logit - n_tok
+    while True:
+        new = nodes.copy()
+        new[:prunable] &= edges[:, :prunable].any(0)  # features and errors need an output
+        new[:n_feat] &= edges[:n_feat].any(1)  # features need an input
+        edges &= new[:, None] & new[None, :]
+        if (new == nodes).all():
+            return nodes, edges
+        nodes = new
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("thresholds", [(0.8, 0.98), (0.6, 0.9), (0.95, 0.7)])
+def test_default_rule_matches_circuit_tracer_reimplementation(seed, thresholds):
+    g = random_dag_graph(n_feat=60, seed=seed)
+    a = g.dense_adjacency().double().numpy()
+    nodes, edges = ct_rule(a, g.logit_probs.double().numpy(), g.n_features, g.n_pos, *thresholds)
+    for backend in ("dense", "sparse"):
+        r = prune_graph(g, *thresholds, backend=backend)
+        assert r.node_mask.tolist() == nodes.tolist()
+        t, s, _ = r.edges()
+        kept = set(zip(t.tolist(), s.tolist(), strict=True))
+        assert kept == set(zip(*(i.tolist() for i in np.nonzero(edges)), strict=True))
+    # before edge pruning, the earlier rule keeps a superset of the nodes
+    infl = prune_graph(g, *thresholds).influence
+    narrow, wide = (prune_nodes(g, infl, thresholds[0], pool) for pool in ("all", "features"))
+    assert bool((wide | ~narrow).all()) and int(wide.sum()) > int(narrow.sum())
+
+
+@pytest.mark.interop
+def test_default_rule_matches_circuit_tracer_prune():
+    """circuit-tracer's own prune_graph on the same adjacency (README, "Looking at a graph")."""
+    from types import SimpleNamespace
+
+    ct_graph = pytest.importorskip("circuit_tracer.graph")
+    for seed in range(3):
+        g = random_dag_graph(n_feat=80, seed=seed)
+        duck = SimpleNamespace(  # the attributes circuit-tracer's prune_graph reads
+            adjacency_matrix=g.dense_adjacency().float(),
+            input_tokens=g.input_ids,
+            logit_targets=list(range(g.n_logits)),
+            selected_features=torch.arange(g.n_features),
+            logit_probabilities=g.logit_probs.float(),
+        )
+        node_mask, edge_mask, cumulative = ct_graph.prune_graph(duck, 0.8, 0.98)
+        r = prune_graph(g, 0.8, 0.98)
+        assert torch.equal(r.node_mask, node_mask)
+        assert torch.equal(r.adjacency != 0, edge_mask & (duck.adjacency_matrix != 0))
+        torch.testing.assert_close(r.cumulative_influence, cumulative)

@@ -138,3 +138,30 @@ def test_from_pretrained_with_saved_transcoders(tiny_model_dir, tmp_path):
     with torch.no_grad():
         original = rm.model(ids[None]).logits[0]
     torch.testing.assert_close(rm(ids), original, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch,tc_arch", [("llama", "clt"), ("gpt_neox", "skip_plt")])
+def test_training_splice_is_the_replacement_models_splice(tiny_model_dir, arch, tc_arch):
+    # one splicing mechanism: training's metric (scales 1, BOS spliced too) and the
+    # replacement model without error terms give the same logits, each in one forward pass
+    from wiremap.train.callbacks import spliced_transcoders
+
+    rm = make_rm(tiny_model_dir, arch, tc_arch)  # training splices in fp32
+    ids = rm.tokenize(PROMPT)
+    errors = torch.zeros(
+        rm.n_layers,
+        len(ids),
+        rm.d_model,
+    )
+    ones = torch.ones(rm.n_layers)
+    calls = []
+    handle = rm.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad(), spliced_transcoders(rm.model, rm.transcoders, ones, ones, False):
+            spliced = rm.model(ids[None]).logits[0]
+        replaced = rm(ids, errors=errors)
+    finally:
+        handle.remove()
+    assert len(calls) == 2
+    torch.testing.assert_close(spliced, replaced, rtol=0, atol=1e-5 * float(replaced.abs().max()))
+    assert remaining_hooks(rm.model) == 0

@@ -169,7 +169,7 @@ def served(tmp_path):
 
     def start(**kw):
         server = make_server(folder, "127.0.0.1", 0, **kw)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         started.append(server)
         return server
 
@@ -179,6 +179,8 @@ def served(tmp_path):
         srv = srv or server
         conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        if method == "POST":  # what the page sends; tests of other headers override it
+            headers = {"Content-Type": "application/json", **(headers or {})}
         conn.request(method, path, body=data, headers=headers or {})
         resp = conn.getresponse()
         raw = resp.read()
@@ -243,6 +245,8 @@ def test_bad_graph_file_is_an_error_not_a_crash(served, content):
         "capital.txt",
         "%252e%252e%252fsecret.json",
         "link.json",
+        "a" * 300 + ".json",
+        "%2Ftmp%2Fsecret.json",
     ],
 )
 def test_path_traversal_is_refused(served, tmp_path, name):
@@ -321,6 +325,20 @@ def test_save_writes_pins_supernodes_and_labels(served):
         {"labels": {"nope": "x"}},
         {"labels": {"E_100_0": "x" * 501}},
         {"labels": ["x"]},
+        {"labels": {"E_100_0": 5}},
+        {"qParams": {"pinnedIds": [["x"]]}},
+        {"qParams": {"pinnedIds": [{"a": 1}]}},
+        {"qParams": {"pinnedIds": "E_100_0"}},
+        {"qParams": {"pinnedIds": ["E_100_0"] * 1000}},
+        {"qParams": {"supernodes": 5}},
+        {"qParams": {"supernodes": [5]}},
+        {"qParams": {"supernodes": [["x" * 501, "E_100_0"]]}},
+        {"qParams": {"supernodes": [["a", ["E_100_0"]]]}},
+        {"qParams": {"supernodes": [["a", "E_100_0", "E_100_0"]]}},
+        {"qParams": {"supernodes": [["a", "E_100_0"], ["b", "E_100_0"]]}},
+        {"qParams": {"clickedId": ["E_100_0"]}},
+        {"qParams": {"linkType": "x" * 501}},
+        {"qParams": 5},
     ],
 )
 def test_save_rejects_bad_edits_and_leaves_the_file(served, bad):
@@ -532,3 +550,295 @@ def test_steer_with_a_tiny_replacement_model(served, tiny_model_dir, tmp_path):
     assert any(abs(base.get(t["id"], 0.0) - t["prob"]) > 1e-4 for t in resp["steered"])
     assert resp["baseline_text"] and resp["steered_text"]
     assert resp["interventions"] == [[1, last, 3, 200.0]]
+
+
+# ---- hardening: hosts, origins, bodies, slow clients, saves, messages ------------------------
+def raw_request(server, data: bytes, pause: float = 0.0, timeout: float = 30) -> bytes:
+    """Send raw bytes (after `pause` seconds, nothing) and read until the server closes."""
+    import socket
+    import time
+
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as sock:
+        sock.sendall(data)
+        time.sleep(pause)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            pass
+    return b"".join(chunks)
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else 0
+
+
+SAVE = {"name": "capital.json", "qParams": {"pinnedIds": ["E_100_0"]}}
+
+
+def test_host_header_allow_list(served):
+    folder, request = served
+    before = (folder / "capital.json").read_bytes()
+    for host in ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", "[::2]", "a:b:c"]:
+        for path in ["/", "/api/list", "/api/graph?name=capital.json"]:
+            status, _ = request("GET", path, headers={"Host": host})
+            assert status in (400, 403), (host, path)
+        assert request("POST", "/api/save", SAVE, {"Host": host})[0] in (400, 403)
+    assert (folder / "capital.json").read_bytes() == before
+    for host in ["localhost", "LOCALHOST:8000", "127.0.0.1:1234", "[::1]:8000", "localhost."]:
+        assert request("GET", "/api/list", headers={"Host": host})[0] == 200, host
+    lan = request.start(allow_hosts=["mybox.lan"])
+    assert request("GET", "/api/list", headers={"Host": "mybox.lan:8000"}, srv=lan)[0] == 200
+    assert request("GET", "/api/list", headers={"Host": "other.lan"}, srv=lan)[0] == 403
+    server = request.start()
+    assert status_of(raw_request(server, b"GET /api/list HTTP/1.0\r\n\r\n")) == 400  # no Host
+    two = b"GET /api/list HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n\r\n"
+    assert status_of(raw_request(server, two)) == 400
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Type": "text/plain"},
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        {"Content-Type": "multipart/form-data; boundary=x"},
+        {"Content-Type": ""},
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+        {"Origin": "https://127.0.0.1"},
+        {"Origin": "http://127.0.0.1:1"},
+        {"Referer": "http://evil.example/page.html"},
+        {"Sec-Fetch-Site": "cross-site"},
+    ],
+)
+def test_writes_need_json_from_the_same_origin(served, headers):
+    folder, request = served
+    before = (folder / "capital.json").read_bytes()
+    for path, body in [
+        ("/api/save", SAVE),
+        ("/api/scores", {"name": "capital.json", "pinnedIds": []}),
+        ("/api/steer", {"name": "capital.json", "nodes": ["E_100_0"]}),
+    ]:
+        status, resp = request("POST", path, body, headers)
+        assert status in (403, 415), (path, status, resp)
+    assert (folder / "capital.json").read_bytes() == before
+
+
+def test_same_origin_writes_are_accepted(served):
+    folder, request = served
+    srv = request.start()
+    origin = f"http://127.0.0.1:{srv.server_address[1]}"
+    headers = {"Origin": origin, "Content-Type": "application/json; charset=utf-8"}
+    assert request("POST", "/api/save", SAVE, headers, srv=srv)[0] == 200
+    referer = {"Referer": origin + "/index.html", "Sec-Fetch-Site": "same-origin"}
+    assert request("POST", "/api/save", SAVE, referer, srv=srv)[0] == 200
+    localhost = {"Host": f"localhost:{srv.server_address[1]}"}
+    localhost["Origin"] = f"http://{localhost['Host']}"
+    assert request("POST", "/api/save", SAVE, localhost, srv=srv)[0] == 200
+    saved = json.loads((folder / "capital.json").read_text())
+    assert saved["qParams"]["pinnedIds"] == ["E_100_0"]
+
+
+@pytest.mark.parametrize(
+    "length",
+    [b"\xc2\xb2", b"-1", b"1e3", b" ", b"0x10", b"99999999999999999999", b"12, 13"],
+)
+def test_bad_content_length_is_answered_400(served, length):
+    folder, request = served
+    server = request.start()
+    head = b"POST /api/save HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    answer = raw_request(server, head + b"Content-Length: " + length + b"\r\n\r\n{}")
+    assert status_of(answer) == 400 and b"Content-Length" in answer
+    two = head + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}"
+    assert status_of(raw_request(server, two)) == 400
+    chunked = head + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    assert status_of(raw_request(server, chunked)) == 411
+    assert request("GET", "/api/list", srv=server)[0] == 200  # still serving
+
+
+def test_deep_or_odd_json_bodies_are_answered_400(served):
+    folder, request = served
+    before = (folder / "capital.json").read_bytes()
+    deep_list = b"[" * 100_000 + b"]" * 100_000
+    deep_dict = b'{"name": "capital.json", "qParams": ' + b'{"a":' * 40 + b"1" + b"}" * 41
+    for body in [deep_list, b"[" * 100_000, deep_dict, b'{"name": NaN}', b'{"x": Infinity}']:
+        status, resp = request("POST", "/api/save", body)
+        assert status == 400 and resp["error"], body[:40]
+    ok = {"name": "capital.json", "qParams": {"pinnedIds": []}, "labels": {}}
+    assert request("POST", "/api/save", ok)[0] == 200
+    assert json.loads((folder / "capital.json").read_bytes()) == json.loads(before)
+
+
+def test_idle_slow_and_unfinished_clients_are_cut_off_without_blocking_others(served):
+    import socket
+    import time
+
+    _, request = served
+    server = request.start(timeout=0.5, read_deadline=1.5)
+    addr = server.server_address[:2]
+    idle = socket.create_connection(addr, timeout=30)  # says nothing at all
+    unfinished = socket.create_connection(addr, timeout=30)  # a POST that never ends
+    unfinished.sendall(
+        b"POST /api/save HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"name": '
+    )
+    slow = socket.create_connection(addr, timeout=30)  # slowloris: a byte every 0.2 s
+    assert request("GET", "/api/list", srv=server)[0] == 200  # others are served meanwhile
+    sent = 0
+    for byte in b"GET /api/list HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200:
+        try:
+            slow.sendall(bytes([byte]))
+        except OSError:
+            break  # the server closed it: the read deadline works
+        sent += 1
+        time.sleep(0.2)
+        if sent == 5:
+            assert request("GET", "/api/list", srv=server)[0] == 200
+    assert sent < 240, "the slow client was never cut off"
+    for sock in (idle, unfinished, slow):
+        try:
+            rest = sock.recv(65536)
+            while rest and sock.recv(65536):
+                pass
+        except (ConnectionResetError, TimeoutError):
+            rest = b""
+        assert not rest or status_of(rest) in (400, 408), rest
+        sock.close()
+    assert request("GET", "/api/list", srv=server)[0] == 200
+
+
+def test_connections_are_bounded_and_extra_ones_get_503(served):
+    import socket
+    import time
+
+    _, request = served
+    server = request.start(max_threads=3, timeout=30)
+    held = [socket.create_connection(server.server_address[:2], timeout=30) for _ in range(3)]
+    for _ in range(200):  # wait until the server has accepted all three
+        if server._active == 3:
+            break
+        time.sleep(0.05)
+    assert server._active == 3
+    assert status_of(raw_request(server, b"GET /api/list HTTP/1.0\r\nHost: x\r\n\r\n")) == 503
+    for sock in held:
+        sock.close()
+    for _ in range(200):
+        if server._active == 0:
+            break
+        time.sleep(0.05)
+    assert request("GET", "/api/list", srv=server)[0] == 200
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o600])
+def test_save_keeps_the_file_mode_and_leaves_no_temp_files(served, mode):
+    folder, request = served
+    (folder / "capital.json").chmod(mode)
+    assert request("POST", "/api/save", SAVE)[0] == 200
+    assert (folder / "capital.json").stat().st_mode & 0o777 == mode
+    assert sorted(p.name for p in folder.iterdir()) == ["capital.json"]
+
+
+def test_concurrent_saves_and_garbage_never_corrupt_the_graph(served):
+    folder, request = served
+    graph = json.loads((folder / "capital.json").read_text())
+    feats = [n["node_id"] for n in graph["nodes"] if n["feature_type"].startswith("cross")]
+    edits = [{"name": "capital.json", "qParams": {"pinnedIds": feats[: i + 1]}} for i in range(6)]
+    garbage = [b'{"name": "capital.json", "qParams": {"pinnedIds": [', b"\x00" * 1000]
+    results = []
+
+    def post(body):
+        results.append(request("POST", "/api/save", body)[0])
+
+    threads = [threading.Thread(target=post, args=(b,)) for b in edits * 3 + garbage * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(set(results)) == [200, 400]
+    saved = json.loads((folder / "capital.json").read_text())
+    assert saved["qParams"]["pinnedIds"] in [e["qParams"]["pinnedIds"] for e in edits]
+    assert saved["nodes"] == graph["nodes"] and saved["links"] == graph["links"]
+    assert sorted(p.name for p in folder.iterdir()) == ["capital.json"]
+
+
+def test_errors_expose_no_absolute_paths_or_exception_text(served, monkeypatch, tmp_path):
+    from wiremap.attribute.viewer import server as server_mod
+    from wiremap.errors import WiremapError
+
+    folder, request = served
+    status, body = request("GET", "/api/list")
+    assert body["folder"] == "graphs" and str(tmp_path) not in json.dumps(body)
+
+    def broken(obj, pinned):
+        raise RuntimeError(f"secret detail in {tmp_path}/private/file.bin")
+
+    monkeypatch.setattr(server_mod, "pinned_scores", broken)
+    status, body = request("POST", "/api/scores", {"name": "capital.json", "pinnedIds": []})
+    assert status == 500 and "secret" not in body["error"] and str(tmp_path) not in body["error"]
+
+    def user_error(obj, pinned):
+        raise WiremapError(f"cannot open {tmp_path}/models/tc/config.json; check the folder")
+
+    monkeypatch.setattr(server_mod, "pinned_scores", user_error)
+    status, body = request("POST", "/api/scores", {"name": "capital.json", "pinnedIds": []})
+    assert status == 422 and str(tmp_path) not in body["error"]
+    assert "config.json; check the folder" in body["error"]
+    for status, body in [
+        request("GET", "/api/nothing/else"),
+        request("POST", "/api/save", b"{oops"),
+        request("GET", "/api/graph?name=missing.json"),
+    ]:
+        assert status >= 400 and str(tmp_path) not in body["error"]
+
+
+def test_public_message_cuts_folders():
+    from wiremap.attribute.viewer.guard import public_message
+
+    root = Path("/home/me/graphs")
+    text = "no file /home/me/graphs/g.json; see /opt/models/tc/config.json or C:\\Users\\me\\x.json"
+    out = public_message(text, root)
+    assert "/home" not in out and "/opt" not in out and "Users" not in out
+    assert "graphs/g.json" in out and "…/config.json" in out and "x.json" in out
+    assert (
+        public_message("'nodes' must be a list (1/2 done)") == "'nodes' must be a list (1/2 done)"
+    )
+
+
+def test_steer_takes_no_paths_from_the_request_and_no_remote_code(served, tmp_path):
+    folder, request = served
+    loads = []
+    srv = request.start(steerer=Steerer(loader=lambda m, t: loads.append((m, t)) or "MODEL"))
+    graph = json.loads((folder / "capital.json").read_text())
+    feat = next(n for n in graph["nodes"] if n["feature_type"].startswith("cross"))["node_id"]
+    for extra in [{"model": "/etc"}, {"transcoders": "/tmp"}, {"metadata": {}}]:
+        body = {"name": "capital.json", "nodes": [feat], **extra}
+        status, resp = request("POST", "/api/steer", body, srv=srv)
+        assert status == 400 and "metadata" in resp["error"], extra
+    remote = tmp_path / "remote_model"
+    remote.mkdir()
+    (remote / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "x.Model"}}))
+    (folder / "remote.json").write_text(
+        json.dumps(make_graph_json(info={"model": str(remote), "transcoders": "t"}))
+    )
+    status, resp = request("POST", "/api/steer", {"name": "remote.json", "nodes": [feat]}, srv=srv)
+    assert status == 422 and "own Python code" in resp["error"]
+    assert str(tmp_path) not in resp["error"] and loads == []
+
+
+def test_serve_bind_problems_are_one_clear_line(served, capsys):
+    from wiremap.cli import main
+    from wiremap.errors import WiremapError
+
+    folder, request = served
+    busy = request.start().server_address[1]
+    for args, words in [
+        (["--port", str(busy)], "already in use"),
+        (["--host", "999.1.1.1", "--port", "0"], "not an address of this machine"),
+        (["--port", "70000"], "not a port"),
+    ]:
+        assert main(["serve", str(folder), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    with pytest.raises(WiremapError, match="already in use"):
+        make_server(folder, "127.0.0.1", busy)

@@ -1,47 +1,89 @@
 """wiremap: train transcoders on language models and trace circuits.
 
-    from wiremap import ReplacementModel, write_graph_json
-    from wiremap.attribute.attribute import attribute
+    import wiremap
 
-    model = ReplacementModel.from_pretrained("gpt2", "runs/gpt2-plt/transcoders")
-    graph = attribute("The capital of France is", model)
-    write_graph_json(graph, "graphs/france.json")
+    run = wiremap.fit("organism", max_steps=200)             # train; -> run.export, run.metrics
+    model = wiremap.ReplacementModel.from_pretrained("wiremap/data/organism", run.export)
+    graph = wiremap.attribute_graph("Fact: the capital of the state containing Dallas is", model)
+    wiremap.write_graph_json(graph, "graphs/dallas.json")
+    wiremap.serve("graphs/")                                  # the local viewer
 
-(`attribute` itself lives in `wiremap.attribute.attribute`: the name `wiremap.attribute` is
-the subpackage.) Public names are imported lazily so that `import wiremap` stays light
-(no Lightning, wandb or transformers until they are needed).
+The graph-making function is `wiremap.attribute_graph`: the name `wiremap.attribute` is
+the subpackage (`wiremap/attribute/`), and once any of its modules is imported Python binds
+that name to the subpackage, so a function of the same name could not live beside it. The
+function itself stays where it was, `wiremap.attribute.attribute.attribute`.
+
+Public names are imported lazily, so `import wiremap` stays light (no torch, Lightning,
+wandb or transformers until a name that needs them is used). The low-level hooks
+(`capture`, `replace_mlp_out`, `get_adapter`) live in `wiremap.models.hooks` and
+`wiremap.models.adapters`; reaching them from `wiremap` still works in this version, with a
+DeprecationWarning.
 """
 
+import warnings
 from importlib import import_module
 
 __version__ = "0.1.0"
 
+# public name -> module that defines it (same name there)
 _LAZY = {
     "WiremapError": "wiremap.errors",
+    # models: language models, transcoders, the replacement model
     "load_model": "wiremap.models.loading",
-    "get_adapter": "wiremap.models.adapters",
-    "capture": "wiremap.models.hooks",
-    "replace_mlp_out": "wiremap.models.hooks",
     "build_transcoder": "wiremap.models.transcoders",
     "save_transcoders": "wiremap.models.io",
     "load_transcoders": "wiremap.models.io",
     "ReplacementModel": "wiremap.models.replacement",
+    # training: the activation cache and fit
     "ActivationCache": "wiremap.train.cache",
     "CacheConfig": "wiremap.train.cache",
     "build_cache": "wiremap.train.cache",
+    "fit": "wiremap.train.fit",
+    "FitResult": "wiremap.train.fit",
+    # attribution: graphs, targets, pruning, export, interventions, the viewer
     "Graph": "wiremap.attribute.graph",
+    "logit_difference": "wiremap.attribute.targets",
+    "top_tokens": "wiremap.attribute.targets",
     "prune_graph": "wiremap.attribute.prune",
     "graph_scores": "wiremap.attribute.prune",
     "write_graph_json": "wiremap.attribute.export",
     "summarize_paths": "wiremap.attribute.export",
     "feature_intervention": "wiremap.attribute.interventions",
+    "scale_features": "wiremap.attribute.interventions",
+    "generate_with_interventions": "wiremap.attribute.interventions",
+    "serve": "wiremap.attribute.viewer",
+}
+# public name -> (module, name there), where the two differ
+_RENAMED = {
+    "attribute_graph": ("wiremap.attribute.attribute", "attribute"),
+}
+# reachable from `wiremap` for one more version only
+_DEPRECATED = {
+    "capture": "wiremap.models.hooks",
+    "replace_mlp_out": "wiremap.models.hooks",
+    "get_adapter": "wiremap.models.adapters",
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
+    if name in _RENAMED:
+        module, attr = _RENAMED[name]
+        return getattr(import_module(module), attr)
+    if name in _DEPRECATED:
+        warnings.warn(
+            f"wiremap.{name} is deprecated and goes away in the next version; import it from "
+            f"{_DEPRECATED[name]} (from {_DEPRECATED[name]} import {name})",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(import_module(_DEPRECATED[name]), name)
     raise AttributeError(f"module 'wiremap' has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_LAZY]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY, *_RENAMED])
+
+
+__all__ = ["__version__", *_LAZY, *_RENAMED]

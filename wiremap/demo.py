@@ -7,7 +7,7 @@
 Stages, one function each, in the order `run_demo` calls them:
 1. `write_corpus`      — the organism's own synthetic corpus as a .txt file;
 2. `cache_stage`       — the organism's MLP inputs/outputs on it (`wiremap.train.cache`);
-3. `train_stage`       — a CLT and a PLT trained with Lightning on that cache, exported;
+3. `train_stage`       — a CLT and a PLT trained on that cache with `wiremap.fit`, exported;
 4. `attribute_stage`   — attribution graphs of the Dallas prompt and one antonym prompt per
                          language, for each transcoder;
 5. `swap_stage`        — the Texas→California feature swap (`wiremap.attribute.circuits`):
@@ -17,8 +17,9 @@ Stages, one function each, in the order `run_demo` calls them:
 6. `cards_stage`       — feature cards of the CLT, so the viewer shows them.
 
 Everything lands in `cfg.out`: `corpus.txt`, `cache/`, `clt/` and `plt/` (exported
-transcoders, with their feature cards in `features/`), `graphs/` (`*.json` + `*.html`) and
-`report.json`. Open the graphs with `wiremap serve <out>/graphs`.
+transcoders, with their feature cards in `features/`), `graphs/` (`*.json` + `*.html`),
+`report.json`, and `runs/<arch>/config.yaml` (each training run's resolved `wiremap.fit`
+settings). Open the graphs with `wiremap serve <out>/graphs`.
 """
 
 from __future__ import annotations
@@ -191,61 +192,46 @@ def cache_config(cfg: DemoConfig, organism: str, corpus: Path):
 
 # -- stage 3: transcoders ------------------------------------------------------------------
 def train_stage(cfg: DemoConfig, cache_cfg, arch: str) -> tuple[Path, dict[str, float]]:
-    """Train one transcoder (`clt` or `plt`) on the cache; export it to `<out>/<arch>`.
+    """Train one transcoder (`clt` or `plt`) on the cache with `wiremap.fit`; export it to
+    `<out>/<arch>` (the run's resolved config goes to `<out>/runs/<arch>/config.yaml`)."""
+    import wiremap
 
-    Drives Lightning directly with wiremap's TranscoderModule and ActivationDataModule.
-    """
-    import lightning as L
-
-    from wiremap.models.io import save_transcoders
-    from wiremap.train.data import ActivationDataModule
-    from wiremap.train.module import LossConfig, OptimConfig, TranscoderModule
-
-    L.seed_everything(cfg.seed, verbose=False)
-    data = ActivationDataModule(
-        cache_cfg,
-        batch_size=cfg.batch_size,
-        buffer_size=16 * cfg.batch_size,
-        val_fraction=0.0,
-        seed=cfg.seed,
-        pin_memory=False,
-    )
-    module = TranscoderModule(
-        n_layers=data.n_layers,
-        d_model=data.d_model,
-        arch=arch,
-        d_transcoder=cfg.d_transcoder,
-        activation=cfg.activation,
-        cache_info=data.cache_info,
-        loss=LossConfig(
-            sparsity_coef=cfg.sparsity_coef, sparsity_ramp=0.5, dead_tokens=50 * cfg.batch_size
-        ),
-        optim=OptimConfig(lr=cfg.lr, warmup_steps=max(1, cfg.steps // 20)),
-    )
     with _quiet_lightning():
-        trainer = L.Trainer(
-            max_steps=cfg.steps,
-            accelerator="cpu",
-            devices=1,
-            precision="32-true",
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=cfg.progress,
-            gradient_clip_val=1.0,
-            log_every_n_steps=max(1, cfg.steps // 20),
-            limit_val_batches=0,
-        )
-        trainer.fit(module, datamodule=data)
-    metrics = _final_metrics(trainer)
-    folder = cfg.path / arch
-    save_transcoders(module.export_transcoder(), folder, extra_config={"training": metrics})
-    return folder, metrics
+        result = wiremap.fit(**demo_fit_settings(cfg, cache_cfg, arch))
+    return result.export, result.metrics
+
+
+def demo_fit_settings(cfg: DemoConfig, cache_cfg, arch: str) -> dict[str, Any]:
+    """The `wiremap.fit` settings of one of the demo's transcoders: no logger, checkpoints,
+    validation or replacement check (the demo's graphs measure the transcoders instead)."""
+    run = dict(name=arch, root=str(cfg.path / "runs"), export_dir=str(cfg.path / arch))
+    run.update(logger="none", checkpoint_every=0, replacement_every=0, log_every=0)
+    return dict(
+        run=run,
+        trainer=dict(
+            max_steps=cfg.steps, accelerator="cpu", devices=1, precision="32-true",
+            enable_model_summary=False, enable_progress_bar=cfg.progress,
+            gradient_clip_val=1.0, log_every_n_steps=max(1, cfg.steps // 20), limit_val_batches=0,
+        ),
+        model=dict(
+            arch=arch, d_transcoder=cfg.d_transcoder, activation=cfg.activation,
+            loss=dict(sparsity_coef=cfg.sparsity_coef, sparsity_ramp=0.5,
+                      dead_tokens=50 * cfg.batch_size),
+            optim=dict(lr=cfg.lr, warmup_steps=max(1, cfg.steps // 20)),
+        ),
+        data=dict(
+            cache=cache_cfg, batch_size=cfg.batch_size, buffer_size=16 * cfg.batch_size,
+            val_fraction=0.0, seed=cfg.seed, pin_memory=False,
+        ),
+        seed_everything=cfg.seed,
+    )  # fmt: skip
 
 
 @contextmanager
 def _quiet_lightning() -> Iterator[None]:
     """Hide Lightning's start-up banners and known-harmless warnings; keep its progress bar."""
+    import lightning  # noqa: F401 (imported first: importing it resets these loggers' levels)
+
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -258,17 +244,6 @@ def _quiet_lightning() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
-
-
-def _final_metrics(trainer) -> dict[str, float]:
-    keep = {
-        "fvu": "fvu",
-        "l0": "l0",
-        "l0_total": "l0_total",
-        "train/dead_fraction": "dead_fraction",
-    }
-    got = trainer.callback_metrics
-    return {short: round(float(got[k]), 4) for k, short in keep.items() if k in got}
 
 
 # -- stage 4: attribution graphs -----------------------------------------------------------

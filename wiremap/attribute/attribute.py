@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +123,7 @@ def attribute(
     dtype: str | torch.dtype | None = None,
     memory_limit: int | None = None,
     rerank_every: int | None = None,
-    verbose: bool = True,
+    verbose: bool = False,
 ) -> Graph:
     """The attribution graph of `prompt` under the replacement model `model` (module docstring).
 
@@ -130,9 +132,42 @@ def attribute(
     is in `graph.settings["memory"]`. With a budget, features are visited best-first and
     re-ranked after every `rerank_every` visits (None: every batch, or often enough that
     the budget is re-ranked 4 times; 0: ranked once, by direct effects on the logits).
+    It runs where `model` is; `device` / `dtype` move it for this call only (it is put
+    back as it was). `verbose`: progress on stderr (off by default).
     """
+    with _moved(model, device, dtype) as rm:
+        return _attribute(
+            prompt,
+            rm,
+            max_n_logits=max_n_logits,
+            desired_logit_prob=desired_logit_prob,
+            target_tokens=target_tokens,
+            target_directions=target_directions,
+            max_feature_nodes=max_feature_nodes,
+            batch_size=batch_size,
+            zero_bos=zero_bos,
+            memory_limit=memory_limit,
+            rerank_every=rerank_every,
+            verbose=verbose,
+        )
+
+
+def _attribute(
+    prompt: str,
+    rm,
+    *,
+    max_n_logits: int,
+    desired_logit_prob: float,
+    target_tokens: list[str | int] | None,
+    target_directions,
+    max_feature_nodes: int | None,
+    batch_size: int | None,
+    zero_bos: bool,
+    memory_limit: int | None,
+    rerank_every: int | None,
+    verbose: bool,
+) -> Graph:
     start = time.perf_counter()
-    rm = _prepare(model, device, dtype)
     if batch_size is not None and batch_size < 1:
         raise WiremapError(f"batch_size={batch_size}; use a positive batch size")
     if max_feature_nodes is not None and max_feature_nodes < 0:
@@ -208,17 +243,44 @@ def _free_memory(rm, limit: int | None) -> tuple[int, int | None]:
     return free_bytes("cpu"), free_bytes(rm.device) if on_gpu else None
 
 
-def _prepare(model, device, dtype):
-    if device is None and dtype is None:
-        return model
+@contextmanager
+def _moved(model, device=None, dtype=None) -> Iterator:
+    """`model` on `device` / in `dtype` inside the block, as it was (every tensor) after it.
+
+    Going to a narrower dtype and back would round the caller's weights, so that is refused.
+    """
     from wiremap.models.loading import resolve_device, resolve_dtype
 
     kwargs = {}
-    if device is not None:
+    if device is not None and resolve_device(device) != model.device:
         kwargs["device"] = resolve_device(device)
-    if dtype is not None:
+    if dtype is not None and resolve_dtype(dtype) != next(model.parameters()).dtype:
         kwargs["dtype"] = resolve_dtype(dtype)
-    return model.to(**kwargs)
+    if not kwargs:
+        yield model
+        return
+    before = [(t.device, t.dtype) for t in _tensors(model)]
+    _check_lossless(before, kwargs.get("dtype"))
+    model.to(**kwargs)
+    try:
+        yield model
+    finally:
+        for t, (dev, dt) in zip(_tensors(model), before, strict=True):
+            t.data = t.data.to(device=dev, dtype=dt)
+
+
+def _tensors(model) -> list[Tensor]:
+    return [*model.parameters(), *model.buffers()]
+
+
+def _check_lossless(placements, dtype) -> None:
+    for _, dt in placements:
+        if dtype is not None and dt.is_floating_point and torch.promote_types(dt, dtype) != dtype:
+            raise WiremapError(
+                f"dtype={dtype} would round the model's {dt} weights (attribute() puts the "
+                "model back as it was after the call); load the model in that dtype instead "
+                "(ReplacementModel.from_pretrained(..., dtype=...))"
+            )
 
 
 def _logit_targets(targets: LogitTargets, n_pos: int) -> _Targets:

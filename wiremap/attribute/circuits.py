@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from wiremap.attribute.graph import Graph
-from wiremap.attribute.interventions import feature_intervention, top_tokens
+from wiremap.attribute.interventions import feature_intervention
+from wiremap.attribute.targets import top_tokens
 from wiremap.errors import WiremapError
 
 Feature = tuple[int, int, int]  # (layer, pos, feature)
@@ -242,7 +243,7 @@ def swap(
 
     def tops(values: list) -> list[tuple[str, float]]:
         logits = feature_intervention(rm, prompt, values, frozen=False, mode="set").logits
-        return [(t, round(p, 4)) for t, p in top_tokens(rm, logits, k)]
+        return [(t.token, round(t.prob, 4)) for t in top_tokens(rm, logits, k)]
 
     removal = [(l, p, f, remove_value) for l, p, f in remove]
     return SwapResult(

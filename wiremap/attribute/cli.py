@@ -1,13 +1,15 @@
 """`wiremap attribute` and `wiremap steer`: attribution graphs and interventions from the shell.
 
     wiremap attribute --model gpt2 --transcoders tc/ --prompt "The capital of France is" \\
-        --out graph.json [--node-threshold 0.8 --edge-threshold 0.98 --max-feature-nodes 2000] \\
+        --out graphs/ [--slug france --scan gpt2] [--node-threshold 0.8 --edge-threshold 0.98] \\
         [--heads 1000]
     wiremap steer --model gpt2 --transcoders tc/ --prompt "I love" \\
         --feature 5:3:1234 --feature 6:*:77=2.5 --scale 4 --generate 20
 
-`attribute` writes the pruned graph JSON (DESIGN.md §8) to --out and the full graph
-(tensors + metadata) next to it (`graph.safetensors`, `graph.meta.json`), then prints the
+`attribute` writes the pruned graph JSON (DESIGN.md §8) to `{slug}.json` in the --out folder
+(or to --out itself when it names a `.json` file; its name is then the slug), lists it in
+that folder's `graph-metadata.json` (circuit-tracer's frontend layout), writes the full graph
+(tensors + metadata) next to it (`{slug}.safetensors`, `{slug}.meta.json`), then prints the
 scores and the strongest paths from the prompt to the top logit. With --heads N it adds
 the JSON's "heads" block: which attention heads carry each of the N strongest links and the
 QK pairs that made those heads attend (wiremap/attribute/attention.py).
@@ -58,8 +60,17 @@ def attribute_parser() -> argparse.ArgumentParser:
         prog="wiremap attribute", description="Build an attribution graph for a prompt."
     )
     _model_args(p)
-    p.add_argument("--out", required=True, help="graph JSON to write (e.g. graph.json)")
+    p.add_argument("--out", required=True, help="folder for {slug}.json, or a .json file")
+    p.add_argument("--slug", default=None, help="graph name [a-zA-Z0-9_.-] (default: prompt)")
+    p.add_argument("--scan", default=None, help="model id for Neuronpedia (default: model name)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence kept")
+    p.add_argument(
+        "--node-pool",
+        choices=("all", "features"),
+        default="all",
+        help="what the node threshold is a share of: all nodes (circuit-tracer's rule) or "
+        "feature and error nodes only (keeps more features)",
+    )
     p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge score kept")
     p.add_argument(
         "--max-feature-nodes",
@@ -96,6 +107,17 @@ def attribute_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-edges", type=int, default=20000, help="edge budget: most links in the JSON (0 = all)"
     )
+    p.add_argument(
+        "--features",
+        default=None,
+        help="feature cards folder (default: <transcoders>/features when it exists): their "
+        "per-feature JSON goes to <out folder>/features/<scan>/",
+    )
+    p.add_argument(
+        "--feature-json-base-url",
+        default=None,
+        help="public URL of that folder for Neuronpedia (default: features/<scan>, relative)",
+    )
     p.add_argument("--html", default=None, help="also write a self-contained HTML view here")
     p.add_argument("--png", default=None, help="also write a static PNG of the pruned graph")
     p.add_argument(
@@ -113,9 +135,18 @@ def attribute_parser() -> argparse.ArgumentParser:
 
 def attribute_main(argv: list[str]) -> int:
     from wiremap.attribute.attribute import attribute
-    from wiremap.attribute.export import summarize_paths, write_graph_json
+    from wiremap.attribute.export import (
+        check_name,
+        default_scan,
+        graph_file,
+        summarize_paths,
+        write_graph_json,
+    )
 
     args = attribute_parser().parse_args(argv)
+    out, slug = graph_file(args.out, args.slug, args.prompt)  # refuse bad names before the work
+    if args.scan:
+        check_name("scan", args.scan)
     rm = _load(args)
     graph = attribute(
         args.prompt,
@@ -133,12 +164,18 @@ def attribute_main(argv: list[str]) -> int:
     if note and args.quiet:  # otherwise attribute() has said it
         print(note)
     graph.settings.update(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
-    out = Path(args.out)
+    scan = args.scan or default_scan(graph.settings)
+    store = _feature_store(args)
+    base_url = args.feature_json_base_url or (f"features/{scan}" if store else None)
     result = write_graph_json(
         graph,
         out,
+        slug=slug,
+        scan=scan,
+        feature_json_base_url=base_url,
         node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold,
+        node_pool=args.node_pool,
         edges_per_node=args.edges_per_node or None,
         max_edges=args.max_edges or None,
     )
@@ -146,7 +183,9 @@ def attribute_main(argv: list[str]) -> int:
         _write_heads(rm, graph, out, args.heads)
     base = graph.save(out.with_suffix(""))
     print(summarize_paths(graph, k=args.paths, result=result))
-    print(f"wrote {out} and {base}.safetensors / {base}.meta.json")
+    print(f"wrote {out} (listed in {out.parent / 'graph-metadata.json'}) and {base}.safetensors")
+    if store is not None:
+        _write_feature_jsons(out, store, out.parent / "features" / scan)
     _write_pictures(out, args.html, args.png)
     return 0
 
@@ -171,6 +210,26 @@ def _write_heads(rm, graph, out: Path, n_edges: int) -> None:
     block = heads_block(rm, graph, links, n_edges=n_edges)
     add_heads_block(out, block)
     print(f"head loadings of {len(block['edges'])} edges, QK pairs of {len(block['qk'])} heads")
+
+
+def _feature_store(args):
+    """The FeatureStore of --features (an error if missing), else of <transcoders>/features."""
+    from wiremap.attribute.features import FeatureStore
+
+    folder = Path(args.features or Path(args.transcoders) / "features")
+    if args.features is None and not (folder / "index.json").is_file():
+        return None  # no cards computed: the graph has no feature_details
+    return FeatureStore(folder)
+
+
+def _write_feature_jsons(graph_json: Path, store, folder: Path) -> None:
+    import json
+
+    from wiremap.attribute.features import write_feature_jsons
+
+    obj = json.loads(graph_json.read_text(encoding="utf-8"))
+    n = write_feature_jsons(obj, store, folder)
+    print(f"wrote {n} feature JSON files to {folder}")
 
 
 def parse_bytes(text: str) -> int:
@@ -259,11 +318,8 @@ def _edits(args) -> tuple[list[tuple[int, int | None, int, float]], str]:
 
 
 def steer_main(argv: list[str]) -> int:
-    from wiremap.attribute.interventions import (
-        feature_intervention,
-        generate_with_interventions,
-        top_tokens,
-    )
+    from wiremap.attribute.interventions import feature_intervention, generate_with_interventions
+    from wiremap.attribute.targets import top_tokens
 
     args = steer_parser().parse_args(argv)
     edits, mode = _edits(args)
@@ -274,7 +330,7 @@ def steer_main(argv: list[str]) -> int:
     kind = "frozen (direct effects)" if args.frozen else "free"
     print(f"prompt: {args.prompt!r}; {mode} {len(edits)} feature(s), {kind}")
     for name, logits in (("before", before), ("after", after)):
-        tops = ", ".join(f"{t!r} {p:.3f}" for t, p in top_tokens(rm, logits, args.top))
+        tops = ", ".join(f"{t.token!r} {t.prob:.3f}" for t in top_tokens(rm, logits, args.top))
         print(f"  {name:>6}: {tops}")
     if args.generate > 0:
         for name, chosen in (("plain", []), ("steered", edits)):

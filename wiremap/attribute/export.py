@@ -5,6 +5,13 @@
     print(summarize_paths(graph, k=5, result=result))
     subgraph_scores(graph, ["3_12_5", "5_7_6"])            # scores of pinned node ids
     write_graph_json(graph, "g.json", edges_per_node=None, max_edges=None)   # every edge
+    write_graph_json(graph, "graphs/", slug="france", scan="gpt2")  # graphs/france.json
+
+Files: the graph goes to `{slug}.json` (pass a folder, or a `.json` path whose name is the
+slug) and its entry into `graph-metadata.json` in the same folder (updated, never
+clobbered: other graphs' entries stay), the layout circuit-tracer's frontend serves.
+`slug` and `scan` must match `[a-zA-Z0-9_.-]+` (Neuronpedia's upload refuses others); the
+default slug comes from the prompt, the default scan from the model's name.
 
 Edge budget: the pruned graph of a real model can hold ~200,000 edges (17 MB of JSON). The
 JSON keeps, for every node, its `edges_per_node` strongest incoming and outgoing edges (by
@@ -23,7 +30,9 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import os
 import re
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -41,12 +50,23 @@ SCHEMA_VERSION = 1
 EDGES_PER_NODE = 16
 MAX_EDGES = 20_000
 FEATURE_TYPES = ("cross layer transcoder", "mlp reconstruction error", "embedding", "logit")
+METADATA_FILE = "graph-metadata.json"  # the graph index circuit-tracer's frontend reads
+NAME_RE = re.compile(r"[a-zA-Z0-9_.-]+")  # what Neuronpedia accepts for slug and scan
+# generation_settings keys Neuronpedia's schema types; others pass as they are
+INT_SETTINGS = ("max_n_logits", "batch_size", "max_feature_nodes")
 Labels = Mapping[tuple[int, int], str]  # (layer, feature) -> short description
 
 
 def cantor(layer: int, feature: int) -> int:
     """Cantor pairing of (layer, feature): one integer per feature across layers."""
     return (layer + feature) * (layer + feature + 1) // 2 + feature
+
+
+def uncantor(z: int) -> tuple[int, int]:
+    """(layer, feature) of a Cantor-paired id: the inverse of `cantor`."""
+    w = (math.isqrt(8 * z + 1) - 1) // 2
+    feature = z - w * (w + 1) // 2
+    return w - feature, feature
 
 
 # ---- node ids and names ------------------------------------------------------------------
@@ -157,8 +177,9 @@ def _json_node(graph: Graph, i: int, node_id: str, labels: Labels | None) -> dic
     elif kind == "token":
         node = _token_node(graph, i, node_id)
     else:
-        return _logit_node(graph, i, node_id)
-    return {**node, "token_prob": 0.0, "is_target_logit": False}
+        node = _logit_node(graph, i, node_id)
+    # circuit-tracer's node fields; one run per graph, positions counted from the start
+    return {"token_prob": 0.0, "is_target_logit": False, **node, "run_idx": 0, "reverse_ctx_idx": 0}
 
 
 # ---- the whole document ------------------------------------------------------------------
@@ -166,18 +187,52 @@ def _slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:64] or "graph"
 
 
+def default_scan(settings: dict) -> str:
+    """The model's name (last path part of a hub id or folder) in Neuronpedia's characters."""
+    name = str(settings.get("scan") or settings.get("model") or "wiremap")
+    name = re.split(r"[\\/]", name.rstrip("/\\"))[-1]
+    return re.sub(r"[^a-zA-Z0-9_.-]+", "-", name).strip("-") or "wiremap"
+
+
+def check_name(kind: str, value: str) -> str:
+    """`value` if it is a valid slug/scan, else WiremapError naming the allowed characters."""
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise WiremapError(
+            f"{kind} {value!r} is not allowed: use only letters, digits, '_', '.' and '-' "
+            f"(Neuronpedia refuses others), e.g. --{kind} my-graph"
+        )
+    return value
+
+
 def _jsonable(value: Any) -> Any:
     # settings may hold dtypes, paths or tensors: keep JSON plain
     return json.loads(json.dumps(value, default=str))
 
 
+def generation_settings(graph: Graph) -> dict:
+    """graph.settings as JSON, with the keys Neuronpedia types as integers made integers.
+
+    An uncapped graph (max_feature_nodes None) records the features it could visit (every
+    active one) and `max_feature_nodes_uncapped: true`.
+    """
+    settings = _jsonable(graph.settings)
+    if "max_feature_nodes" in settings and settings["max_feature_nodes"] is None:
+        settings["max_feature_nodes"] = int(settings.get("n_active_features") or graph.n_features)
+        settings["max_feature_nodes_uncapped"] = True
+    for key in INT_SETTINGS:
+        if key in settings and not _is_int(settings[key]):
+            settings.pop(key)  # e.g. a batch size chosen later: not an integer to record
+    return settings
+
+
 def _metadata(graph: Graph, result: PruneResult, slug: str | None, scan: str | None) -> dict:
     from wiremap import __version__
 
-    settings = _jsonable(graph.settings)
+    settings = generation_settings(graph)
     return {
-        "slug": slug or _slug(graph.prompt),
-        "scan": scan or str(settings.get("scan") or settings.get("model") or "wiremap"),
+        "slug": check_name("slug", slug) if slug else _slug(graph.prompt),
+        "scan": check_name("scan", scan) if scan else default_scan(settings),
+        "transcoder_list": [],  # circuit-tracer: per-layer sources of a "custom-" scan only
         "prompt": graph.prompt,
         "prompt_tokens": list(graph.token_strings),
         "node_threshold": result.settings["node_threshold"],
@@ -208,12 +263,15 @@ def graph_to_json(
     supernodes: Iterable[list[str]] = (),
     edges_per_node: int | None = EDGES_PER_NODE,
     max_edges: int | None = MAX_EDGES,
+    feature_json_base_url: str | None = None,
     **prune_kwargs: Any,
 ) -> dict[str, Any]:
     """The graph JSON of DESIGN.md §8 for the pruned graph (pruned here unless `result`).
 
     Links are the pruned graph's edges within the edge budget (`edges_per_node` strongest in
     and out per node, `max_edges` in all; None = no limit); scores are the unbudgeted ones.
+    `feature_json_base_url`: where viewers fetch `{url}/{node.feature}.json` feature cards
+    (`metadata.feature_details`; see `wiremap.attribute.features.write_feature_jsons`).
     """
     check_budget(edges_per_node, max_edges)
     result = result or prune_graph(graph, **prune_kwargs)
@@ -234,6 +292,8 @@ def graph_to_json(
         "sg_pos": "",
     }
     metadata = {**_metadata(graph, result, slug, scan), "edge_budget": budget}
+    if feature_json_base_url:
+        metadata["feature_details"] = {"feature_json_base_url": feature_json_base_url}
     return {"metadata": metadata, "qParams": q_params, "nodes": nodes, "links": links}
 
 
@@ -259,20 +319,100 @@ def _budgeted_links(
 def write_graph_json(
     graph: Graph, path: str | Path, result: PruneResult | None = None, **kwargs: Any
 ) -> PruneResult:
-    """Prune (unless `result`), write the graph JSON to `path`, check it; returns the pruning.
+    """Prune (unless `result`), write `{slug}.json`, check it, list it in graph-metadata.json.
 
-    Keyword arguments: the pruning's (`node_threshold`, `edge_threshold`, `backend`) and
-    `graph_to_json`'s, among them the edge budget `edges_per_node` and `max_edges`.
+    `path`: a folder (the file is `{slug}.json` in it) or a `.json` file, whose name is then
+    the slug (an explicit `slug` must agree). Keyword arguments: the pruning's
+    (`node_threshold`, `edge_threshold`, `backend`, `node_pool`) and `graph_to_json`'s,
+    among them `slug`, `scan` and the edge budget `edges_per_node` and `max_edges`.
     """
-    prune_keys = ("node_threshold", "edge_threshold", "backend")
+    prune_keys = ("node_threshold", "edge_threshold", "backend", "node_pool")
     result = result or prune_graph(graph, **{k: kwargs.pop(k) for k in prune_keys if k in kwargs})
+    path, kwargs["slug"] = graph_file(path, kwargs.get("slug"), graph.prompt)
     obj = graph_to_json(graph, result=result, **kwargs)
     validate_graph_json(obj)
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    path.write_text(text, encoding="utf-8")
+    _replace_text(path, json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+    add_graph_metadata(path.parent, obj["metadata"])
     return result
+
+
+def graph_file(path: str | Path, slug: str | None, prompt: str) -> tuple[Path, str]:
+    """(file to write, slug) for a folder or a `.json` path; see `write_graph_json`."""
+    path = Path(path)
+    if path.suffix != ".json" or path.is_dir():
+        slug = check_name("slug", slug) if slug else _slug(prompt)
+        return path / f"{slug}.json", slug
+    if slug and slug != path.stem:
+        raise WiremapError(
+            f"slug {slug!r} but file {path.name!r}: viewers load `{{slug}}.json`; name the "
+            f"file {slug}.json, or pass its folder and the slug names the file"
+        )
+    return path, check_name("slug", path.stem)
+
+
+def metadata_entry(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """A graph's entry in graph-metadata.json (the fields circuit-tracer writes there)."""
+    keys = ("slug", "scan", "transcoder_list", "prompt_tokens", "prompt", "node_threshold")
+    return {**{k: metadata[k] for k in keys if k in metadata}, "schema_version": SCHEMA_VERSION}
+
+
+def add_graph_metadata(folder: str | Path, metadata: Mapping[str, Any]) -> Path:
+    """Put this graph's entry into `folder/graph-metadata.json`, replacing one with its slug."""
+    index = Path(folder) / METADATA_FILE
+    with _folder_lock(Path(folder)):
+        graphs = _read_index(index)
+        graphs = [g for g in graphs if g.get("slug") != metadata["slug"]]
+        graphs.append(metadata_entry(metadata))
+        _replace_text(index, json.dumps({"graphs": graphs}, ensure_ascii=False, indent=1))
+    return index
+
+
+def _read_index(index: Path) -> list[dict]:
+    if not index.exists():
+        return []
+    try:
+        graphs = json.loads(index.read_text(encoding="utf-8"))["graphs"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise WiremapError(
+            f"{index} is not a graph index ({{'graphs': [...]}}): {err}; move it away and "
+            "write the graph again"
+        ) from None
+    if not isinstance(graphs, list):
+        raise WiremapError(f"{index}: 'graphs' is not a list; move the file away and retry")
+    return [g for g in graphs if isinstance(g, dict)]
+
+
+class _folder_lock:
+    """An advisory lock on `folder/.graph-metadata.lock`, so parallel writers keep all entries."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".graph-metadata.lock"
+
+    def __enter__(self):
+        self.file = open(self.path, "a")  # noqa: SIM115 - closed in __exit__
+        try:
+            import fcntl
+
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        except ImportError:  # no fcntl (Windows): writers are not serialised
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()  # closing releases the lock
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (a temporary file renamed over it)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def subgraph_scores(graph: Graph, ids: Iterable[str]) -> dict[str, float]:
@@ -294,29 +434,64 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_str(x: Any) -> bool:
+    return isinstance(x, str)
+
+
+# Neuronpedia's graph schema: required of every graph, whoever wrote it
 _NODE_CHECKS: dict[str, tuple[str, Any]] = {
     "node_id": ("a string", lambda x: isinstance(x, str) and x != ""),
-    "feature": ("an integer", _is_int),
-    "layer": ("a string", lambda x: isinstance(x, str)),
+    "feature": ("an integer or null", lambda x: x is None or _is_int(x)),
+    "layer": ("a string or an integer", lambda x: isinstance(x, str) or _is_int(x)),
     "ctx_idx": ("an integer >= 0", lambda x: _is_int(x) and x >= 0),
+    "feature_type": ("a string", _is_str),
+    "jsNodeId": ("a string", _is_str),
+    "clerp": ("a string", _is_str),
+}
+# and what wiremap writes on top (strict check of our own files)
+_OUR_NODE_CHECKS: dict[str, tuple[str, Any]] = {
+    "feature": ("an integer", _is_int),
+    "layer": ("a string", _is_str),
     "feature_type": (f"one of {FEATURE_TYPES}", lambda x: x in FEATURE_TYPES),
-    "jsNodeId": ("a string", lambda x: isinstance(x, str)),
-    "clerp": ("a string", lambda x: isinstance(x, str)),
     "influence": ("a number or null", lambda x: x is None or _is_number(x)),
     "activation": ("a number or null", lambda x: x is None or _is_number(x)),
     "token_prob": ("a number", _is_number),
     "is_target_logit": ("a boolean", lambda x: isinstance(x, bool)),
+    "run_idx": ("an integer", _is_int),
+    "reverse_ctx_idx": ("an integer", _is_int),
 }
 _METADATA_CHECKS: dict[str, tuple[str, Any]] = {
-    "slug": ("a string", lambda x: isinstance(x, str)),
-    "scan": ("a string", lambda x: isinstance(x, str)),
-    "prompt": ("a string", lambda x: isinstance(x, str)),
+    "slug": ("a string", _is_str),
+    "scan": ("a string", _is_str),
+    "prompt": ("a string", _is_str),
     "prompt_tokens": ("a list of strings", lambda x: _list_of(x, str)),
+}
+_OUR_METADATA_CHECKS: dict[str, tuple[str, Any]] = {
+    "slug": ("letters, digits, '_', '.', '-'", lambda x: _is_str(x) and NAME_RE.fullmatch(x)),
+    "scan": ("letters, digits, '_', '.', '-'", lambda x: _is_str(x) and NAME_RE.fullmatch(x)),
+    "transcoder_list": ("a list of strings", lambda x: _list_of(x, str)),
     "node_threshold": ("a number", _is_number),
     "schema_version": (f"{SCHEMA_VERSION}", lambda x: x == SCHEMA_VERSION),
     "info": ("an object with generator {name, version}", lambda x: _has_generator(x)),
     "generation_settings": ("an object", lambda x: isinstance(x, dict)),
     "pruning_settings": ("an object", lambda x: isinstance(x, dict)),
+}
+# optional in the schema, typed when present
+_OPTIONAL_METADATA: dict[str, tuple[str, Any]] = {
+    "node_threshold": ("a number", _is_number),
+    "info": ("an object", lambda x: isinstance(x, dict)),
+    "feature_details": ("an object of strings", lambda x: _dict_of(x, str)),
+    "generation_settings": (
+        f"an object whose {INT_SETTINGS} are integers",
+        lambda x: isinstance(x, dict) and all(_is_int(x[k]) for k in INT_SETTINGS if k in x),
+    ),
+    "pruning_settings": (
+        "an object whose thresholds are numbers",
+        lambda x: (
+            isinstance(x, dict)
+            and all(_is_number(x[k]) for k in ("node_threshold", "edge_threshold") if k in x)
+        ),
+    ),
 }
 _QPARAMS_CHECKS: dict[str, tuple[str, Any]] = {
     "pinnedIds": ("a list of node ids", lambda x: _list_of(x, str)),
@@ -331,6 +506,10 @@ def _list_of(x: Any, kind: type) -> bool:
     return isinstance(x, list) and all(isinstance(v, kind) for v in x)
 
 
+def _dict_of(x: Any, kind: type) -> bool:
+    return isinstance(x, dict) and all(isinstance(v, kind) for v in x.values())
+
+
 def _has_generator(info: Any) -> bool:
     gen = info.get("generator") if isinstance(info, dict) else None
     return isinstance(gen, dict) and "name" in gen and "version" in gen
@@ -340,24 +519,29 @@ def _supernodes_ok(x: Any) -> bool:
     return isinstance(x, list) and all(_list_of(s, str) and len(s) >= 1 for s in x)
 
 
-def _check_fields(obj: Any, checks: dict, where: str, problems: list[str]) -> None:
+def _check_fields(
+    obj: Any, checks: dict, where: str, problems: list[str], optional: bool = False
+) -> None:
     if not isinstance(obj, dict):
         problems.append(f"{where} is not an object")
         return
     for key, (expected, ok) in checks.items():
-        if key not in obj:
-            problems.append(f"{where} misses {key!r}")
+        if key not in obj or (optional and obj[key] is None):  # null = absent when optional
+            if not optional:
+                problems.append(f"{where} misses {key!r}")
         elif not ok(obj[key]):
             problems.append(f"{where}.{key} should be {expected}, got {obj[key]!r:.60}")
 
 
-def _check_nodes(nodes: Any, problems: list[str]) -> set[str]:
+def _check_nodes(nodes: Any, problems: list[str], strict: bool) -> set[str]:
     if not isinstance(nodes, list):
         problems.append("nodes is not a list")
         return set()
     seen: set[str] = set()
     for k, node in enumerate(nodes):
         _check_fields(node, _NODE_CHECKS, f"nodes[{k}]", problems)
+        if strict and isinstance(node, dict):
+            _check_fields(node, _OUR_NODE_CHECKS, f"nodes[{k}]", problems)
         node_id = node.get("node_id") if isinstance(node, dict) else None
         if node_id in seen:
             problems.append(f"duplicate node id {node_id!r} (nodes[{k}])")
@@ -394,25 +578,35 @@ def _check_references(q: Any, ids: set[str], problems: list[str]) -> None:
     problems += [f"qParams refers to unknown node id {r!r}" for r in refs if r not in ids]
 
 
-def graph_json_problems(obj: Any) -> list[str]:
-    """Every way `obj` departs from the graph JSON schema (empty when it is valid)."""
+def graph_json_problems(obj: Any, strict: bool = True) -> list[str]:
+    """Every way `obj` departs from the graph JSON schema (empty when it is valid).
+
+    strict=False: Neuronpedia's graph schema (what any tool's graph must hold: circuit-
+    tracer's, say) plus links and qParams that refer to existing nodes; strict=True adds
+    every field wiremap writes.
+    """
     if not isinstance(obj, dict):
         return ["the document is not a JSON object"]
     top = ("metadata", "qParams", "nodes", "links")
     problems = [f"top level misses {k!r}" for k in top if k not in obj]
+    meta = obj.get("metadata")
     if "metadata" in obj:
-        _check_fields(obj["metadata"], _METADATA_CHECKS, "metadata", problems)
+        _check_fields(meta, _METADATA_CHECKS, "metadata", problems)
+    if isinstance(meta, dict):
+        _check_fields(meta, _OPTIONAL_METADATA, "metadata", problems, optional=True)
+        if strict:
+            _check_fields(meta, _OUR_METADATA_CHECKS, "metadata", problems)
     if "qParams" in obj:
-        _check_fields(obj["qParams"], _QPARAMS_CHECKS, "qParams", problems)
-    ids = _check_nodes(obj.get("nodes", []), problems)
+        _check_fields(obj["qParams"], _QPARAMS_CHECKS, "qParams", problems, optional=not strict)
+    ids = _check_nodes(obj.get("nodes", []), problems, strict)
     _check_links(obj.get("links", []), ids, problems)
     _check_references(obj.get("qParams"), ids, problems)
     return problems
 
 
-def validate_graph_json(obj: Any, max_listed: int = 20) -> None:
+def validate_graph_json(obj: Any, max_listed: int = 20, strict: bool = True) -> None:
     """Raise WiremapError listing the problems if `obj` is not a valid graph JSON document."""
-    problems = graph_json_problems(obj)
+    problems = graph_json_problems(obj, strict)
     if problems:
         listed = "; ".join(problems[:max_listed])
         more = f" (and {len(problems) - max_listed} more)" if len(problems) > max_listed else ""
@@ -509,4 +703,4 @@ def add_heads_block(path: str | Path, block: dict[str, Any]) -> None:
         raise WiremapError("the heads block must list edges between nodes of the graph JSON")
     obj["heads"] = block
     validate_graph_json(obj)
-    path.write_text(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    _replace_text(path, json.dumps(obj, ensure_ascii=False, separators=(",", ":")))

@@ -19,6 +19,12 @@ block's byte offset, so one card is read without decompressing the whole layer (
 still reads with `zcat`). Card fields follow Neuronpedia's feature JSON (`maxActApprox`,
 `frac_nonzero`, `freq_hist_data_bar_*`, `pos_str`/`pos_values`, `neg_str`/`neg_values`,
 `activations[{tokens, values, maxValue, maxValueTokenIndex, dataIndex, binMin, ...}]`).
+
+Per-feature JSON for other viewers: circuit-tracer's and Neuronpedia's graph viewers fetch
+`{feature_json_base_url}/{node.feature}.json` (the Cantor-paired id of the node) in
+Anthropic's feature format (`examples_quantiles`, `top_logits`, `bottom_logits`, `act_min`,
+`act_max`, ...). `write_feature_jsons(graph_obj, store, folder)` writes those files for the
+features of one graph JSON; `anthropic_feature(card, id)` converts one card.
 """
 
 from __future__ import annotations
@@ -368,6 +374,74 @@ class FeatureStore:
             raw = f.read(entry["offsets"][b + 1] - entry["offsets"][b])
         lines = gzip.decompress(raw).decode("utf-8").splitlines()
         return json.loads(lines[index - b * entry["block"]])
+
+
+# ---- per-feature JSON (Anthropic's feature format) ------------------------------------------
+def _anthropic_example(act: dict) -> dict[str, Any]:
+    return {
+        "tokens": act["tokens"],
+        "tokens_acts_list": act["values"],
+        "train_token_ind": act.get("qualifyingTokenIndex", act.get("maxValueTokenIndex", 0)),
+        "is_repeated_datapoint": False,
+    }
+
+
+def _quantiles(activations: list[dict]) -> list[dict[str, Any]]:
+    """Top examples first, then each sampled activation interval, strongest first."""
+    top = [a for a in activations if "binMin" not in a]
+    bins: dict[tuple[float, float], list[dict]] = {}
+    for a in activations:
+        if "binMin" in a:
+            bins.setdefault((a["binMin"], a["binMax"]), []).append(a)
+    out = [{"quantile_name": "Top activations", "examples": [_anthropic_example(a) for a in top]}]
+    for k, (lo, hi) in enumerate(sorted(bins, reverse=True)):
+        out.append(
+            {
+                "quantile_name": f"Interval {k + 1} ({lo:.3g} to {hi:.3g})",
+                "examples": [_anthropic_example(a) for a in bins[(lo, hi)]],
+            }
+        )
+    return [q for q in out if q["examples"]]
+
+
+def anthropic_feature(card: dict, feature_id: int) -> dict[str, Any]:
+    """One stored card in the feature format circuit-tracer's/Neuronpedia's viewers read."""
+    acts = card.get("activations", [])
+    quantiles = _quantiles(acts)
+    return {
+        "index": feature_id,
+        "transcoder_id": f"{card.get('source', '')}:layer_{card['layer']}:{card['index']}",
+        "examples_quantiles": quantiles,
+        "top_logits": list(card.get("pos_str", [])),
+        "bottom_logits": list(card.get("neg_str", [])),
+        "act_min": min([0.0, *(min(a["values"]) for a in acts if a["values"])]),
+        "act_max": max([card.get("maxActApprox", 0.0), *(a["maxValue"] for a in acts)]),
+        "quantile_values": sorted({a["binMin"] for a in acts if "binMin" in a}, reverse=True),
+        "histogram": list(card.get("freq_hist_data_bar_heights", [])),
+        "activation_frequency": card.get("frac_nonzero", 0.0),
+    }
+
+
+def write_feature_jsons(graph_obj: dict, store: FeatureStore, folder: str | Path) -> int:
+    """Write `{folder}/{node.feature}.json` for every feature node of a graph JSON.
+
+    The node's `feature` is the Cantor pair of (layer, feature index); the card is read from
+    `store`. Returns how many files were written.
+    """
+    from wiremap.attribute.export import uncantor
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    done: set[int] = set()
+    for node in graph_obj["nodes"]:
+        fid = node.get("feature")
+        if node.get("feature_type") != "cross layer transcoder" or fid in done or fid is None:
+            continue
+        layer, index = uncantor(fid)
+        body = anthropic_feature(store.card(layer, index), fid)
+        (folder / f"{fid}.json").write_text(json.dumps(body, ensure_ascii=False), "utf-8")
+        done.add(fid)
+    return len(done)
 
 
 # ---- the command --------------------------------------------------------------------------

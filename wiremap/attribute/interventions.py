@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from wiremap.attribute.targets import top_tokens  # noqa: F401 (public here since 0.1)
 from wiremap.errors import WiremapError
 
 MODES = ("set", "scale", "add", "ablate")
@@ -39,7 +40,7 @@ Intervention = tuple[int, int | None, int, float]
 
 @dataclass
 class InterventionResult:
-    logits: Tensor  # [pos, vocab] (soft-capped where the model soft-caps)
+    logits: Tensor  # [pos, vocab] as the model returns them (soft-capped where it soft-caps)
     activations: Tensor  # [L, pos, F] sparse COO, after the intervention
     input_ids: Tensor  # [pos]
 
@@ -95,17 +96,10 @@ def generate_with_interventions(
     for _ in range(min(max_new_tokens, limit - len(ids))):
         seq = torch.cat([ids, torch.tensor(new, dtype=torch.long, device=ids.device)])
         last = model(seq, errors=errors, edit=edit)[-1]
-        new.append(_sample(model.softcap(last.float()), temperature, gen))
+        new.append(_sample(last.float(), temperature, gen))  # the model's own (capped) logits
         if new[-1] == model.tokenizer.eos_token_id:
             break
     return model.tokenizer.decode(new)
-
-
-def top_tokens(model, logits: Tensor, k: int = 5) -> list[tuple[str, float]]:
-    """The k most probable next tokens from the last position's logits."""
-    probs = torch.softmax(model.softcap(logits[-1].float()), dim=-1)
-    p, i = probs.topk(k)
-    return [(model.tokenizer.decode([int(t)]), float(q)) for t, q in zip(i, p, strict=True)]
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -172,6 +166,7 @@ def _frozen(model, ids: Tensor, edits: list[Intervention], mode: str) -> Interve
     writes = _write_changes(model, new - acts)
     with model.linearised(ids) as lin, torch.no_grad():
         final = lin.forward(writes=writes).final
+        # the frozen model's logits are pre-cap: cap once, as the model's own forward does
         logits = model.softcap(lin.logits(final))[0]
     return InterventionResult(logits=logits, activations=new.to_sparse(), input_ids=ids)
 

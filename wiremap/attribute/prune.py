@@ -4,6 +4,7 @@
     result.node_mask                 # [N] bool, nodes kept
     result.adjacency                 # pruned signed adjacency (kept edges only)
     result.scores["full"], result.scores["pruned"]   # {"replacement": x, "completeness": y}
+    prune_graph(graph, node_pool="features")         # wiremap's earlier node rule (see below)
     graph_scores(graph)                              # scores of the full graph
     graph_scores(graph, keep_nodes=[3, 17, 40])      # scores of a pinned subgraph
 
@@ -12,6 +13,13 @@ influence I = w(Â + Â² + …) by power iteration (the graph is a DAG, so the 
 exactly after at most depth steps). Everything runs on one of two interchangeable backends:
 a dense N×N matrix for small graphs and (rows, cols, values) triplets with scatter-adds
 for large ones, so long prompts never materialise or sort an N×N matrix.
+
+Node pool. The node threshold is a share of the influence summed over a pool of nodes.
+With `node_pool="all"` (the default) the pool is every node, tokens included, exactly as
+circuit-tracer's `prune_graph` does: same thresholds, same nodes and edges. With
+`node_pool="features"` (wiremap's earlier rule) it is the feature and error nodes only;
+token influence no longer counts towards the threshold, so the same threshold keeps more
+features (a superset). Tokens and logits are always kept; the edge rule is the same.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from wiremap.errors import WiremapError
 # matrix is 16 MiB; sorting every entry of a larger one is what runs out of memory).
 DENSE_MAX_NODES = 2048
 Backend = Literal["auto", "dense", "sparse"]
+NodePool = Literal["all", "features"]
+NODE_POOLS = ("all", "features")
 
 
 # ---- two backends with one interface -------------------------------------------------------
@@ -89,6 +99,13 @@ class SparseMatrix:
 
     def __init__(self, rows: Tensor, cols: Tensor, vals: Tensor, n: int) -> None:
         self.rows, self.cols, self.vals, self._n = rows, cols, vals, n
+
+    @classmethod
+    def summed(cls, rows: Tensor, cols: Tensor, vals: Tensor, n: int) -> SparseMatrix:
+        """From triplets that may repeat a (row, col): repeated entries are summed, signed."""
+        m = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n, n)).coalesce()
+        r, c = m.indices()
+        return cls(r, c, m.values(), n)
 
     @property
     def n(self) -> int:
@@ -218,17 +235,30 @@ def cumulative_fraction(scores: Tensor) -> Tensor:
     return out
 
 
+def edge_scores(normalised: Matrix, w: Tensor) -> Tensor:
+    """`Â[t,s]·(I_t + w_t)` of every stored entry of a row-normalised matrix (its order)."""
+    return normalised.scale_rows(influence(normalised, w) + w).values()
+
+
 # ---- scores ------------------------------------------------------------------------------
-def _scores(graph: Graph, normalised: Matrix, infl: Tensor, w: Tensor) -> dict[str, float]:
-    tokens = infl[graph.token_slice].sum()
-    errors = infl[graph.error_slice].sum()
+def scores_of(
+    normalised: Matrix, infl: Tensor, w: Tensor, is_token: Tensor, is_error: Tensor
+) -> dict[str, float]:
+    """Replacement and completeness (DESIGN.md §7) from Â, I, w and [N] bool node masks."""
+    tokens, errors = infl[is_token].sum(), infl[is_error].sum()
     replacement = tokens / (tokens + errors) if tokens + errors > 0 else torch.tensor(0.0)
-    is_error = torch.zeros(graph.n_nodes, device=w.device)
-    is_error[graph.error_slice] = 1.0
-    non_error = 1.0 - normalised.row_sum_over(is_error)
+    non_error = 1.0 - normalised.row_sum_over(is_error.to(infl.dtype))
     out = infl + w
-    completeness = (non_error * out).sum() / out.sum()
+    completeness = (non_error * out).sum() / out.sum() if out.sum() > 0 else torch.tensor(0.0)
     return {"replacement": float(replacement), "completeness": float(completeness)}
+
+
+def _scores(graph: Graph, normalised: Matrix, infl: Tensor, w: Tensor) -> dict[str, float]:
+    is_token = torch.zeros(graph.n_nodes, dtype=torch.bool, device=w.device)
+    is_token[graph.token_slice] = True
+    is_error = torch.zeros_like(is_token)
+    is_error[graph.error_slice] = True
+    return scores_of(normalised, infl, w, is_token, is_error)
 
 
 def node_mask_from(graph: Graph, keep_nodes: Tensor | Iterable[int]) -> Tensor:
@@ -274,9 +304,9 @@ class PruneResult:
     node_mask: Tensor  # [N] bool: nodes kept
     adjacency: Tensor  # [N, N] signed raw A on kept edges only (dense or sparse COO)
     influence: Tensor  # [N] influence I of each node on the full graph
-    cumulative_influence: Tensor  # [N] rank fraction of I within its kind (lower = stronger)
+    cumulative_influence: Tensor  # [N] rank fraction of I within the node pool (lower = stronger)
     scores: dict[str, dict[str, float]]  # {"full": {...}, "pruned": {...}}
-    settings: dict[str, float] = field(default_factory=dict)  # the thresholds used
+    settings: dict[str, float | str] = field(default_factory=dict)  # thresholds and node pool
 
     def edges(self) -> tuple[Tensor, Tensor, Tensor]:
         """(targets, sources, weights) of the kept edges."""
@@ -293,11 +323,17 @@ def _feature_error_mask(graph: Graph, device: torch.device) -> Tensor:
     return mask
 
 
-def prune_nodes(graph: Graph, infl: Tensor, node_threshold: float) -> Tensor:
-    """Keep the fewest features/errors whose influence reaches node_threshold; all tokens/logits."""
+def prune_nodes(
+    graph: Graph, infl: Tensor, node_threshold: float, pool: NodePool = "all"
+) -> Tensor:
+    """Keep the nodes whose influence reaches the cutoff of `node_threshold` of the pool's
+    total (the pool: every node, or feature/error nodes only); tokens and logits always."""
     prunable = _feature_error_mask(graph, infl.device)
-    scores = torch.where(prunable, infl, 0.0)
-    keep = (scores >= cutoff(scores, node_threshold)) & (scores > 0)
+    if pool == "all":  # circuit-tracer: cumulate over every node, keep all >= the cutoff
+        keep = infl >= cutoff(infl, node_threshold)
+    else:
+        scores = torch.where(prunable, infl, 0.0)
+        keep = (scores >= cutoff(scores, node_threshold)) & (scores > 0)
     return keep | ~prunable
 
 
@@ -310,11 +346,8 @@ def prune_edges(
     kept outgoing edge (errors have no inputs) until nothing changes.
     """
     sub = matrix.restrict(node_mask)
-    normalised = sub.abs_normalised()
-    edge_scores = normalised.scale_rows(influence(normalised, w) + w).values()
-    kept = sub.where_values(
-        (edge_scores >= cutoff(edge_scores, edge_threshold)) & (edge_scores > 0)
-    )
+    scores = edge_scores(sub.abs_normalised(), w)
+    kept = sub.where_values((scores >= cutoff(scores, edge_threshold)) & (scores > 0))
     prunable = _feature_error_mask(graph, node_mask.device)
     needs_input = torch.zeros_like(prunable)
     needs_input[graph.feature_slice] = True
@@ -327,8 +360,16 @@ def prune_edges(
         kept = kept.restrict(node_mask)
 
 
-def node_cumulative_influence(graph: Graph, infl: Tensor, w: Tensor) -> Tensor:
-    """Rank fraction per node: features+errors ranked together by I, tokens by I, logits by w."""
+def node_cumulative_influence(
+    graph: Graph, infl: Tensor, w: Tensor, pool: NodePool = "all"
+) -> Tensor:
+    """Rank fraction per node (lower = stronger), ranked within the pruning's node pool.
+
+    "all": every node ranked together by I (circuit-tracer's `influence` field); "features":
+    features+errors ranked together by I, tokens by I, logits by w.
+    """
+    if pool == "all":
+        return cumulative_fraction(infl)
     out = torch.ones_like(infl)
     fe = slice(0, graph.error_slice.stop)
     out[fe] = cumulative_fraction(infl[fe])
@@ -342,8 +383,15 @@ def prune_graph(
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     backend: Backend = "auto",
+    node_pool: NodePool = "all",
 ) -> PruneResult:
-    """Prune nodes by influence, then edges by edge score; score the full and pruned graphs."""
+    """Prune nodes by influence, then edges by edge score; score the full and pruned graphs.
+
+    `node_pool`: what the node threshold is a share of (module doc): "all" nodes, as
+    circuit-tracer does (default), or "features" (feature and error nodes only).
+    """
+    if node_pool not in NODE_POOLS:
+        raise WiremapError(f"node_pool={node_pool!r}: choose 'all' (circuit-tracer) or 'features'")
     for name, t in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 < t <= 1.0:
             raise WiremapError(
@@ -355,7 +403,7 @@ def prune_graph(
     w = logit_weights(graph, _device(matrix))
     normalised = matrix.abs_normalised()
     infl = influence(normalised, w)
-    node_mask = prune_nodes(graph, infl, node_threshold)
+    node_mask = prune_nodes(graph, infl, node_threshold, node_pool)
     kept, node_mask = prune_edges(graph, matrix, node_mask, w, edge_threshold)
     scores = {
         "full": _scores(graph, normalised, infl, w),
@@ -365,9 +413,13 @@ def prune_graph(
         node_mask=node_mask,
         adjacency=kept.to_tensor(),
         influence=infl,
-        cumulative_influence=node_cumulative_influence(graph, infl, w),
+        cumulative_influence=node_cumulative_influence(graph, infl, w, node_pool),
         scores=scores,
-        settings={"node_threshold": node_threshold, "edge_threshold": edge_threshold},
+        settings={
+            "node_threshold": node_threshold,
+            "edge_threshold": edge_threshold,
+            "node_pool": node_pool,
+        },
     )
 
 

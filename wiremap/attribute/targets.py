@@ -5,6 +5,11 @@
     label, vec = logit_difference(rm, " Paris", " London")
     targets = select_targets(rm, logits[-1], target_directions={label: vec})
 
+Probabilities are always the softmax of the logits the model itself returns (`token_probs`):
+a Hugging Face Gemma-2/3 model soft-caps its logits inside its forward, so they are never
+capped again here. `top_tokens` is the one ranking of next tokens (targets, interventions,
+`wiremap steer` and the viewer all use it).
+
 A token's direction is its demeaned unembedding row `W_U[v] − mean_v' W_U[v']`, read at the
 final norm's output at the last position: its dot product with that output is the token's
 logit minus the mean logit (before any soft-capping). Custom directions are read the same
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,6 +39,42 @@ class LogitTargets:
 
     def __len__(self) -> int:
         return int(self.tokens.numel())
+
+
+class TopToken(NamedTuple):
+    """One of the most probable next tokens."""
+
+    id: int
+    token: str  # decoded
+    prob: float
+
+
+def token_probs(logits: Tensor) -> Tensor:
+    """[vocab] next-token probabilities from the model's own logits ([vocab] or [pos, vocab]).
+
+    `logits` are what the model returns (already soft-capped where it soft-caps, as Hugging
+    Face's Gemma-2/3 do): probabilities are their softmax, with no second cap.
+    """
+    last = logits if logits.dim() == 1 else logits[-1]
+    return torch.softmax(last.float(), dim=-1)
+
+
+def top_tokens(model, logits: Tensor, k: int = 5, desired_prob: float = 1.0) -> list[TopToken]:
+    """The most probable next tokens: at most `k`, stopping once their cumulative
+    probability reaches `desired_prob` (1.0: exactly `k`). `logits` as in `token_probs`."""
+    if k < 1 or not 0 < desired_prob <= 1:
+        raise WiremapError(
+            f"top tokens: k={k}, desired_prob={desired_prob}; use k >= 1 (max_n_logits, --top) "
+            "and 0 < desired_prob <= 1 (desired_logit_prob)"
+        )
+    top_p, top_i = token_probs(logits).topk(min(k, logits.shape[-1]))
+    # smallest prefix whose cumulative probability reaches `desired_prob`
+    n = min(int((top_p.cumsum(0) < desired_prob).sum()) + 1, top_p.numel())
+    decode = model.tokenizer.decode
+    return [
+        TopToken(i, decode([i]), p)
+        for i, p in zip(top_i[:n].tolist(), top_p[:n].tolist(), strict=True)
+    ]
 
 
 def demeaned_unembedding(rm, token_ids: Tensor) -> Tensor:
@@ -76,34 +118,26 @@ def select_targets(
     target_tokens: Sequence[str | int] | None = None,
     target_directions: Mapping[str, Tensor] | Sequence[Tensor] | Tensor | None = None,
 ) -> LogitTargets:
-    """Targets from explicit directions, explicit tokens, or the top of the distribution."""
-    probs = torch.softmax(rm.softcap(last_logits.float()), dim=-1)
+    """Targets from explicit directions, explicit tokens, or the top of the distribution.
+
+    `last_logits [vocab]` are the model's own logits at the last position (`token_probs`).
+    """
+    probs = token_probs(last_logits)
     if target_directions is not None:
         return _custom(rm, target_directions)
     if target_tokens is not None:
         if len(target_tokens) == 0:
             raise WiremapError("target_tokens is empty; give at least one token or leave it out")
-        ids = torch.tensor([resolve_token(rm, t) for t in target_tokens], device=probs.device)
+        chosen = [resolve_token(rm, t) for t in target_tokens]
     else:
-        ids = _top_tokens(probs, max_n_logits, desired_logit_prob)
+        chosen = [t.id for t in top_tokens(rm, last_logits, max_n_logits, desired_logit_prob)]
+    ids = torch.tensor(chosen, dtype=torch.long, device=probs.device)
     return LogitTargets(
         tokens=ids,
         probs=probs[ids],
         strings=[rm.tokenizer.decode([int(i)]) for i in ids],
         directions=demeaned_unembedding(rm, ids),
     )
-
-
-def _top_tokens(probs: Tensor, max_n: int, desired: float) -> Tensor:
-    if max_n < 1 or not 0 < desired <= 1:
-        raise WiremapError(
-            f"max_n_logits={max_n}, desired_logit_prob={desired}: use max_n_logits >= 1 and "
-            "0 < desired_logit_prob <= 1"
-        )
-    top_p, top_i = probs.topk(min(max_n, probs.numel()))
-    # smallest prefix whose cumulative probability reaches `desired`
-    n = int((top_p.cumsum(0) < desired).sum()) + 1
-    return top_i[: min(n, top_p.numel())]
 
 
 def _custom(rm, directions) -> LogitTargets:

@@ -1,17 +1,16 @@
 """`wiremap serve` (the local graph viewer) and `wiremap features` (feature cards).
 
-wiremap serve graphs/ [--host 127.0.0.1] [--port 8000] [--features DIR]
+wiremap serve graphs/ [--host 127.0.0.1] [--port 8000] [--allow-host NAME] [--features DIR]
 wiremap features --cache cache/ --transcoders tc/ [--out tc/features] [--top-k 20]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def serve_main(argv: list[str]) -> int:
-    from wiremap.attribute.viewer.server import host_warning, make_server
+    from wiremap.attribute.viewer import serve
 
     p = argparse.ArgumentParser(
         prog="wiremap serve",
@@ -28,21 +27,22 @@ def serve_main(argv: list[str]) -> int:
     )
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
     p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=(
+            "another host name the page may be opened under (repeatable); localhost, "
+            "127.0.0.1, [::1] and --host are always allowed, other Host headers are refused"
+        ),
+    )
+    p.add_argument(
         "--features",
         default=None,
         help="feature-card folder (default: <metadata.info.transcoders>/features)",
     )
     args = p.parse_args(argv)
-    warning = host_warning(args.host)
-    if warning:
-        print(warning, file=sys.stderr)
-    server = make_server(args.dir, args.host, args.port, features_dir=args.features)
-    host, port = server.server_address[:2]
-    print(f"wiremap viewer: serving {server.root} at http://{host}:{port}/  (Ctrl-C stops)")
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    serve(args.dir, args.host, args.port, args.features, allow_hosts=args.allow_host, verbose=True)
     return 0
 
 

@@ -6,12 +6,16 @@ acts["mlp_out"][1]          # [batch, seq, d_model]
 
 with replace_mlp_out(model, {1: new_out}):
     logits = model(input_ids).logits
+
+with splice_mlp_out(model, lambda layer, x, out: f(layer, x), "mlp_in"):
+    logits = model(input_ids).logits   # every MLP output replaced by f(its live input)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -108,10 +112,75 @@ def _replacer(value: Tensor):
         out = _output_tensor(output)
         if value.shape != out.shape:
             raise ValueError(f"replacement shape {tuple(value.shape)} != {tuple(out.shape)}")
-        new = value.to(dtype=out.dtype, device=out.device)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return _with_output(output, value.to(dtype=out.dtype, device=out.device))
 
     return hook
+
+
+# (layer, live input at the transcoder's input hook, the MLP block's own output) -> new output
+Splice = Callable[[int, Tensor, Tensor], Tensor]
+
+
+@contextmanager
+def splice_mlp_out(
+    model: nn.Module,
+    splice: Splice,
+    input_hook: str,
+    layers: Iterable[int] | None = None,
+    adapter: Adapter | None = None,
+) -> Iterator[None]:
+    """Make layer `l`'s MLP block add `splice(l, x, out)` instead of its output `out`.
+
+    `x` is layer `l`'s input at `input_hook` (`mlp_in` or `resid_mid`) in the same forward
+    pass, so it already sees the spliced outputs of the layers below: one pass gives the
+    closed-loop replacement model. The one splicing mechanism of wiremap: the replacement
+    model and training's replacement metrics both run through it.
+    """
+    adapter = adapter or get_adapter(model)
+    n_layers = adapter.n_layers(model)
+    layers = check_layers(range(n_layers) if layers is None else layers, n_layers)
+    reads: dict[int, Tensor] = {}
+    handles = []
+    for layer in layers:
+        module, side = adapter.hook_site(model, layer, input_hook)
+        handles.append(tensor_hook(module, side, partial(reads.__setitem__, layer)))
+        out_module, _ = adapter.hook_site(model, layer, "mlp_out")
+        handles.append(out_module.register_forward_hook(_splicer(splice, layer, reads)))
+    with hooks_removed(handles):
+        yield
+
+
+def _splicer(splice: Splice, layer: int, reads: dict[int, Tensor]):
+    def hook(_module, _args, output):
+        out = _output_tensor(output)
+        return _with_output(output, splice(layer, reads[layer], out).to(out.dtype))
+
+    return hook
+
+
+def _with_output(output, new: Tensor):
+    """A module's `output` (a tensor or a tuple led by one) with its tensor replaced."""
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early: nothing after that point is needed."""
+
+
+@contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """Forward passes inside end with `StopForward` once `module` has run (see `stoppable`)."""
+
+    def stop(_module, _args, _output):
+        raise StopForward
+
+    with hooks_removed([module.register_forward_hook(stop)]):
+        yield
+
+
+def stoppable() -> AbstractContextManager:
+    """`with stoppable(): model(ids)`: a pass ended early by `StopForward` just returns."""
+    return suppress(StopForward)
 
 
 def remaining_hooks(model: nn.Module) -> int:

@@ -35,7 +35,14 @@ import torch
 from torch import Tensor, nn
 
 from wiremap.models.adapters import Adapter, get_adapter, get_module
-from wiremap.models.hooks import _first_tensor, _output_tensor, hooks_removed, tensor_hook
+from wiremap.models.hooks import (
+    StopForward,
+    _first_tensor,
+    _output_tensor,
+    hooks_removed,
+    stoppable,
+    tensor_hook,
+)
 
 ATTN_NAME = "wiremap_frozen"
 SkipFn = Callable[[int, Tensor], Tensor]  # (layer, x [..., d]) -> skip(x) [..., d]
@@ -90,11 +97,8 @@ class Linearised:
         ids = self.input_ids if input_ids is None else input_ids
         run = FrozenRun()
         handles = self._record_hooks(run, embed_write, stop_after)
-        try:
-            with hooks_removed(handles), _patched_mlps(self, run, writes or {}):
-                self.base(input_ids=ids, use_cache=False)
-        except _Stop:
-            pass
+        with stoppable(), hooks_removed(handles), _patched_mlps(self, run, writes or {}):
+            self.base(input_ids=ids, use_cache=False)
         return run
 
     def logits(self, final: Tensor) -> Tensor:
@@ -126,15 +130,11 @@ def _set_final(run: FrozenRun, out) -> None:
     run.final = _output_tensor(out)
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early (nothing later is needed)."""
-
-
 def _keep(module: nn.Module, side: str, slot: dict, layer: int, stop: bool = False):
     def store(t: Tensor) -> None:
         slot[layer] = t
         if stop:
-            raise _Stop
+            raise StopForward
 
     return tensor_hook(module, side, store)
 

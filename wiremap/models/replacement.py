@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 
 from wiremap.errors import WiremapError
 from wiremap.models.adapters import Adapter, get_adapter, get_module
-from wiremap.models.hooks import _output_tensor, capture, hooks_removed, tensor_hook
+from wiremap.models.hooks import capture, splice_mlp_out
 from wiremap.models.linearise import Linearised, linearise
 from wiremap.models.loading import model_max_length
 
@@ -213,31 +212,16 @@ class ReplacementModel(nn.Module):
         with torch.no_grad(), self._replacement_hooks(errors, edit, store):
             return self.model(input_ids=ids).logits[0]
 
-    @contextmanager
     def _replacement_hooks(self, errors: Tensor, edit: FeatureEdit | None, store: dict):
-        reads: dict[int, Tensor] = {}
         raw: dict[int, Tensor] = {}  # unedited activations (for live errors)
-        handles = []
-        for layer in range(self.n_layers):
-            module, side = self.adapter.hook_site(self.model, layer, self.input_hook)
-            handles.append(tensor_hook(module, side, partial(reads.__setitem__, layer)))
-            out_module, _ = self.adapter.hook_site(self.model, layer, "mlp_out")
-            hook = self._mlp_out_hook(layer, reads, raw, errors, edit, store)
-            handles.append(out_module.register_forward_hook(hook))
-        with hooks_removed(handles):
-            yield
 
-    def _mlp_out_hook(self, layer, reads, raw, errors, edit, store):
-        def hook(_module, _args, output):
-            out = _output_tensor(output)
-            x = reads[layer]
+        def splice(layer: int, x: Tensor, out: Tensor) -> Tensor:
             raw[layer] = a = self.encode(layer, x)
             live = _live_errors(self, layer, out, x, raw, errors)
             store[layer] = edit(layer, a) if edit is not None else a
-            new = (self.decode_layer(store, layer) + self.skip(layer, x)).to(out.dtype) + live
-            return (new, *output[1:]) if isinstance(output, tuple) else new
+            return (self.decode_layer(store, layer) + self.skip(layer, x)).to(out.dtype) + live
 
-        return hook
+        return splice_mlp_out(self.model, splice, self.input_hook, adapter=self.adapter)
 
     # -- linearised model ------------------------------------------------------------
     @contextmanager
@@ -258,7 +242,11 @@ class ReplacementModel(nn.Module):
         return get_module(self.model, self.adapter.unembed).weight
 
     def softcap(self, logits: Tensor) -> Tensor:
-        """The model's final logit soft-capping (identity when it has none)."""
+        """The model's final logit soft-capping (identity when it has none).
+
+        Only for pre-cap logits, such as the frozen model's `lin.logits(final)`: the logits the
+        model returns (`run`, `forward`) are already capped by its own forward pass.
+        """
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         return logits if not cap else torch.tanh(logits / cap) * cap
 

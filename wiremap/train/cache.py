@@ -40,7 +40,7 @@ from torch import Tensor
 
 from wiremap.errors import WiremapError
 from wiremap.models.adapters import check_layers, get_adapter
-from wiremap.models.hooks import capture
+from wiremap.models.hooks import capture, stop_after, stoppable
 from wiremap.models.loading import load_config, load_model, model_max_length
 from wiremap.train.text import TextSpec, boundary_tokens, iter_texts, pack_contexts, tokenize, warn
 
@@ -527,27 +527,9 @@ class _ShardWriter:
 # -- running -------------------------------------------------------------------------------
 
 
-class _StopForward(Exception):
-    """Raised after the last cached layer: the layers above it are not needed."""
-
-
-@contextmanager
-def _stop_after(model, adapter, layer: int) -> Iterator[None]:
-    def stop(_module, _args, _output):
-        raise _StopForward
-
-    handle = adapter.layer(model, layer).register_forward_hook(stop)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _forward(model, ids: Tensor) -> None:
-    try:
+    with stoppable():  # `stop_after` ends the pass after the last cached layer
         model(input_ids=ids, use_cache=False)
-    except _StopForward:
-        pass
 
 
 def _batches(contexts, batch_size: int) -> Iterator[Tensor]:
@@ -594,7 +576,7 @@ def capturing(model, plan: Plan) -> Iterator[Callable[[Tensor], dict[str, dict[i
     with (
         torch.no_grad(),
         capture(model, plan.hooks, plan.layers, adapter) as store,
-        _stop_after(model, adapter, plan.layers[-1]),
+        stop_after(adapter.layer(model, plan.layers[-1])),
     ):
 
         def run(ids: Tensor) -> dict[str, dict[int, Tensor]]:

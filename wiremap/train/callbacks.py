@@ -17,8 +17,8 @@
   are stored beside the activations, or the first contexts of a streamed run), splices the
   transcoders into the language model — every covered layer's `mlp_out` replaced by the
   transcoder's reconstruction, computed from the inputs of the spliced run itself (closed
-  loop, one forward pass per layer) — and logs the original CE, the spliced CE, the CE with
-  those MLPs zero-ablated, the fraction of CE recovered
+  loop, one forward pass: `models.hooks.splice_mlp_out`) — and logs the original CE, the
+  spliced CE, the CE with those MLPs zero-ablated, the fraction of CE recovered
   `(CE_zero − CE_spliced) / (CE_zero − CE_orig)`, the KL(original ‖ spliced) per token and
   the next-token (argmax) agreement.
 - `ExportTranscoders`: at the end of training writes `<run>/transcoders/` with
@@ -412,7 +412,7 @@ def _batch_sums(lm, tc, in_scale, out_scale, ids: Tensor, keep_bos: bool) -> dic
     zeros = {layer: torch.zeros(*ids.shape, tc.d_model, device=ids.device) for layer in tc.layers}
     with replace_mlp_out(lm, zeros):
         ablated = lm(ids).logits.float()
-    with replace_mlp_out(lm, spliced_mlp_outputs(lm, tc, in_scale, out_scale, ids, keep_bos)):
+    with spliced_transcoders(lm, tc, in_scale, out_scale, keep_bos):
         spliced = lm(ids).logits.float()
     target = ids[:, 1:].reshape(-1)
 
@@ -434,31 +434,40 @@ def _batch_sums(lm, tc, in_scale, out_scale, ids: Tensor, keep_bos: bool) -> dic
 def spliced_mlp_outputs(
     lm, tc, in_scale, out_scale, ids: Tensor, keep_bos: bool = True
 ) -> dict[int, Tensor]:
-    """Closed-loop reconstructions {model layer: mlp_out} of the fully spliced model.
-
-    Layer i's input is read from a forward pass in which layers < i are already replaced,
-    so each reconstruction sees what the replacement model itself computes. Decoder writes
-    of each layer's features are added to all later outputs at once (no [.., L, F] tensor).
-    With `keep_bos`, position 0 keeps the clean model's MLP outputs (read in the first pass,
-    which runs with nothing replaced yet).
-    """
-    from wiremap.models.hooks import capture, replace_mlp_out
-
+    """Closed-loop reconstructions {model layer: mlp_out} of the fully spliced model on `ids`."""
     recon: dict[int, Tensor] = {}
-    clean: dict[int, Tensor] = {}
-    partial = [tc.b_dec(i).float().expand(*ids.shape, -1).clone() for i in range(tc.n_layers)]
-    for i, layer in enumerate(tc.layers):
-        hooks = [tc.input_hook] + (["mlp_out"] if keep_bos and i == 0 else [])
-        with replace_mlp_out(lm, recon), capture(lm, hooks, layers=tc.layers) as store:
-            lm(ids)
-        clean = store.get("mlp_out", clean)
-        x = store[tc.input_hook][layer].float() * in_scale[i]
+    with spliced_transcoders(lm, tc, in_scale, out_scale, keep_bos, recon):
+        lm(ids)
+    return recon
+
+
+def spliced_transcoders(
+    lm, tc, in_scale, out_scale, keep_bos: bool = True, recon: dict | None = None
+):
+    """Context: every covered layer's `mlp_out` replaced by the (normalised) transcoder's
+    reconstruction of its live input, in one pass (`models.hooks.splice_mlp_out`).
+
+    Decoder writes of each layer's features are added to all later outputs at once (no
+    [.., L, F] tensor). With `keep_bos`, position 0 keeps the model's own MLP outputs (BOS
+    sees only itself, so its stream is the clean one). Reconstructions go into `recon`.
+    """
+    from wiremap.models.hooks import splice_mlp_out
+
+    recon = {} if recon is None else recon
+    index = {layer: i for i, layer in enumerate(tc.layers)}
+    partial: dict[int, Tensor] = {}  # decoder writes so far, by transcoder index
+
+    def splice(layer: int, x: Tensor, out: Tensor) -> Tensor:
+        i = index[layer]
+        x = x.float() * in_scale[i]
         a = tc.encode_layer(x, i)
         dec = tc.decoder(i)  # [F, n_out, d]: writes to layers i .. i + n_out - 1
         for j in range(dec.shape[1]):
-            partial[i + j] += a @ dec[:, j, :]
-        y = partial[i] + tc.skip_layer(x, i)
-        recon[layer] = y / out_scale[i]
+            partial[i + j] = partial.get(i + j, tc.b_dec(i + j).float()) + a @ dec[:, j, :]
+        y = (partial.pop(i) + tc.skip_layer(x, i)) / out_scale[i]
         if keep_bos:
-            recon[layer][:, 0] = clean[layer][:, 0]
-    return recon
+            y[:, 0] = out[:, 0]
+        recon[layer] = y
+        return y
+
+    return splice_mlp_out(lm, splice, tc.input_hook, layers=tc.layers)

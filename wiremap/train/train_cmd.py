@@ -1,4 +1,4 @@
-"""`wiremap train`: train transcoders on a cached activation dataset (LightningCLI).
+"""`wiremap train`: train transcoders on a cached activation dataset (`wiremap.fit`).
 
     wiremap cache --config configs/gpt2-clt.yaml          # once: the activations
     wiremap train --config configs/gpt2-clt.yaml          # then: the transcoders
@@ -15,7 +15,9 @@ the cache manifest (with `data.source: stream`, from the model), never written i
 
 Everything a run writes goes to `<run.root>/<run.name>/`: `config.yaml` (the resolved
 config), `checkpoints/` (Lightning .ckpt for resuming; `last.ckpt` too), the logger's files
-and, at the end, `transcoders/` (the export, with `training_config.yaml` beside it).
+and, at the end, `transcoders/` (the export, with `training_config.yaml` beside it; or
+`run.export_dir`). `main` is `wiremap.fit(argv)`; this module holds the LightningCLI it
+parses the settings with, the run section and the callbacks.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class RunConfig:
     upload_artifact: bool = False
     """Upload the exported transcoders as a W&B artifact at the end."""
     checkpoint_every: int = 1000
-    """Save a checkpoint (for --ckpt_path) every this many steps."""
+    """Save a checkpoint (for --ckpt_path) every this many steps (0 = no checkpoints)."""
     replacement_every: int = 1000
     """Splice the transcoders into the LM and log CE/KL every this many steps (0 = off)."""
     replacement_contexts: int = 16
@@ -77,9 +79,16 @@ class RunConfig:
     """On CPU, keep freed memory for the next step instead of returning it to the OS
     (faster steps; the process keeps its peak memory)."""
 
+    export_dir: str | None = None
+    """Where the transcoders are exported at the end; None = `<root>/<name>/transcoders`."""
+
     @property
     def dir(self) -> Path:
         return Path(self.root) / self.name
+
+    @property
+    def export(self) -> Path:
+        return Path(self.export_dir) if self.export_dir else self.dir / "transcoders"
 
 
 def default_precision() -> str:
@@ -126,19 +135,21 @@ class WiremapCLI(LightningCLI):
             )
 
     def instantiate_trainer(self, **kwargs: Any):
-        run = _as_run(self.config_init.run)
+        run = as_run(self.config_init.run)
         os.makedirs(run.dir, exist_ok=True)
         config_path = run.dir / "config.yaml"
         if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
             self.parser.save(self.config, config_path, overwrite=True, skip_check=True)
         callbacks = list(self.config_init.trainer.get("callbacks") or [])
         callbacks += wiremap_callbacks(run, config_path)
+        if run.checkpoint_every <= 0:
+            kwargs["enable_checkpointing"] = False
         return super().instantiate_trainer(
             callbacks=callbacks, logger=make_logger(run), default_root_dir=str(run.dir), **kwargs
         )
 
 
-def _as_run(value) -> RunConfig:
+def as_run(value) -> RunConfig:
     if isinstance(value, RunConfig):
         return value
     return RunConfig(**dict(value))
@@ -155,16 +166,17 @@ def wiremap_callbacks(run: RunConfig, config_path: Path) -> list:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if run.replacement_every > 0:
         callbacks.append(ReplacementQuality(run.replacement_every, run.replacement_contexts))
-    callbacks.append(
-        ModelCheckpoint(
-            dirpath=run.dir / "checkpoints",
-            filename="{step}",
-            every_n_train_steps=run.checkpoint_every,
-            save_top_k=1,
-            save_last=True,
+    if run.checkpoint_every > 0:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=run.dir / "checkpoints",
+                filename="{step}",
+                every_n_train_steps=run.checkpoint_every,
+                save_top_k=1,
+                save_last=True,
+            )
         )
-    )
-    callbacks.append(ExportTranscoders(run.dir / "transcoders", config_path, run.upload_artifact))
+    callbacks.append(ExportTranscoders(run.export, config_path, run.upload_artifact))
     return callbacks
 
 
@@ -224,14 +236,9 @@ def trainer_defaults() -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    cli = build_cli(argv)
-    ckpt = cli.config.ckpt_path
-    if ckpt and ckpt != "last" and not Path(ckpt).is_file():
-        raise WiremapError(f"--ckpt_path {ckpt!r} does not exist; give a .ckpt file or `last`")
-    try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
-    finally:
-        finish_wandb(cli.trainer)
+    from wiremap.train.fit import fit
+
+    fit(argv)  # the same function as `wiremap.fit`
     return 0
 
 

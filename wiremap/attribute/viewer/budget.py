@@ -19,8 +19,9 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+import torch
 
-from wiremap.attribute.viewer.subgraph import influence_np, row_normalised
+from wiremap.attribute import prune
 from wiremap.errors import WiremapError
 
 SCORE_NAME = "edge score |A[t,s]|/sum_s'|A[t,s']| * (I_t + w_t) on the pruned graph"
@@ -83,9 +84,10 @@ def edge_scores(
 
     `w` holds each logit node's probability (zero elsewhere); n is the number of nodes.
     """
-    norm = row_normalised(np.abs(weight), tgt, n)
-    infl = influence_np(np.asarray(w, np.float64), norm, src, tgt, n)
-    return norm * (infl + w)[tgt]
+    rows, cols = (torch.as_tensor(np.asarray(a, np.int64)) for a in (tgt, src))
+    vals, w = (torch.as_tensor(np.asarray(a, np.float64)) for a in (weight, w))
+    # the pruning's own code: entries stay in the order given, repeated pairs count apart
+    return prune.edge_scores(prune.SparseMatrix(rows, cols, vals, n).abs_normalised(), w).numpy()
 
 
 def budget_record(per_node: int | None, max_edges: int | None, before: int, kept: int) -> dict:

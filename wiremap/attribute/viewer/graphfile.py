@@ -7,18 +7,24 @@
 
 Every problem raises `ViewerError(status, message)`, which the server turns into a JSON
 error response, so one bad file never takes the server down.
+
+Reading follows Neuronpedia's graph schema, not only what wiremap writes: a graph from
+circuit-tracer (no `info` / `generation_settings` / `pruning_settings`, error ids
+`0_{layer}_{pos}` in 0.5) opens too; node kinds come from `feature_type`, never from ids.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
 MAX_GRAPH_BYTES = 256 * 2**20  # beyond this a browser cannot draw the graph anyway
 MAX_LABEL_CHARS = 500
+NOT_GRAPHS = ("graph-metadata.json",)  # circuit-tracer's index of the folder's graphs
 QPARAM_KEYS = ("pinnedIds", "supernodes", "clickedId", "linkType", "sg_pos")
 
 
@@ -54,7 +60,8 @@ def list_graphs(root: Path) -> list[dict[str, Any]]:
     out = []
     for path in sorted(root.iterdir()):
         name = path.name
-        if not name.endswith(".json") or name.endswith(".meta.json") or name.startswith("."):
+        skip = name.endswith(".meta.json") or name.startswith(".") or name in NOT_GRAPHS
+        if not name.endswith(".json") or skip:
             continue
         try:
             graph_path(root, name)
@@ -96,7 +103,7 @@ def check_graph(obj: Any) -> list[str]:
         if not isinstance(node, dict) or not isinstance(node.get("node_id"), str):
             return [f"node {i} has no string node_id"]
         if node["node_id"] in ids:
-            return [f"duplicate node_id {node['node_id']!r}"]
+            return [_duplicate_problem(nodes, node["node_id"])]
         ids.add(node["node_id"])
     for i, link in enumerate(links):
         ok = isinstance(link, dict) and isinstance(link.get("weight"), (int, float))
@@ -107,26 +114,30 @@ def check_graph(obj: Any) -> list[str]:
     return _exporter_problems(obj)
 
 
+def _duplicate_problem(nodes: list, node_id: str) -> str:
+    kinds = {n.get("feature_type") for n in nodes if n.get("node_id") == node_id}
+    if "mlp reconstruction error" in kinds and len(kinds) > 1:  # circuit-tracer 0.5's ids
+        return (
+            f"node_id {node_id!r} names both an error node and a feature (circuit-tracer "
+            "0.5 writes error ids '0_{layer}_{pos}', which can collide); regenerate the "
+            "graph with a newer circuit-tracer or wiremap, whose error ids are "
+            "'{layer}_-1_{pos}'"
+        )
+    return f"duplicate node_id {node_id!r}"
+
+
 def _exporter_problems(obj: dict) -> list[str]:
-    """The graph workstream's full schema check, when that module is installed."""
-    try:
-        from wiremap.attribute.export import validate_graph_json
-    except ImportError:
-        return []
-    try:
-        result = validate_graph_json(obj)
-    except Exception as err:  # its own error type; report the message, never crash
-        return [str(err)]
-    if isinstance(result, (list, tuple)):
-        return [str(p) for p in result]
-    return [] if result in (None, True) else [str(result)]
+    """The exporter's check against Neuronpedia's schema (not only wiremap's own fields)."""
+    from wiremap.attribute.export import graph_json_problems
+
+    return [str(p) for p in graph_json_problems(obj, strict=False)[:20]]
 
 
 def apply_edits(obj: dict, qparams: Any, labels: Any) -> dict:
     """Put pinned ids, supernodes and feature labels (node `clerp`) into the graph."""
     by_id = {n["node_id"]: n for n in obj["nodes"]}
-    qparams = _checked_qparams(qparams or {}, by_id)
-    labels = _checked_labels(labels or {}, by_id)
+    qparams = _checked_qparams({} if qparams is None else qparams, by_id)
+    labels = _checked_labels({} if labels is None else labels, by_id)
     obj.setdefault("qParams", {}).update(qparams)
     for node_id, text in labels.items():
         by_id[node_id]["clerp"] = text
@@ -139,38 +150,86 @@ def _checked_qparams(qparams: Any, by_id: dict) -> dict:
     unknown = set(qparams) - set(QPARAM_KEYS)
     if unknown:
         raise ViewerError(400, f"unknown qParams keys {sorted(unknown)}; allowed: {QPARAM_KEYS}")
-    pinned = qparams.get("pinnedIds", [])
-    if not isinstance(pinned, list) or any(p not in by_id for p in pinned):
-        raise ViewerError(400, "'pinnedIds' must be a list of node ids of this graph")
-    for group in qparams.get("supernodes", []):
-        ok = isinstance(group, list) and len(group) >= 2 and isinstance(group[0], str)
-        if not ok or any(m not in by_id for m in group[1:]):
-            raise ViewerError(400, "each supernode must be [label, node_id, ...] of this graph")
+    qparams = dict(qparams)
+    if "pinnedIds" in qparams:
+        qparams["pinnedIds"] = _checked_ids(qparams["pinnedIds"], by_id, "'pinnedIds'")
+    if "supernodes" in qparams:
+        qparams["supernodes"] = _checked_supernodes(qparams["supernodes"], by_id)
     for key in ("clickedId", "linkType", "sg_pos"):
         if key in qparams and qparams[key] is None:
             qparams[key] = ""  # the schema wants strings; "" means none
-        if key in qparams and not isinstance(qparams[key], str):
-            raise ViewerError(400, f"qParams {key!r} must be a string")
+        if key in qparams:
+            _check_text(qparams[key], f"qParams {key!r}")
     if qparams.get("clickedId") and qparams["clickedId"] not in by_id:
         raise ViewerError(400, "'clickedId' must be a node id of this graph or empty")
     return qparams
+
+
+def _checked_ids(ids: Any, by_id: dict, what: str) -> list[str]:
+    """A list of distinct node ids of this graph (so at most one entry per node)."""
+    if not isinstance(ids, list):
+        raise ViewerError(400, f"{what} must be a list of node ids of this graph")
+    seen: set[str] = set()
+    for node_id in ids:
+        if not isinstance(node_id, str) or node_id not in by_id:
+            raise ViewerError(
+                400, f"{what} must hold node ids of this graph; got {_short(node_id)}"
+            )
+        if node_id in seen:
+            raise ViewerError(400, f"{what} lists {_short(node_id)} more than once")
+        seen.add(node_id)
+    return ids
+
+
+def _checked_supernodes(groups: Any, by_id: dict) -> list[list[str]]:
+    """[[label, node_id, ...], ...]; a node belongs to at most one supernode (as in the viewer)."""
+    shape = "'supernodes' must be a list of [label, node_id, ...] groups of this graph"
+    if not isinstance(groups, list):
+        raise ViewerError(400, shape)
+    members: list[str] = []
+    for group in groups:
+        if not isinstance(group, list) or len(group) < 2:
+            raise ViewerError(400, shape)
+        _check_text(group[0], "a supernode label")
+        members += group[1:]
+    _checked_ids(members, by_id, "the supernodes' members")
+    return groups
 
 
 def _checked_labels(labels: Any, by_id: dict) -> dict:
     if not isinstance(labels, dict):
         raise ViewerError(400, "'labels' must be an object {node_id: label}")
     for node_id, text in labels.items():
-        if node_id not in by_id or not isinstance(text, str) or len(text) > MAX_LABEL_CHARS:
-            raise ViewerError(400, f"bad label for {node_id!r}: a node id and a short string")
+        if node_id not in by_id:
+            raise ViewerError(400, f"bad label for {_short(node_id)}: not a node id of this graph")
+        _check_text(text, f"the label of {_short(node_id)}")
     return labels
 
 
+def _check_text(text: Any, what: str) -> None:
+    if not isinstance(text, str) or len(text) > MAX_LABEL_CHARS:
+        raise ViewerError(400, f"{what} must be a string of at most {MAX_LABEL_CHARS} characters")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def write_graph(path: Path, obj: dict) -> None:
-    """Replace `path` atomically, so a crash mid-write never leaves half a file."""
+    """Replace `path` atomically (temp file, fsync, rename), keeping the file's mode.
+
+    A crash mid-write leaves the old file; two saves in a row leave one of them whole.
+    """
+    data = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".wiremap-", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, separators=(",", ":"))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # mkstemp makes 0600; a save must not change who can read it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

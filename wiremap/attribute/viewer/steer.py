@@ -4,15 +4,20 @@
     steerer.steer(graph_obj, {"nodes": ["3_41_5"], "scale": 0.0, "max_new_tokens": 10})
 
 The model is rebuilt from the graph's `metadata.info.model` and `metadata.info.transcoders`
-with `ReplacementModel.from_pretrained`, once per (model, transcoders) pair. The maths is
+with `ReplacementModel.from_pretrained`, once per (model, transcoders) pair. Only a graph
+file inside the served folder names them (a request carries no path), and a model folder
+that would need its own code (`auto_map` in config.json) is refused: trust_remote_code
+stays False. The maths is
 the attribution workstream's intervention API (`feature_intervention`,
 `generate_with_interventions`); this module only turns viewer requests into its arguments.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +27,7 @@ from wiremap.attribute.viewer.subgraph import node_kind
 
 MAX_NEW_TOKENS = 64
 MAX_STEERED = 256
+REQUEST_KEYS = ("name", "nodes", "scale", "ablate", "all_positions", "max_new_tokens", "top_k")
 
 Loader = Callable[[str, str], Any]  # (model name/path, transcoders folder) -> ReplacementModel
 
@@ -49,6 +55,7 @@ class Steerer:
                 "info.transcoders); re-run `wiremap attribute` with this wiremap to steer it",
             )
         if key not in self._models:
+            refuse_remote_code(key[0])
             try:
                 self._models[key] = self.loader(*key)
             except ImportError as err:
@@ -67,6 +74,20 @@ class Steerer:
             )
 
 
+def refuse_remote_code(model: str) -> None:
+    """A local model folder whose config maps to custom code is never loaded."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # a hub name, or a folder the loader will report on
+    if isinstance(config, dict) and "auto_map" in config:
+        raise ViewerError(
+            422,
+            "this graph's model folder needs its own Python code (auto_map in config.json); "
+            "the viewer never runs code from a model folder, so it cannot steer this graph",
+        )
+
+
 def model_source(meta: dict) -> tuple[str, str] | None:
     """(model, transcoders) from metadata.info, else from metadata.generation_settings."""
     for where in ("info", "generation_settings"):
@@ -82,6 +103,13 @@ def parse_request(
     obj: dict, request: dict
 ) -> tuple[list[tuple[int, int, int]], float, bool, int, int]:
     """Checked (features, factor, all_positions, max_new_tokens, top_k) from a request body."""
+    unknown = sorted(set(request) - set(REQUEST_KEYS))
+    if unknown:
+        raise ViewerError(
+            400,
+            f"unknown steer keys {unknown[:5]}; allowed: {REQUEST_KEYS} (the model and "
+            "transcoders always come from the graph file's metadata)",
+        )
     node_ids = request.get("nodes")
     if not isinstance(node_ids, list) or not node_ids or len(node_ids) > MAX_STEERED:
         raise ViewerError(400, f"'nodes' must list 1 to {MAX_STEERED} feature node ids")
@@ -146,10 +174,7 @@ def run_steering(
 
 
 def top_tokens(model, logits: torch.Tensor, k: int) -> list[dict[str, Any]]:
-    probs = torch.softmax(logits.float(), dim=-1)
-    values, ids = probs.topk(min(k, probs.numel()))
-    decode = model.tokenizer.decode
-    return [
-        {"token": decode([int(i)]), "id": int(i), "prob": float(p)}
-        for p, i in zip(values.tolist(), ids.tolist(), strict=True)
-    ]
+    """The k most probable next tokens as JSON (`wiremap.attribute.targets.top_tokens`)."""
+    from wiremap.attribute.targets import top_tokens as ranked
+
+    return [t._asdict() for t in ranked(model, logits, k)]

@@ -1,0 +1,146 @@
+"""The top of the package is the API: lazy names, the graph function, deprecations, no surprises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import wiremap
+from wiremap.errors import WiremapError
+
+PROMPT = "The cat sees the moon."
+HEAVY = ("lightning", "wandb", "transformers", "torch")
+
+
+def test_import_wiremap_stays_light():
+    code = (
+        "import sys, wiremap; wiremap.__version__; dir(wiremap); "
+        f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_public_name_resolves_and_is_listed():
+    for name in wiremap.__all__:
+        assert getattr(wiremap, name) is not None, name
+    assert {"ReplacementModel", "Graph", "attribute_graph", "fit", "serve"} <= set(dir(wiremap))
+    for name in ("ActivationCache", "build_cache", "load_transcoders", "save_transcoders"):
+        assert name in wiremap.__all__
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        wiremap.nope  # noqa: B018
+
+
+def test_graph_function_name_does_not_collide_with_the_subpackage():
+    import wiremap.attribute.attribute as module
+
+    assert wiremap.attribute_graph is module.attribute  # the old path keeps working
+    assert wiremap.attribute.__name__ == "wiremap.attribute"  # the subpackage keeps its name
+    assert wiremap.attribute.attribute.attribute is module.attribute
+
+
+@pytest.mark.parametrize(
+    "name,module",
+    [
+        ("capture", "wiremap.models.hooks"),
+        ("replace_mlp_out", "wiremap.models.hooks"),
+        ("get_adapter", "wiremap.models.adapters"),
+    ],
+)
+def test_low_level_hooks_warn_but_still_work(name, module):
+    from importlib import import_module
+
+    with pytest.warns(DeprecationWarning, match=f"{module} import {name}"):
+        value = getattr(wiremap, name)
+    assert value is getattr(import_module(module), name)
+    assert name not in wiremap.__all__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wiremap.ReplacementModel  # noqa: B018 (the public names do not warn)
+
+
+def make_rm(tiny_model_dir):
+    model, tokenizer = wiremap.load_model(str(tiny_model_dir("llama", n_layers=2)))
+    tc = wiremap.build_transcoder("plt", 2, 32, 32, activation="relu")
+    return wiremap.ReplacementModel(model, tokenizer, tc)
+
+
+def test_attribute_graph_prints_nothing_unless_asked(tiny_model_dir, capfd):
+    rm = make_rm(tiny_model_dir)
+    capfd.readouterr()
+    wiremap.attribute_graph(PROMPT, rm, max_feature_nodes=4)
+    assert capfd.readouterr() == ("", "")
+    wiremap.attribute_graph(PROMPT, rm, max_feature_nodes=4, verbose=True)
+    assert "active features" in capfd.readouterr().err
+
+
+def test_attribute_graph_puts_the_callers_model_back(tiny_model_dir):
+    rm = make_rm(tiny_model_dir)
+    before = {name: t.clone() for name, t in rm.state_dict().items()}
+    params = list(rm.parameters())
+    graph = wiremap.attribute_graph(PROMPT, rm, max_feature_nodes=4, dtype=torch.float64)
+    assert graph.settings["dtype"] == "float64"  # it ran in the dtype asked for
+    assert list(rm.parameters()) == params
+    for name, t in rm.state_dict().items():
+        assert t.dtype == before[name].dtype and torch.equal(t, before[name]), name
+    with pytest.raises(WiremapError, match="would round"):
+        wiremap.attribute_graph(PROMPT, rm, dtype="bfloat16")
+    assert all(p.dtype == torch.float32 for p in rm.parameters())
+
+
+def test_serve_in_the_background(tmp_path):
+    (tmp_path / "g.json").write_text("{}")
+    server = wiremap.serve(tmp_path, port=0, block=False)
+    try:
+        host, port = server.server_address[:2]
+        with urllib.request.urlopen(f"http://{host}:{port}/api/list", timeout=10) as r:
+            assert r.status == 200
+            assert isinstance(json.loads(r.read()), (list, dict))
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(WiremapError, match="not a folder"):
+        wiremap.serve(Path(tmp_path) / "missing", block=False)
+
+
+def readme_block(starts_with: str) -> str:
+    """The README's ```python block whose code begins with `starts_with`."""
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    (block,) = [b for b in blocks if b.startswith(starts_with)]
+    return block
+
+
+def test_readme_graph_and_intervention_examples_run(tiny_model_dir, tmp_path, monkeypatch):
+    model_dir = str(tiny_model_dir("llama", n_layers=5))
+    torch.manual_seed(0)
+    wiremap.save_transcoders(
+        wiremap.build_transcoder("plt", 5, 32, 128, activation="relu", model_name=model_dir),
+        tmp_path / "tc",
+    )
+    monkeypatch.chdir(tmp_path)
+    graph_code = readme_block(
+        'import wiremap\n\nrm = wiremap.ReplacementModel.from_pretrained("gpt2"'
+    )
+    graph_code = graph_code.replace('from_pretrained("gpt2"', f"from_pretrained({model_dir!r}")
+    graph_code = graph_code.replace('"runs/gpt2-plt/transcoders"', repr(str(tmp_path / "tc")))
+    scope: dict = {}
+    exec(compile(graph_code, "README.md", "exec"), scope)
+    assert (tmp_path / "graphs" / "france.json").is_file() and scope["graph"].n_logits > 0
+    scope["prompt"] = "The cat sees the moon today."
+    exec(
+        compile(
+            readme_block("import wiremap\n\nres = wiremap.feature_intervention"),
+            "README.md",
+            "exec",
+        ),
+        scope,
+    )
+    assert isinstance(scope["text"], str)
