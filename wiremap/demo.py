@@ -85,6 +85,9 @@ class DemoConfig:
     """Seed of the corpus, the data order and the transcoder initialisation."""
     progress: bool = True
     """Show progress bars."""
+    attention: bool = False
+    """Also name the attention heads that carry the state (Dallas) and the adjective
+    (antonyms) to the last position, and the QK pairs that make them attend there."""
 
     def __post_init__(self) -> None:
         for name in ("n_tokens", "d_transcoder", "steps", "batch_size", "n_paths", "threads"):
@@ -134,6 +137,7 @@ class DemoReport:
     features: dict[str, str] = field(default_factory=dict)  # arch -> feature-card folder
     seconds: dict[str, float] = field(default_factory=dict)
     training: dict[str, dict[str, float]] = field(default_factory=dict)
+    attention: dict[str, Any] = field(default_factory=dict)  # prompt name -> heads (--attention)
 
     def to_json(self) -> dict[str, Any]:
         obj = asdict(self)
@@ -558,6 +562,103 @@ def _graphs_and_swap(cfg, report: DemoReport, model, tokenizer, organism, say, c
     report.swap = swap
     say(f"[5/6] swap: {TARGET_STATE} features -> {SWAP_STATE} features on {DALLAS!r}")
     _print_swap(swap, cfg.swap_city, say)
+    if cfg.attention:
+        report.attention = attention_stage(rms["clt"], computed["clt"], swap.removed, say)
+
+
+# -- `--attention`: the heads that move the state and the adjective -------------------------
+def attention_stage(rm, graphs: dict, texas, say: Say, n_edges: int = 10) -> dict[str, Any]:
+    """For the Dallas graph (from the Texas features at ' Dallas', or every node there) and
+    each antonym graph (from the adjective): the heads carrying the strongest edges to the
+    last position, and for the top two the QK terms of their score (query: last position,
+    key: the source position). Printed, and returned for the report."""
+    from wiremap.train.organism import ANTONYMS
+
+    say("[attention] heads carrying the strongest edges to the last position (CLT graphs)")
+    found = {}
+    for name, (graph, result) in graphs.items():
+        if name == "dallas":
+            word, labels = " Dallas", {(layer, f): TARGET_STATE for layer, _, f in texas}
+        elif name.startswith("antonym_"):
+            word, labels = ANTONYMS[name.split("_", 1)[1]][1][0][0], None
+        else:
+            continue
+        pos = _word_position(graph, word)
+        wanted = {tuple(f) for f in texas} if name == "dallas" else set()
+        sources = [i for i, f in enumerate(graph.active_features.tolist()) if tuple(f) in wanted]
+        found[name] = _heads_of(rm, graph, result, pos, sources or None, labels, n_edges, say)
+    return found
+
+
+def _word_position(graph, word: str) -> int:
+    strings = [t.strip() for t in graph.token_strings]
+    if word.strip() not in strings:
+        raise WiremapError(f"{word!r} is not a token of {graph.prompt!r}; the organism changed")
+    return strings.index(word.strip())
+
+
+def _heads_of(rm, graph, result, pos, sources, labels, n_edges, say: Say) -> dict[str, Any]:
+    from wiremap.attribute.attention import heads_between
+
+    found = heads_between(rm, graph, result, pos, n_edges=n_edges, sources=sources)
+    toks, last = graph.token_strings, graph.n_pos - 1
+    what = "the Texas features" if sources else "the nodes"
+    say(
+        f"      {graph.prompt!r}: the {len(found.loadings)} strongest edges from {what} at "
+        f"{toks[pos]!r} to {toks[last]!r}"
+    )
+    if not found.loadings:
+        say("        no kept edge between them")
+        return {"source_pos": pos, "n_edges": 0, "heads": []}
+    top = [h for h in found.heads if h[2] > 0][:2]
+    shares = ", ".join(f"L{layer} H{head} {100 * v:.0f}%" for layer, head, v in top)
+    rest = 1.0 - sum(v for *_, v in top)
+    say(f"        carried by {shares or 'no head'}; other heads {100 * rest:.0f}%")
+    heads = [_why_attended(rm, graph, layer, head, pos, labels, say) for layer, head, _ in top]
+    for item, (_, _, share) in zip(heads, top, strict=True):
+        item["share"] = share
+    return {"source_pos": pos, "n_edges": len(found.loadings), "heads": heads}
+
+
+def _why_attended(rm, graph, layer: int, head: int, pos: int, labels, say: Say) -> dict:
+    """Print the head's attention weight on `pos` from the last position and its top terms."""
+    import torch
+
+    from wiremap.attribute.attention import qk_attributions, readable
+
+    last, toks = graph.n_pos - 1, graph.token_strings
+    keys = list(range(last + 1))  # every key: the weight is a softmax over them
+    scores = qk_attributions(rm, graph, [(layer, head, last, k) for k in keys])
+    weight = torch.softmax(torch.tensor([s.capped_score for s in scores]), 0)[pos]
+    qk = scores[pos]
+    say(
+        f"        L{layer} H{head} puts {float(weight):.2f} of its attention from {toks[last]!r} "
+        f"on {toks[pos]!r} (score {qk.score:.2f}); the largest terms:"
+    )
+
+    def name(node_id):
+        return readable(graph, node_id, labels)
+
+    sides = []
+    for side, nodes, sums in (
+        ("key", qk.key_nodes, qk.col_sums()),
+        ("query", qk.query_nodes, qk.row_sums()),
+    ):
+        order = sums.abs().argsort(descending=True)[:3].tolist()
+        sides.append([(name(nodes[i]), float(sums[i])) for i in order])
+        say(f"          {side:>5} side: " + ", ".join(f"{n} {v:+.2f}" for n, v in sides[-1]))
+    pairs = [(name(q), name(k), v) for q, k, v in qk.top(3)]
+    for q, k, v in pairs:
+        say(f"          pair {v:+.2f}: query {q} x key {k}")
+    return {
+        "layer": layer,
+        "head": head,
+        "weight": float(weight),
+        "score": qk.score,
+        "key_side": sides[0],
+        "query_side": sides[1],
+        "pairs": pairs,
+    }
 
 
 def _bar(items, arch: str, cfg: DemoConfig):

@@ -2,6 +2,7 @@
 
 wiremap demo                                   # ~5 min on 2 CPU cores -> wiremap_out/demo
 wiremap demo --out /tmp/demo --steps 300 --n-tokens 20000 --features-per-layer 128
+wiremap demo --attention                       # + the heads behind the edges (attention.py)
 wiremap serve wiremap_out/demo/graphs          # then open the graphs in the viewer
 """
 
@@ -66,6 +67,12 @@ def _parser():
         dest="feature_cards",
         action="store_false",
         help="skip the feature cards",
+    )
+    p.add_argument(
+        "--attention",
+        action="store_true",
+        help="also name the heads that carry the state / adjective to the last position and "
+        "the QK pairs that make them attend there",
     )
     p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
     return p

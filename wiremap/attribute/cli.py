@@ -1,7 +1,8 @@
 """`wiremap attribute` and `wiremap steer`: attribution graphs and interventions from the shell.
 
     wiremap attribute --model gpt2 --transcoders tc/ --prompt "The capital of France is" \\
-        --out graphs/ [--slug france --scan gpt2] [--node-threshold 0.8 --edge-threshold 0.98]
+        --out graphs/ [--slug france --scan gpt2] [--node-threshold 0.8 --edge-threshold 0.98] \\
+        [--heads 1000]
     wiremap steer --model gpt2 --transcoders tc/ --prompt "I love" \\
         --feature 5:3:1234 --feature 6:*:77=2.5 --scale 4 --generate 20
 
@@ -9,7 +10,9 @@
 (or to --out itself when it names a `.json` file; its name is then the slug), lists it in
 that folder's `graph-metadata.json` (circuit-tracer's frontend layout), writes the full graph
 (tensors + metadata) next to it (`{slug}.safetensors`, `{slug}.meta.json`), then prints the
-scores and the strongest paths from the prompt to the top logit.
+scores and the strongest paths from the prompt to the top logit. With --heads N it adds
+the JSON's "heads" block: which attention heads carry each of the N strongest links and the
+QK pairs that made those heads attend (wiremap/attribute/attention.py).
 
 `steer` edits features given as `LAYER:POS:FEATURE[=VALUE]` (POS `*` = every position,
 including generated ones): with --scale X they are multiplied by X, with --ablate set to
@@ -117,6 +120,15 @@ def attribute_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--html", default=None, help="also write a self-contained HTML view here")
     p.add_argument("--png", default=None, help="also write a static PNG of the pruned graph")
+    p.add_argument(
+        "--heads",
+        type=_n_edges,
+        nargs="?",
+        const=1000,
+        default=None,
+        help="store head loadings of the N strongest links (default 1000) and QK pairs of "
+        "their top heads in the JSON's 'heads' block",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -167,6 +179,8 @@ def attribute_main(argv: list[str]) -> int:
         edges_per_node=args.edges_per_node or None,
         max_edges=args.max_edges or None,
     )
+    if args.heads:
+        _write_heads(rm, graph, out, args.heads)
     base = graph.save(out.with_suffix(""))
     print(summarize_paths(graph, k=args.paths, result=result))
     print(f"wrote {out} (listed in {out.parent / 'graph-metadata.json'}) and {base}.safetensors")
@@ -174,6 +188,28 @@ def attribute_main(argv: list[str]) -> int:
         _write_feature_jsons(out, store, out.parent / "features" / scan)
     _write_pictures(out, args.html, args.png)
     return 0
+
+
+def _n_edges(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of edges, e.g. 1000")
+    return n
+
+
+def _write_heads(rm, graph, out: Path, n_edges: int) -> None:
+    import json
+
+    from wiremap.attribute.attention import heads_block
+    from wiremap.attribute.export import add_heads_block
+
+    links = json.loads(out.read_text(encoding="utf-8"))["links"]
+    block = heads_block(rm, graph, links, n_edges=n_edges)
+    add_heads_block(out, block)
+    print(f"head loadings of {len(block['edges'])} edges, QK pairs of {len(block['qk'])} heads")
 
 
 def _feature_store(args):

@@ -688,3 +688,19 @@ def summarize_paths(
         names = " -> ".join(node_name(graph, i, labels) for i in path)
         lines.append(f"{rank:>3}. {100 * share:5.1f}% ({'+' if sign > 0 else '-'})  {names}")
     return "\n".join(lines)
+
+
+# ---- optional "heads" block (head loadings and QK pairs, attribute/attention.py) --------
+def add_heads_block(path: str | Path, block: dict[str, Any]) -> None:
+    """Add the optional top-level "heads" block to the graph JSON at `path` (checked)."""
+    path = Path(path)
+    obj = json.loads(path.read_text(encoding="utf-8"))
+    ids = {n.get("node_id") for n in obj.get("nodes", [])}
+    edges = block.get("edges") if isinstance(block, dict) else None
+    if not isinstance(edges, list) or any(
+        e.get("source") not in ids or e.get("target") not in ids for e in edges
+    ):
+        raise WiremapError("the heads block must list edges between nodes of the graph JSON")
+    obj["heads"] = block
+    validate_graph_json(obj)
+    _replace_text(path, json.dumps(obj, ensure_ascii=False, separators=(",", ":")))

@@ -26,7 +26,7 @@ const SN_COLOURS = ["#e6550d", "#31a354", "#756bb1", "#d6616b", "#3182bd", "#8c6
 const S = {
   embedded: false, name: null, graph: null, byId: new Map(), kind: new Map(),
   incoming: new Map(), outgoing: new Map(), pinned: [], supernodes: [], labels: {},
-  ticked: new Set(), clicked: null, threshold: 0.8, showErrors: true, pos: new Map(),
+  ticked: new Set(), clicked: null, heads: new Map(), threshold: 0.8, showErrors: true, pos: new Map(),
   nodeEls: new Map(), dirty: false, linkOrder: [], drawnLinks: [], maxWeight: 1e-12,
   drawn: { nodes: 0, edges: 0 }, timings: {},
 };
@@ -70,6 +70,7 @@ function setGraph(name, graph) {
     S.incoming.set(n.node_id, []); S.outgoing.set(n.node_id, []);
   }
   adjacency(graph.links);
+  indexHeads(graph);
   const q = graph.qParams || {};
   S.pinned = (q.pinnedIds || []).filter((id) => S.byId.has(id));
   S.supernodes = (q.supernodes || []).map((g) => g.slice());
@@ -405,11 +406,78 @@ function edgeList(title, links, end) {
     const other = S.byId.get(l[end]);
     const li = el("li", { class: l.weight >= 0 ? "pos" : "neg" });
     li.append(el("span", { class: "w" }, fmt(l.weight)), el("span", {}, ` ${labelOf(other)}`));
+    const heads = headsButton(l);
+    if (heads) li.append(heads);
     li.addEventListener("click", () => showNode(other.node_id));
     ul.append(li);
   }
   box.append(ul);
   return box;
+}
+
+// ---- attention: the heads that carry an edge and why they attended -------------------
+// From the graph JSON's optional "heads" block (`wiremap attribute --heads`): per link its
+// heads by share of the edge, and for top heads the QK pairs behind their attention score.
+function indexHeads(graph) {
+  S.heads = new Map();
+  const edges = graph.heads && Array.isArray(graph.heads.edges) ? graph.heads.edges : [];
+  for (const e of edges) S.heads.set(`${e.source}>${e.target}`, e);
+}
+
+function headsButton(l) {
+  const e = S.heads.get(`${l.source}>${l.target}`);
+  if (!e) return null;
+  const b = el("button", { class: "small heads-button", title: "attention heads of this edge" },
+    "heads");
+  b.addEventListener("click", (ev) => { ev.stopPropagation(); showEdgeHeads(e); });
+  return b;
+}
+
+function nodeText(id) {
+  const n = S.byId.get(id);
+  if (n) return labelOf(n);
+  const names = (S.graph.heads && S.graph.heads.names) || {};
+  return names[id] || id;
+}
+
+function showEdgeHeads(e) {
+  let box = $("edge-panel");
+  if (!box) { box = el("div", { id: "edge-panel", class: "card" }); $("node-panel").append(box); }
+  box.replaceChildren(el("h3", {}, `Heads of ${nodeText(e.source)} → ${nodeText(e.target)}`));
+  box.append(el("div", { class: "facts" },
+    `edge ${fmt(e.weight)} = heads + residual ${fmt(e.residual)}; click a head for its QK pairs`));
+  const ul = el("ul", { class: "head-list" });
+  for (const h of e.heads) {
+    const li = el("li", { class: h.share >= 0 ? "pos" : "neg" });
+    li.append(el("span", { class: "w" }, fmt(h.share)), el("span", {}, ` L${h.layer} H${h.head}`));
+    if (h.qk) {
+      li.classList.add("has-qk");
+      li.addEventListener("click", () => showQK(h));
+    }
+    ul.append(li);
+  }
+  box.append(ul, el("div", { id: "qk-box" }));
+  box.scrollIntoView({ block: "nearest" });
+}
+
+function showQK(h) {
+  const q = S.graph.heads.qk[h.qk], box = $("qk-box");
+  const toks = S.graph.metadata.prompt_tokens || [];
+  box.replaceChildren(el("h3", {}, `Why L${h.layer} H${h.head} attended`));
+  if (!q) { box.append(el("p", { class: "hint" }, "no QK pairs stored")); return; }
+  const where = `query '${toks[q.query_pos] ?? q.query_pos}' → key '${toks[q.key_pos] ?? q.key_pos}'`;
+  if (q.refused) { box.append(el("p", { class: "hint" }, `${where}: ${q.refused}`)); return; }
+  const capped = q.capped_score !== undefined ? ` (soft-capped ${fmt(q.capped_score)})` : "";
+  box.append(el("div", { class: "facts" }, `${where}: score ${fmt(q.score)}${capped}`));
+  const table = el("table", { class: "qk-table" });
+  table.append(el("tr", {}, ""));
+  table.lastChild.append(el("th", {}, "term"), el("th", {}, "query side"), el("th", {}, "key side"));
+  for (const [qid, kid, v] of q.pairs) {
+    const tr = el("tr", { class: v >= 0 ? "pos" : "neg" });
+    tr.append(el("td", { class: "w" }, fmt(v)), el("td", {}, nodeText(qid)), el("td", {}, nodeText(kid)));
+    table.append(tr);
+  }
+  box.append(table);
 }
 
 function featureCard(n) {
