@@ -46,6 +46,7 @@ from wiremap.attribute.sources import SourceTable
 from wiremap.attribute.targets import LogitTargets, select_targets
 from wiremap.errors import WiremapError
 from wiremap.models.linearise import Linearised
+from wiremap.models.threads import ThreadGovernor, threads_for_load
 
 FINAL = -1  # site of the logit targets: the final norm's output
 
@@ -62,12 +63,14 @@ class _Targets:
 class RowEngine:
     """Computes adjacency rows for batches of targets through one frozen model."""
 
-    def __init__(self, lin: Linearised, table: SourceTable) -> None:
-        self.lin, self.table = lin, table
+    def __init__(self, lin: Linearised, table: SourceTable, threads: ThreadGovernor | None = None):
+        self.lin, self.table, self.threads = lin, table, threads
         self.n_backward = 0
 
     def rows(self, targets: _Targets) -> Tensor:
         """[B, n_cols] edges from every source to each target."""
+        if self.threads is not None:
+            self.threads.refresh()  # the load may have changed since the last batch
         n_pos = int(targets.pos.max()) + 1
         top = self.lin.n_layers if bool((targets.site == FINAL).any()) else int(targets.site.max())
         ids = self.lin.input_ids[:, :n_pos]
@@ -130,61 +133,71 @@ def attribute(
     is in `graph.settings["memory"]`. With a budget, features are visited best-first and
     re-ranked after every `rerank_every` visits (None: every batch, or often enough that
     the budget is re-ranked 4 times; 0: ranked once, by direct effects on the logits).
+    Intra-op threads are fitted to the idle cores while it runs (`models/threads.py`;
+    `WIREMAP_THREADS=N` fixes them) and restored to the caller's count afterwards.
     """
-    start = time.perf_counter()
-    rm = _prepare(model, device, dtype)
-    if batch_size is not None and batch_size < 1:
-        raise WiremapError(f"batch_size={batch_size}; use a positive batch size")
-    if max_feature_nodes is not None and max_feature_nodes < 0:
-        raise WiremapError(f"max_feature_nodes={max_feature_nodes}; use a non-negative number")
-    ids = rm.tokenize(prompt)
-    host_free, device_free = _free_memory(rm, memory_limit)
-    check_clean_pass(rm, len(ids), device_free or host_free)
-    with oom_guard(None, "the clean pass"):
-        run = rm.run(ids)
-        targets = select_targets(
-            rm,
-            run.logits[-1],
+    with threads_for_load() as threads:
+        start = time.perf_counter()
+        rm = _prepare(model, device, dtype)
+        if batch_size is not None and batch_size < 1:
+            raise WiremapError(f"batch_size={batch_size}; use a positive batch size")
+        if max_feature_nodes is not None and max_feature_nodes < 0:
+            raise WiremapError(f"max_feature_nodes={max_feature_nodes}; use a non-negative number")
+        ids = rm.tokenize(prompt)
+        host_free, device_free = _free_memory(rm, memory_limit)
+        check_clean_pass(rm, len(ids), device_free or host_free)
+        with oom_guard(None, "the clean pass"):
+            run = rm.run(ids)
+            targets = select_targets(
+                rm,
+                run.logits[-1],
+                max_n_logits=max_n_logits,
+                desired_logit_prob=desired_logit_prob,
+                target_tokens=target_tokens,
+                target_directions=target_directions,
+            )
+            table = SourceTable.build(rm, run, zero_bos=zero_bos)
+        del run
+        _log(
+            verbose, f"{len(ids)} tokens, {table.n_features} active features, {len(targets)} logits"
+        )
+        counts = GraphCounts.from_table(rm, table, len(targets))
+        plan = plan_memory(
+            counts,
+            budget=max_feature_nodes,
+            batch_size=batch_size,
+            host_free=host_free,
+            device_free=device_free,
+        )
+        _log(verbose and plan.note is not None, str(plan.note))
+        with oom_guard(plan):
+            graph, n_backward = _compute(
+                rm, prompt, ids, table, targets, plan, rerank_every, verbose, threads
+            )
+        options = dict(
             max_n_logits=max_n_logits,
             desired_logit_prob=desired_logit_prob,
-            target_tokens=target_tokens,
-            target_directions=target_directions,
+            max_feature_nodes=plan.max_feature_nodes,
+            batch_size=plan.batch_size,
+            rerank_every=rerank_every,
+            zero_bos=zero_bos,
         )
-        table = SourceTable.build(rm, run, zero_bos=zero_bos)
-    del run
-    _log(verbose, f"{len(ids)} tokens, {table.n_features} active features, {len(targets)} logits")
-    counts = GraphCounts.from_table(rm, table, len(targets))
-    plan = plan_memory(
-        counts,
-        budget=max_feature_nodes,
-        batch_size=batch_size,
-        host_free=host_free,
-        device_free=device_free,
-    )
-    _log(verbose and plan.note is not None, str(plan.note))
-    with oom_guard(plan):
-        graph, n_backward = _compute(rm, prompt, ids, table, targets, plan, rerank_every, verbose)
-    options = dict(
-        max_n_logits=max_n_logits,
-        desired_logit_prob=desired_logit_prob,
-        max_feature_nodes=plan.max_feature_nodes,
-        batch_size=plan.batch_size,
-        rerank_every=rerank_every,
-        zero_bos=zero_bos,
-    )
-    seconds = time.perf_counter() - start
-    graph.settings = _settings(rm, table, options, n_backward, seconds)
-    graph.settings["memory"] = plan.as_settings()
-    _log(verbose, f"done: {n_backward} backward passes, {graph.settings['seconds']:.2f} s")
-    return graph
+        seconds = time.perf_counter() - start
+        graph.settings = _settings(rm, table, options, n_backward, seconds)
+        graph.settings["memory"] = plan.as_settings()
+        graph.settings["threads"] = threads.threads
+        _log(verbose, f"done: {n_backward} backward passes, {graph.settings['seconds']:.2f} s")
+        return graph
 
 
-def _compute(rm, prompt, ids, table, targets, plan, rerank_every, verbose) -> tuple[Graph, int]:
+def _compute(
+    rm, prompt, ids, table, targets, plan, rerank_every, verbose, threads=None
+) -> tuple[Graph, int]:
     budget = plan.max_feature_nodes
     # uncapped graphs of moderate size are written straight into a dense adjacency
     dense = _dense_buffer(table, len(targets), budget)
     with rm.linearised(ids) as lin:
-        engine = RowEngine(lin, table)
+        engine = RowEngine(lin, table, threads)
         logit_rows = engine.rows(_logit_targets(targets, len(ids)))
         out = None if dense is None else dense[: table.n_features, : table.n_cols]
         visited, feature_rows = _visit_features(
