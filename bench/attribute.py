@@ -196,12 +196,18 @@ def busy_processes(n: int, seconds: float):
             p.wait()
 
 
+CT_VENVS = ("/work/venvs/peers/bin/python", "/work/venvs/ct-load/bin/python")
+"""Where to look for circuit-tracer besides this interpreter (its own environment, see
+bench/attribute_real.py: it pins transformers <= 4.57.3 and nnsight 0.6)."""
+CT_CHECK = "import circuit_tracer.replacement_model.replacement_model_nnsight"
+
+
 def ct_python(given: str | None) -> str | None:
-    """An interpreter that imports circuit_tracer: --ct-python, this one, or the peers venv."""
-    candidates = [given] if given else [sys.executable, "/work/venvs/peers/bin/python"]
+    """An interpreter whose circuit-tracer imports its nnsight backend: --ct-python or found."""
+    candidates = [given] if given else [sys.executable, *CT_VENVS]
     for python in candidates:
         if python and Path(python).exists():
-            check = subprocess.run([python, "-c", "import circuit_tracer"], capture_output=True)
+            check = subprocess.run([python, "-c", CT_CHECK], capture_output=True)
             if check.returncode == 0:
                 return python
     return None
@@ -211,8 +217,7 @@ def run_load(args) -> None:
     root = Path(args.root or tempfile.mkdtemp(prefix="wiremap-bench-"))
     folder = _load_setup(root, args.size)
     ct = ct_python(args.ct_python)
-    if ct is None:
-        print("circuit-tracer: not importable here nor in /work/venvs/peers (--ct-python PY)")
+    print(f"circuit-tracer: {ct or 'not found (give --ct-python PY)'}")
     rows = []
     for n in sorted({0, args.load}):
         with busy_processes(n, args.burn_seconds):
