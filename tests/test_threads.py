@@ -116,3 +116,28 @@ def _recording(refresh, seen: list):
         return out
 
     return wrapped
+
+
+def test_nested_and_other_threads_contexts_leave_the_callers_count(monkeypatch, caller_threads):
+    import threading
+
+    monkeypatch.setenv(T.ENV, "1")
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with T.threads_for_load():
+            inside.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    inside.wait(10)
+    with T.threads_for_load() as gov:
+        assert gov.cap == caller_threads and torch.get_num_threads() == 1
+        with T.threads_for_load():
+            pass
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == caller_threads
+    release.set()
+    worker.join()
+    assert torch.get_num_threads() == caller_threads

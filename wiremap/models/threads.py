@@ -16,7 +16,8 @@ where *cores allowed* is the CPU affinity mask capped by a cgroup CPU quota (v2
 `cpu.max`, v1 `cpu.cfs_quota_us`), and *idle cores* is `os.cpu_count()` minus the
 runnable tasks of other processes (the least of a few samples of `/proc/stat`), at least 1.
 `WIREMAP_THREADS=N` fixes the count instead. Nothing here changes the process for good:
-the caller's thread count comes back when the context ends.
+the caller's thread count comes back when the context ends. (With OpenMP the count belongs
+to the calling thread: a context in one thread leaves the others' counts alone.)
 """
 
 from __future__ import annotations
