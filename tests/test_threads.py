@@ -141,3 +141,17 @@ def test_nested_and_other_threads_contexts_leave_the_callers_count(monkeypatch, 
     release.set()
     worker.join()
     assert torch.get_num_threads() == caller_threads
+
+
+def test_governor_chooses_again_only_after_the_refresh_interval(monkeypatch, caller_threads):
+    choices = iter([2, 1, 1])
+    monkeypatch.setattr(T, "choose_threads", lambda cap: next(choices))
+    clock = [100.0]
+    monkeypatch.setattr(T.time, "monotonic", lambda: clock[0])
+    with T.threads_for_load() as gov:
+        assert torch.get_num_threads() == 2
+        gov.refresh()  # within the interval: no new choice
+        assert torch.get_num_threads() == 2
+        clock[0] += T.REFRESH_SECONDS
+        assert gov.refresh() == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == caller_threads
