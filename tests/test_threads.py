@@ -155,3 +155,10 @@ def test_governor_chooses_again_only_after_the_refresh_interval(monkeypatch, cal
         clock[0] += T.REFRESH_SECONDS
         assert gov.refresh() == 1 and torch.get_num_threads() == 1
     assert torch.get_num_threads() == caller_threads
+
+
+def test_busy_elsewhere_takes_the_median_of_its_samples(tmp_path, monkeypatch):
+    proc = fake_proc(tmp_path, "0::/\n")
+    reads = iter([1, 3, 3, 1, 3])  # two other tasks runnable in 3 of the 5 samples
+    monkeypatch.setattr(T, "_procs_running", lambda _proc: next(reads))
+    assert T.busy_elsewhere(proc, samples=5, gap=0) == 2

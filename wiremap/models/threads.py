@@ -14,7 +14,7 @@ it ran 40-70x slower with 2 threads than with 1. So the count is
 
 where *cores allowed* is the CPU affinity mask capped by a cgroup CPU quota (v2
 `cpu.max`, v1 `cpu.cfs_quota_us`), and *idle cores* is `os.cpu_count()` minus the
-runnable tasks of other processes (the least of a few samples of `/proc/stat`), at least 1.
+runnable tasks of other processes (the median of a few samples of `/proc/stat`), at least 1.
 `WIREMAP_THREADS=N` fixes the count instead. Nothing here changes the process for good:
 the caller's thread count comes back when the context ends. (With OpenMP the count belongs
 to the calling thread: a context in one thread leaves the others' counts alone.)
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,11 +82,12 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def busy_elsewhere(proc: Path = Path("/proc"), samples: int = 3, gap: float = 0.001) -> int:
-    """Runnable tasks of other processes: the least of `samples` reads of `/proc/stat`.
+def busy_elsewhere(proc: Path = Path("/proc"), samples: int = 5, gap: float = 0.001) -> int:
+    """Runnable tasks of other processes: the median of `samples` reads of `/proc/stat`.
 
-    The least, because a process that keeps a core busy is runnable in every sample,
-    where a short burst is not. Our own runnable threads are not counted.
+    The median, because a process that keeps a core busy most of the time is runnable in
+    most samples, where a short burst is not (and one thread too many under load costs far
+    more than one too few when idle). Our own runnable threads are not counted.
     """
     counts = []
     for i in range(samples):
@@ -95,7 +97,7 @@ def busy_elsewhere(proc: Path = Path("/proc"), samples: int = 3, gap: float = 0.
         if running is None:
             return 0
         counts.append(running - _own_running(proc))
-    return max(0, min(counts))
+    return max(0, int(statistics.median_high(counts)))
 
 
 def _procs_running(proc: Path) -> int | None:
