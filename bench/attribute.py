@@ -108,6 +108,7 @@ SIZES = {
 }
 BURN = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end: pass\n"
 REPO = Path(__file__).resolve().parents[1]
+WORKER_TIMEOUT = 1800  # seconds for one tool's warm-up and timed calls
 
 
 def _load_setup(root: Path, size: str) -> Path:
@@ -175,7 +176,10 @@ def _worker(python: str, kind: str, folder: Path, repeats: int, batch: int = 0) 
     cmd = [python, __file__, "--worker", kind, "--root", str(folder), "--repeats", str(repeats)]
     cmd += ["--batch", str(batch)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")])}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=WORKER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"no result within {WORKER_TIMEOUT} s")
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         return dict(error=(done.stderr.strip().splitlines() or ["no output"])[-1][:160])
@@ -267,7 +271,9 @@ def main() -> None:
     parser.add_argument("--load", type=int, default=None, help="N busy processes: idle vs loaded")
     parser.add_argument("--size", choices=list(SIZES), default="tiny", help="model for --load")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per tool (--load)")
-    parser.add_argument("--burn-seconds", type=float, default=300, help="busy processes' life")
+    parser.add_argument(
+        "--burn-seconds", type=float, default=900, help="busy processes stop after this (s)"
+    )
     parser.add_argument("--ct-python", default=None, help="interpreter with circuit-tracer")
     parser.add_argument("--worker", choices=["ours", "ct"], help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
