@@ -30,7 +30,8 @@ def fake_cgroup(tmp_path, rel: str, files: dict[str, str]):
 def eight_cores(monkeypatch):
     monkeypatch.setattr(T.os, "sched_getaffinity", lambda _pid: set(range(8)))
     monkeypatch.setattr(T.os, "cpu_count", lambda: 16)
-    monkeypatch.delenv(T.ENV, raising=False)
+    for name in (T.ENV, "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def test_cgroup_v2_quota_caps_the_affinity_mask(tmp_path, eight_cores):
@@ -75,6 +76,15 @@ def test_choice_is_bounded_by_cap_cores_and_idle_cores(tmp_path, eight_cores):
     busy = fake_proc(tmp_path / "busy", "0::/\n", running=13)  # 12 others on 16 cores
     assert T.choose_threads(cap=32, proc=busy, cgroup_root=root) == 4
     swamped = fake_proc(tmp_path / "swamped", "0::/\n", running=40)
+    assert T.choose_threads(cap=32, proc=swamped, cgroup_root=root) == 1
+
+
+def test_passive_waits_drop_the_idle_core_limit(tmp_path, monkeypatch, eight_cores):
+    root = fake_cgroup(tmp_path, "", {"cpu.max": "max 100000"})
+    swamped = fake_proc(tmp_path / "swamped", "0::/\n", running=40)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert T.choose_threads(cap=32, proc=swamped, cgroup_root=root) == 8
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
     assert T.choose_threads(cap=32, proc=swamped, cgroup_root=root) == 1
 
 

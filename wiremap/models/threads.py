@@ -8,13 +8,15 @@ Why: torch's OpenMP threads (GNU libgomp) spin while they wait for each other. W
 another process holds a core, a parallel region waits for its preempted thread to be
 scheduled again — a timeslice per small op — and the spinning threads take CPU from it.
 Attribution runs thousands of small ops, so on a 2-core machine beside one busy process
-it ran 40-70x slower with 2 threads than with 1. So the count is
+it ran 10-70x slower with 2 threads than with 1. So the count is
 
     min(the caller's torch.get_num_threads(), cores allowed, idle cores)
 
 where *cores allowed* is the CPU affinity mask capped by a cgroup CPU quota (v2
 `cpu.max`, v1 `cpu.cfs_quota_us`), and *idle cores* is `os.cpu_count()` minus the
 runnable tasks of other processes (the median of a few samples of `/proc/stat`), at least 1.
+With `OMP_WAIT_POLICY=PASSIVE` (or `GOMP_SPINCOUNT=0`) in the environment from the start,
+waiting threads sleep, and the idle-core limit is dropped (`passive_waits`).
 `WIREMAP_THREADS=N` fixes the count instead. Nothing here changes the process for good:
 the caller's thread count comes back when the context ends. (With OpenMP the count belongs
 to the calling thread: a context in one thread leaves the others' counts alone.)
@@ -130,8 +132,22 @@ def choose_threads(
             )
         return int(fixed)
     cap = torch.get_num_threads() if cap is None else cap
+    allowed = allowed_cores(proc, cgroup_root)
+    if passive_waits():
+        return max(1, min(cap, allowed))
     idle = (os.cpu_count() or 1) - busy_elsewhere(proc)
-    return max(1, min(cap, allowed_cores(proc, cgroup_root), idle))
+    return max(1, min(cap, allowed, idle))
+
+
+def passive_waits() -> bool:
+    """Whether OpenMP threads sleep rather than spin while they wait (set before start-up).
+
+    Then a preempted thread costs a wake-up, not a timeslice of spinning: beside one busy
+    process on 2 cores, 2 threads took 0.2-0.7 s where 1 took 0.5-0.7 s and 2 spinning
+    threads 3.5-13 s, so every allowed core is used.
+    """
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
+    return policy == "PASSIVE" or os.environ.get("GOMP_SPINCOUNT", "").strip() == "0"
 
 
 class ThreadGovernor:
