@@ -48,6 +48,7 @@ from wiremap.attribute.sources import SourceTable
 from wiremap.attribute.targets import LogitTargets, select_targets
 from wiremap.errors import WiremapError
 from wiremap.models.linearise import Linearised
+from wiremap.models.threads import ThreadGovernor, threads_for_load
 
 FINAL = -1  # site of the logit targets: the final norm's output
 
@@ -64,12 +65,14 @@ class _Targets:
 class RowEngine:
     """Computes adjacency rows for batches of targets through one frozen model."""
 
-    def __init__(self, lin: Linearised, table: SourceTable) -> None:
-        self.lin, self.table = lin, table
+    def __init__(self, lin: Linearised, table: SourceTable, threads: ThreadGovernor | None = None):
+        self.lin, self.table, self.threads = lin, table, threads
         self.n_backward = 0
 
     def rows(self, targets: _Targets) -> Tensor:
         """[B, n_cols] edges from every source to each target."""
+        if self.threads is not None:
+            self.threads.refresh()  # the load may have changed since the last batch
         n_pos = int(targets.pos.max()) + 1
         top = self.lin.n_layers if bool((targets.site == FINAL).any()) else int(targets.site.max())
         ids = self.lin.input_ids[:, :n_pos]
@@ -133,9 +136,11 @@ def attribute(
     re-ranked after every `rerank_every` visits (None: every batch, or often enough that
     the budget is re-ranked 4 times; 0: ranked once, by direct effects on the logits).
     It runs where `model` is; `device` / `dtype` move it for this call only (it is put
-    back as it was). `verbose`: progress on stderr (off by default).
+    back as it was). `verbose`: progress on stderr (off by default). Intra-op threads are
+    fitted to the idle cores while it runs (`models/threads.py`; `WIREMAP_THREADS=N` fixes
+    them) and restored to the caller's count afterwards.
     """
-    with _moved(model, device, dtype) as rm:
+    with threads_for_load() as threads, _moved(model, device, dtype) as rm:
         return _attribute(
             prompt,
             rm,
@@ -149,6 +154,7 @@ def attribute(
             memory_limit=memory_limit,
             rerank_every=rerank_every,
             verbose=verbose,
+            threads=threads,
         )
 
 
@@ -166,6 +172,7 @@ def _attribute(
     memory_limit: int | None,
     rerank_every: int | None,
     verbose: bool,
+    threads: ThreadGovernor | None = None,
 ) -> Graph:
     start = time.perf_counter()
     if batch_size is not None and batch_size < 1:
@@ -198,7 +205,9 @@ def _attribute(
     )
     _log(verbose and plan.note is not None, str(plan.note))
     with oom_guard(plan):
-        graph, n_backward = _compute(rm, prompt, ids, table, targets, plan, rerank_every, verbose)
+        graph, n_backward = _compute(
+            rm, prompt, ids, table, targets, plan, rerank_every, verbose, threads
+        )
     options = dict(
         max_n_logits=max_n_logits,
         desired_logit_prob=desired_logit_prob,
@@ -210,16 +219,20 @@ def _attribute(
     seconds = time.perf_counter() - start
     graph.settings = _settings(rm, table, options, n_backward, seconds)
     graph.settings["memory"] = plan.as_settings()
+    if threads is not None:
+        graph.settings["threads"] = threads.threads
     _log(verbose, f"done: {n_backward} backward passes, {graph.settings['seconds']:.2f} s")
     return graph
 
 
-def _compute(rm, prompt, ids, table, targets, plan, rerank_every, verbose) -> tuple[Graph, int]:
+def _compute(
+    rm, prompt, ids, table, targets, plan, rerank_every, verbose, threads=None
+) -> tuple[Graph, int]:
     budget = plan.max_feature_nodes
     # uncapped graphs of moderate size are written straight into a dense adjacency
     dense = _dense_buffer(table, len(targets), budget)
     with rm.linearised(ids) as lin:
-        engine = RowEngine(lin, table)
+        engine = RowEngine(lin, table, threads)
         logit_rows = engine.rows(_logit_targets(targets, len(ids)))
         out = None if dense is None else dense[: table.n_features, : table.n_cols]
         visited, feature_rows = _visit_features(
@@ -310,7 +323,12 @@ def _dense_buffer(table: SourceTable, n_logits: int, budget: int | None) -> Tens
     n_nodes = table.n_cols + n_logits
     if not _uncapped(table, budget) or n_nodes > DENSE_MAX_NODES:
         return None
-    return table.tokens.new_zeros(n_nodes, n_nodes, device="cpu")
+    # every feature row and logit row is written over the source columns later; zero only
+    # the rest (a full memset of the matrix was a third of a small graph's time)
+    dense = table.tokens.new_empty(n_nodes, n_nodes, device="cpu")
+    dense[:, table.n_cols :] = 0  # nothing has a logit as its source
+    dense[table.n_features : table.n_cols] = 0  # error and token nodes have no inputs
+    return dense
 
 
 def _visit_features(engine, rm, table, targets, logit_rows, plan, rerank_every, verbose, out):
