@@ -35,6 +35,7 @@ from wiremap.attribute.graph import Graph
 from wiremap.attribute.prune import PruneResult, graph_scores, logit_weights, prune_graph
 from wiremap.attribute.viewer.budget import budget_order, budget_record, check_budget, edge_scores
 from wiremap.errors import WiremapError
+from wiremap.fileio import atomic_write
 
 SCHEMA_VERSION = 1
 # Default edge budget: a 1,000-feature graph keeps its strongest links in ~1.5 MB of JSON.
@@ -270,8 +271,7 @@ def write_graph_json(
     validate_graph_json(obj)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    path.write_text(text, encoding="utf-8")
+    atomic_write(path, json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
     return result
 
 

@@ -34,6 +34,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from wiremap.checksums import verify_checksums, write_checksums
 from wiremap.errors import WiremapError
 from wiremap.models.activations import Activation, BatchTopK
 from wiremap.models.loading import resolve_dtype
@@ -80,6 +81,7 @@ def save_transcoders(
             th = None if thresholds is None else thresholds[i]
             write(transcoder, i, folder, dtype, th)
     config = _export_config(transcoder, act, dtype, extra_config or {})
+    write_checksums(folder, [p.name for p in folder.glob("*.safetensors")])
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return folder
 
@@ -175,8 +177,11 @@ def load_transcoders(
     config = read_config(folder)
     dtype = resolve_dtype(dtype)
     if config["model_kind"] == "cross_layer_transcoder":
-        return _load_clt(folder, config, device, dtype, lazy)
-    return _load_plt(folder, config, device, dtype)
+        tc = _load_clt(folder, config, device, dtype, lazy)
+    else:
+        tc = _load_plt(folder, config, device, dtype)
+    verify_checksums(folder)  # silent damage; after the checks that name a problem better
+    return tc
 
 
 def read_config(folder: Path) -> dict[str, Any]:

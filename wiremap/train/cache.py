@@ -38,7 +38,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from wiremap.checksums import sha256_file, sha256_once
 from wiremap.errors import WiremapError
+from wiremap.fileio import atomic_write
 from wiremap.models.adapters import check_layers, get_adapter
 from wiremap.models.hooks import capture
 from wiremap.models.loading import load_config, load_model, model_max_length
@@ -218,31 +220,8 @@ def _header(cfg: CacheConfig, config, layers: list[int]) -> dict:
 # -- files ---------------------------------------------------------------------------------
 
 
-def _write_all(f, data: bytes) -> None:
-    f.write(data)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either absent/old or whole, never partial."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        _write_all(f, data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)  # make the rename itself durable
-
-
 def _dump_manifest(out: Path, manifest: dict) -> None:
-    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -318,12 +297,17 @@ def _differences(there: dict, now: dict, prefix: str = "") -> list[tuple[str, ob
     return diffs
 
 
-def _intact_shards(out: Path, entries: list[dict]) -> list[dict]:
+def _whole(out: Path, manifest: dict) -> bool:
+    return len(_intact_shards(out, manifest["shards"], quiet=True)) == len(manifest["shards"])
+
+
+def _intact_shards(out: Path, entries: list[dict], quiet: bool = False) -> list[dict]:
     """The listed shards up to the first one missing or of the wrong size."""
     for i, entry in enumerate(entries):
         path = out / entry["file"]
         if not path.is_file() or path.stat().st_size != entry["bytes"]:
-            warn(f"{path} is missing or damaged; recomputing from shard {i}")
+            if not quiet:
+                warn(f"{path} is missing or damaged; recomputing from shard {i}")
             return entries[:i]
     return entries
 
@@ -509,7 +493,7 @@ class _ShardWriter:
         tensors = {key: torch.cat(parts).contiguous() for key, parts in self.pending.items()}
         data = save(tensors)
         name = f"shard_{len(self.entries):05d}.safetensors"
-        _write_atomic(self.out / name, data)
+        atomic_write(self.out / name, data)
         self.entries.append(
             {
                 "file": name,
@@ -634,7 +618,7 @@ def build_cache(cfg: CacheConfig, model=None, tokenizer=None, progress: bool = T
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
         manifest = _existing(out, header)
-        if manifest is not None and manifest["complete"]:
+        if manifest is not None and manifest["complete"] and _whole(out, manifest):
             warn(f"{out} already holds this cache, complete ({manifest['n_tokens']} tokens)")
             return out
         if model is None or tokenizer is None:
@@ -766,7 +750,7 @@ class ActivationCache:
         bad = [
             e["file"]
             for e in self.manifest["shards"]
-            if _sha256(self.path / e["file"]) != e["sha256"]
+            if sha256_file(self.path / e["file"]) != e["sha256"]
         ]
         if bad:
             raise WiremapError(
@@ -799,6 +783,7 @@ class ActivationCache:
 
         entry = self.manifest["shards"][i]
         path = self.path / entry["file"]
+        self._check_sha256(path, entry["sha256"])
         try:
             with safe_open(str(path), "pt") as f:
                 tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
@@ -809,6 +794,15 @@ class ActivationCache:
             ) from err
         self._check_shard(path, tensors, entry["n_tokens"])
         return tensors
+
+    def _check_sha256(self, path: Path, want: str) -> None:
+        """Once per shard and process, when it is first opened (a full read at disk speed)."""
+        if sha256_once(path) != want:
+            raise WiremapError(
+                f"shard {path} is corrupt: its sha256 differs from the one in {MANIFEST}. "
+                f"Delete {path.name} and rerun the same `wiremap cache` command: it resumes "
+                "and recomputes that shard and the ones after it"
+            )
 
     def _check_shard(self, path: Path, tensors: dict[str, Tensor], n: int) -> None:
         shape = (n, self.n_layers, self.d_model)
@@ -865,11 +859,3 @@ def _manifest_value(manifest: dict, key: str):
     if key in ("input_hook", "output_hook"):
         return manifest["hooks"][key.split("_")[0]]
     return manifest.get(key)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
