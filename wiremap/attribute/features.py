@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from wiremap.errors import WiremapError
+from wiremap.fileio import atomic_path, atomic_write
 
 BLOCK = 128  # features per gzip member: a card read decompresses at most this many
 HIST_PER_OCTAVE = 2
@@ -335,7 +336,7 @@ def write_layer(folder: Path, layer: int, cards: list[dict]) -> dict[str, Any]:
     """Write one layer's cards; returns its index entry."""
     path = folder / f"layer_{layer}.jsonl.gz"
     offsets = [0]
-    with open(path, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for b in range(0, len(cards), BLOCK):
             lines = "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cards[b : b + BLOCK])
             offsets.append(offsets[-1] + f.write(gzip.compress(lines.encode("utf-8"), 6)))
@@ -404,7 +405,7 @@ def build_feature_cards(cfg: FeatureCardConfig, model=None, tokenizer=None) -> P
         "layers": layers,
         "format": "wiremap feature cards v1",
     }
-    (out / "index.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
+    atomic_write(out / "index.json", json.dumps(index, indent=1))  # last: the cards are whole
     return out
 
 
