@@ -73,7 +73,7 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
         fsync_dir(path.parent)
 
 
-def atomic_write(path: str | Path, data: str | bytes, fsync: bool = True) -> Path:
+def atomic_write(path: str | Path, data: str | bytes | memoryview, fsync: bool = True) -> Path:
     """Replace `path` with `data` (str is written as UTF-8) atomically; returns the path."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
     with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as f:

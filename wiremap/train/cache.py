@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -39,7 +38,7 @@ import torch
 from torch import Tensor
 
 from wiremap.checksums import sha256_file, sha256_once
-from wiremap.errors import WiremapError
+from wiremap.errors import WiremapError, oom_to_error
 from wiremap.fileio import atomic_write
 from wiremap.models.adapters import check_layers, get_adapter
 from wiremap.models.hooks import capture
@@ -621,16 +620,32 @@ def build_cache(cfg: CacheConfig, model=None, tokenizer=None, progress: bool = T
         if manifest is not None and manifest["complete"] and _whole(out, manifest):
             warn(f"{out} already holds this cache, complete ({manifest['n_tokens']} tokens)")
             return out
-        if model is None or tokenizer is None:
-            model, tokenizer = load_model(cfg.model, cfg.model_dtype, cfg.device, cfg.revision)
-        bos, eos = boundary_tokens(tokenizer)
         plan = make_plan(cfg, layers)
-        contexts = _contexts(cfg, tokenizer, plan, bos, eos)
-        if manifest is None:
-            manifest = _manifest(dict(header, bos_token_id=bos, eos_token_id=eos), [], False)
-            _dump_manifest(out, manifest)  # claims the folder before any shard exists
-        _write(out, manifest, model, contexts, plan, progress)
+        with _oom_guard(cfg, plan, header["d_model"]):
+            if model is None or tokenizer is None:
+                model, tokenizer = load_model(cfg.model, cfg.model_dtype, cfg.device, cfg.revision)
+            bos, eos = boundary_tokens(tokenizer)
+            contexts = _contexts(cfg, tokenizer, plan, bos, eos)
+            if manifest is None:
+                manifest = _manifest(dict(header, bos_token_id=bos, eos_token_id=eos), [], False)
+                _dump_manifest(out, manifest)  # claims the folder before any shard exists
+            _write(out, manifest, model, contexts, plan, progress)
     return out
+
+
+def _oom_guard(cfg: CacheConfig, plan: Plan, d_model: int):
+    """Out of memory while loading or running the model: the batch's figures and the flags."""
+    captured = plan.rows_per_batch * len(plan.layers) * d_model * 2 * 4  # two hooks, float32
+    figures = (
+        f"model {cfg.model} in {cfg.model_dtype} on {cfg.device}; a batch of {plan.batch_size} "
+        f"contexts x {cfg.context_length} tokens captures {captured / 1e6:,.0f} MB"
+    )
+    fix = (
+        f"lower --batch-size (now {plan.batch_size}) or --context-length, pick fewer --layers, "
+        "run the model in --model-dtype bfloat16, or free memory; rerun the same command "
+        "(it resumes)"
+    )
+    return oom_to_error("caching", figures, fix)
 
 
 def _write(out: Path, manifest: dict, model, contexts, plan: Plan, progress: bool) -> None:

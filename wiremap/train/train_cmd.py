@@ -20,16 +20,18 @@ and, at the end, `transcoders/` (the export, with `training_config.yaml` beside 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
+from argparse import ArgumentError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from wiremap.errors import WiremapError
+from wiremap.errors import WiremapError, oom_to_error
 from wiremap.train.callbacks import (
     ExportTranscoders,
     NanGuard,
@@ -38,6 +40,7 @@ from wiremap.train.callbacks import (
     ReuseHostMemory,
     Throughput,
 )
+from wiremap.train.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
 from wiremap.train.data import ActivationDataModule
 from wiremap.train.module import TranscoderModule
 
@@ -127,15 +130,48 @@ class WiremapCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         run = _as_run(self.config_init.run)
+        trainer_cfg = self.config_init.trainer
+        logger, run = _logger(trainer_cfg.get("logger"), run)
+        _warn_root_dir(trainer_cfg.get("default_root_dir"), run)
         os.makedirs(run.dir, exist_ok=True)
         config_path = run.dir / "config.yaml"
         if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
             self.parser.save(self.config, config_path, overwrite=True, skip_check=True)
-        callbacks = list(self.config_init.trainer.get("callbacks") or [])
+        callbacks = list(trainer_cfg.get("callbacks") or [])
         callbacks += wiremap_callbacks(run, config_path)
         return super().instantiate_trainer(
-            callbacks=callbacks, logger=make_logger(run), default_root_dir=str(run.dir), **kwargs
+            callbacks=callbacks, logger=logger, default_root_dir=str(run.dir),
+            plugins=_plugins(trainer_cfg.get("plugins")), **kwargs,
+        )  # fmt: skip
+
+
+def _logger(given, run: RunConfig):
+    """`--trainer.logger false` means no logger (as `run.logger none`); a logger given under
+    `trainer.logger` is used as given; otherwise `run.logger` decides."""
+    if given is False:
+        return False, dataclasses.replace(run, logger="none")
+    if given is None or given is True:
+        return make_logger(run), run
+    return given, run
+
+
+def _warn_root_dir(root, run: RunConfig) -> None:
+    if root is not None and Path(root) != run.dir:
+        print(
+            f"wiremap train: trainer.default_root_dir {root!r} is not used: a run writes everything to "
+            f"<run.root>/<run.name> ({run.dir}); set --run.root / --run.name instead",
+            file=sys.stderr,
         )
+
+
+def _plugins(given) -> list:
+    """The user's plugins, plus atomic checkpoint writes unless they bring a CheckpointIO."""
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    plugins = list(given or []) if isinstance(given, list | tuple) or given is None else [given]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 def _as_run(value) -> RunConfig:
@@ -203,7 +239,11 @@ def build_cli(argv: list[str], **kwargs: Any) -> WiremapCLI:
             load_from_checkpoint_support=False,
             seed_everything_default=0,
             trainer_defaults=trainer_defaults(),
-            parser_kwargs={"prog": "wiremap train", "description": __doc__.split("\n")[0]},
+            parser_kwargs={
+                "prog": "wiremap train",
+                "description": __doc__.split("\n")[0],
+                "exit_on_error": False,  # main() prints the error first, not 90 lines of usage
+            },
             **kwargs,
         )
 
@@ -224,15 +264,49 @@ def trainer_defaults() -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    cli = build_cli(argv)
-    ckpt = cli.config.ckpt_path
-    if ckpt and ckpt != "last" and not Path(ckpt).is_file():
-        raise WiremapError(f"--ckpt_path {ckpt!r} does not exist; give a .ckpt file or `last`")
     try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+        cli = build_cli(argv)
+    except Exception as err:  # jsonargparse wraps a config class's own WiremapError
+        cause = _wiremap_cause(err)
+        if cause is not None:
+            raise cause from None
+        if isinstance(err, ArgumentError):  # the error first, then where the options are
+            raise WiremapError(f"{err}. Run `wiremap train --help` for the options") from None
+        raise
+    run = _as_run(cli.config_init.run)
+    ckpt = resolve_ckpt_path(cli.config.ckpt_path, run.dir / "checkpoints")
+    try:
+        with _oom_guard(cli):
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     finally:
         finish_wandb(cli.trainer)
     return 0
+
+
+def _wiremap_cause(err: BaseException | None) -> WiremapError | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, WiremapError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _oom_guard(cli):
+    """Out of memory while training: the sizes that drive memory and the settings to lower."""
+    module, dm = cli.model, cli.datamodule
+    n_params = sum(p.numel() for p in module.parameters())
+    d_tc = module.transcoder.d_transcoder
+    figures = (
+        f"{n_params / 1e6:,.1f}M parameters ({n_params * 16 / 1e9:.2f} GB with gradients and "
+        f"Adam state in fp32), batch_size={dm.batch_size} tokens, d_transcoder={d_tc}"
+    )
+    fix = (
+        f"lower --data.batch_size (now {dm.batch_size}) or --model.d_transcoder (now {d_tc}), "
+        "or train on a larger device; resume with --ckpt_path last"
+    )
+    return oom_to_error("training", figures, fix)
 
 
 def finish_wandb(trainer) -> None:
