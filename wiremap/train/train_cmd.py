@@ -158,8 +158,8 @@ def _logger(given, run: RunConfig):
 def _warn_root_dir(root, run: RunConfig) -> None:
     if root is not None and Path(root) != run.dir:
         print(
-            f"wiremap train: trainer.default_root_dir {root!r} is not used: a run writes everything to "
-            f"<run.root>/<run.name> ({run.dir}); set --run.root / --run.name instead",
+            f"wiremap train: trainer.default_root_dir {root!r} is not used: a run writes "
+            f"everything to <run.root>/<run.name> ({run.dir}); set --run.root / --run.name instead",
             file=sys.stderr,
         )
 
