@@ -18,6 +18,7 @@ prints the top next tokens before and after, and with --generate N a continuatio
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from wiremap.errors import WiremapError
@@ -104,6 +105,7 @@ def attribute_main(argv: list[str]) -> int:
     from wiremap.attribute.export import summarize_paths, write_graph_json
 
     args = attribute_parser().parse_args(argv)
+    _check_attribute_args(args)
     rm = _load(args)
     graph = attribute(
         args.prompt,
@@ -135,6 +137,38 @@ def attribute_main(argv: list[str]) -> int:
     print(f"wrote {out} and {base}.safetensors / {base}.meta.json")
     _write_pictures(out, args.html, args.png)
     return 0
+
+
+def _check_attribute_args(args) -> None:
+    """Refuse bad settings before the model is loaded and the attribution runs."""
+    from wiremap.attribute.prune import check_thresholds
+
+    check_thresholds(args.node_threshold, args.edge_threshold)
+    _at_least(1, max_n_logits=args.max_n_logits)
+    _at_least(0, paths=args.paths, edges_per_node=args.edges_per_node, max_edges=args.max_edges)
+    if not 0.0 < args.desired_logit_prob <= 1.0:
+        raise WiremapError(f"--desired-logit-prob {args.desired_logit_prob} is outside (0, 1]")
+    for out in (args.out, args.html, args.png):
+        if out is not None:
+            check_writable(Path(out))
+
+
+def _at_least(low: int, **values: int) -> None:
+    for name, value in values.items():
+        if value < low:
+            flag = "--" + name.replace("_", "-")
+            raise WiremapError(f"{flag} {value}: give a whole number of at least {low}")
+
+
+def check_writable(path: Path) -> None:
+    """WiremapError now, not after the work, when `path` cannot be written."""
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+    if path.is_dir():
+        raise WiremapError(f"{path} is a folder; give a file name such as graph.json")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise WiremapError(
+            f"cannot write {path}: {folder} is read-only or not yours; choose a writable folder"
+        )
 
 
 def parse_bytes(text: str) -> int:
@@ -230,6 +264,10 @@ def steer_main(argv: list[str]) -> int:
     )
 
     args = steer_parser().parse_args(argv)
+    _at_least(1, top=args.top)
+    _at_least(0, generate=args.generate)
+    if not args.temperature >= 0.0:
+        raise WiremapError(f"--temperature {args.temperature}: give 0 (greedy) or more")
     edits, mode = _edits(args)
     rm = _load(args)
     ids = rm.tokenize(args.prompt)

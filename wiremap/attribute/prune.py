@@ -337,6 +337,15 @@ def node_cumulative_influence(graph: Graph, infl: Tensor, w: Tensor) -> Tensor:
     return out
 
 
+def check_thresholds(node_threshold: float, edge_threshold: float) -> None:
+    """WiremapError unless both thresholds lie in (0, 1] (cheap: call before attributing)."""
+    for name, t in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0.0 < t <= 1.0:
+            raise WiremapError(
+                f"{name}={t} is outside (0, 1]; use e.g. 0.8 for nodes, 0.98 for edges"
+            )
+
+
 def prune_graph(
     graph: Graph,
     node_threshold: float = 0.8,
@@ -344,11 +353,7 @@ def prune_graph(
     backend: Backend = "auto",
 ) -> PruneResult:
     """Prune nodes by influence, then edges by edge score; score the full and pruned graphs."""
-    for name, t in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
-        if not 0.0 < t <= 1.0:
-            raise WiremapError(
-                f"{name}={t} is outside (0, 1]; use e.g. 0.8 for nodes, 0.98 for edges"
-            )
+    check_thresholds(node_threshold, edge_threshold)
     matrix = as_matrix(graph.adjacency, backend)
     if not bool(torch.isfinite(matrix.values()).all()):
         raise WiremapError("the adjacency holds NaN or inf; re-run the attribution in float32")
