@@ -84,3 +84,12 @@ def atomic_write(path: str | Path, data: str | bytes | memoryview, fsync: bool =
 def write_all(f, data: bytes) -> None:
     """`f.write(data)`; one place where tests can slow writes down or make them fail."""
     f.write(data)
+
+
+def remove_leftovers(folder: str | Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in `folder` (call it only where no
+    other process writes at the same time, e.g. under a lock or before a run starts)."""
+    found = list(Path(folder).glob(f".*{TMP_SUFFIX}")) if Path(folder).is_dir() else []
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found

@@ -339,7 +339,7 @@ def write_layer(folder: Path, layer: int, cards: list[dict]) -> dict[str, Any]:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for b in range(0, len(cards), BLOCK):
             lines = "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cards[b : b + BLOCK])
-            offsets.append(offsets[-1] + f.write(gzip.compress(lines.encode("utf-8"), 6)))
+            offsets.append(offsets[-1] + f.write(gzip.compress(lines.encode("utf-8"), 6, mtime=0)))
     return {"file": path.name, "n_features": len(cards), "block": BLOCK, "offsets": offsets}
 
 

@@ -72,6 +72,7 @@ def save_transcoders(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").unlink(missing_ok=True)  # unfinished until written again, last
     dtype = transcoder.dtype if dtype is None else resolve_dtype(dtype)
     act = _export_activation(transcoder.activation, batchtopk_threshold)
     thresholds = act.threshold()

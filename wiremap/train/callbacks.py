@@ -282,6 +282,11 @@ class ExportTranscoders(L.Callback):
         if self.upload:
             upload_artifact(trainer, self.folder)
 
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # A run resumed at its last step (killed while exporting) skips on_train_end.
+        if not (self.folder / "config.yaml").is_file():
+            self.on_train_end(trainer, pl_module)
+
 
 def export_module(
     pl_module, folder: str | Path, summary: dict[str, Any], config_path: str | Path | None

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from wiremap.errors import WiremapError, oom_to_error
+from wiremap.fileio import remove_leftovers
 from wiremap.train.callbacks import (
     ExportTranscoders,
     NanGuard,
@@ -274,6 +275,9 @@ def main(argv: list[str]) -> int:
             raise WiremapError(f"{err}. Run `wiremap train --help` for the options") from None
         raise
     run = _as_run(cli.config_init.run)
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        for folder in ("checkpoints", "transcoders"):  # what a killed run was writing
+            remove_leftovers(run.dir / folder)
     ckpt = resolve_ckpt_path(cli.config.ckpt_path, run.dir / "checkpoints")
     try:
         with _oom_guard(cli):
