@@ -214,6 +214,22 @@ def test_attribute_refuses_an_unwritable_out_before_any_work(tmp_path, monkeypat
     assert "read-only or not yours" in capsys.readouterr().err
 
 
+def test_attribute_on_a_full_disk_writes_nothing_that_looks_whole(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):  # noqa: E501
+    path = tiny_model_dir("llama", n_layers=3)
+    save_transcoders(build_transcoder("plt", 3, 32, 24, model_name=str(path)), tmp_path / "tc")
+    args = ["attribute", "--model", str(path), "--transcoders", str(tmp_path / "tc"),
+            "--prompt", "The cat sat", "--quiet"]  # fmt: skip
+    assert wiremap_main([*args, "--out", str(tmp_path / "g.json"), "--no-full-graph"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("g*")) == ["g.json"]  # no dense sidecar
+    capsys.readouterr()
+    _full_disk(monkeypatch)
+    assert wiremap_main([*args, "--out", str(tmp_path / "h.json")]) == 2
+    assert "the disk is full at " in capsys.readouterr().err
+    assert not list(tmp_path.glob("h*")) and not list(tmp_path.glob(".*.tmp"))
+
+
 # -- bad input -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "argv, message",

@@ -94,6 +94,12 @@ def attribute_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-edges", type=int, default=20000, help="edge budget: most links in the JSON (0 = all)"
     )
+    p.add_argument(
+        "--no-full-graph",
+        action="store_true",
+        help="skip the full graph beside --out (<out>.safetensors: a dense adjacency takes "
+        "4·N² bytes for N nodes, e.g. 263 MB for 8,111 nodes)",
+    )
     p.add_argument("--html", default=None, help="also write a self-contained HTML view here")
     p.add_argument("--png", default=None, help="also write a static PNG of the pruned graph")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -132,9 +138,12 @@ def attribute_main(argv: list[str]) -> int:
         edges_per_node=args.edges_per_node or None,
         max_edges=args.max_edges or None,
     )
-    base = graph.save(out.with_suffix(""))
     print(summarize_paths(graph, k=args.paths, result=result))
-    print(f"wrote {out} and {base}.safetensors / {base}.meta.json")
+    if args.no_full_graph:
+        print(f"wrote {out}")
+    else:
+        base = graph.save(out.with_suffix(""))
+        print(f"wrote {out} and {base}.safetensors / {base}.meta.json")
     _write_pictures(out, args.html, args.png)
     return 0
 
