@@ -57,21 +57,32 @@ DISK_ERRNOS = {
 _DISK_WORDS = {"no space left on device": errno.ENOSPC, "read-only file system": errno.EROFS}
 
 
-def disk_error(err: BaseException) -> WiremapError | None:
-    """A WiremapError for a full disk or an unwritable folder found in `err` or its causes
-    (safetensors and torch wrap the OSError in their own types); None for anything else."""
+def chain(err: BaseException | None) -> Iterator[BaseException]:
+    """`err`, then what caused it (`raise ... from`) or was being handled, and so on."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        code = err.errno if isinstance(err, OSError) else _words_errno(str(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def wiremap_cause(err: BaseException) -> WiremapError | None:
+    """The first WiremapError in `err`'s chain (libraries may wrap ours in their own)."""
+    return next((e for e in chain(err) if isinstance(e, WiremapError)), None)
+
+
+def disk_error(err: BaseException) -> WiremapError | None:
+    """A WiremapError for a full disk or an unwritable folder found in `err` or its causes
+    (safetensors and torch wrap the OSError in their own types); None for anything else."""
+    for e in chain(err):
+        code = e.errno if isinstance(e, OSError) else _words_errno(str(e))
         if code in DISK_ERRNOS:
-            where = getattr(err, "filename", None)
+            where = getattr(e, "filename", None)
             return WiremapError(
                 f"{DISK_ERRNOS[code]} at {where or 'the output folder'}: free space or choose "
                 "a writable output folder (or fix the permissions), then run the same command "
                 "again; finished work is kept and nothing half-written is left looking whole"
             )
-        err = err.__cause__ or err.__context__
     return None
 
 

@@ -18,6 +18,10 @@ that the next run overwrites. Batches are fixed groups of contexts counted from 
 the text, and a shard boundary may fall inside a batch: a resumed run recomputes the whole
 batch that holds its first missing row and drops the rows before it. The forward pass thus
 sees exactly the batches of an uninterrupted run, and the cache comes out byte-identical.
+
+Silent damage. Each shard's sha256 is in the manifest; a reader checks it the first time the
+process opens the shard (one read at disk speed), so flipped bytes stop training with the
+shard's name instead of feeding it garbage.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from torch import Tensor
 
 from wiremap.checksums import sha256_file, sha256_once
 from wiremap.errors import WiremapError, oom_to_error
-from wiremap.fileio import atomic_write
+from wiremap.fileio import atomic_write, remove_leftovers
 from wiremap.models.adapters import check_layers, get_adapter
 from wiremap.models.hooks import capture
 from wiremap.models.loading import load_config, load_model, model_max_length
@@ -649,8 +653,7 @@ def _oom_guard(cfg: CacheConfig, plan: Plan, d_model: int):
 
 
 def _write(out: Path, manifest: dict, model, contexts, plan: Plan, progress: bool) -> None:
-    for stale in out.glob("*.tmp"):  # leftovers of a killed run, never listed anywhere
-        stale.unlink()
+    remove_leftovers(out)  # temporary files of a killed run, never listed anywhere
     base = {k: v for k, v in manifest.items() if k not in PROGRESS}
     entries = _intact_shards(out, manifest["shards"])
     if entries:

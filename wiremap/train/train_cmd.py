@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from wiremap.errors import WiremapError, oom_to_error
+from wiremap.errors import WiremapError, oom_to_error, wiremap_cause
 from wiremap.fileio import remove_leftovers
 from wiremap.train.callbacks import (
     ExportTranscoders,
@@ -136,7 +136,7 @@ class WiremapCLI(LightningCLI):
         _warn_root_dir(trainer_cfg.get("default_root_dir"), run)
         os.makedirs(run.dir, exist_ok=True)
         config_path = run.dir / "config.yaml"
-        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        if _rank_zero():
             self.parser.save(self.config, config_path, overwrite=True, skip_check=True)
         callbacks = list(trainer_cfg.get("callbacks") or [])
         callbacks += wiremap_callbacks(run, config_path)
@@ -169,10 +169,14 @@ def _plugins(given) -> list:
     """The user's plugins, plus atomic checkpoint writes unless they bring a CheckpointIO."""
     from lightning.pytorch.plugins.io import CheckpointIO
 
-    plugins = list(given or []) if isinstance(given, list | tuple) or given is None else [given]
+    plugins = list(given) if isinstance(given, list | tuple) else [] if given is None else [given]
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     return plugins
+
+
+def _rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
 def _as_run(value) -> RunConfig:
@@ -268,14 +272,14 @@ def main(argv: list[str]) -> int:
     try:
         cli = build_cli(argv)
     except Exception as err:  # jsonargparse wraps a config class's own WiremapError
-        cause = _wiremap_cause(err)
+        cause = wiremap_cause(err)
         if cause is not None:
             raise cause from None
         if isinstance(err, ArgumentError):  # the error first, then where the options are
             raise WiremapError(f"{err}. Run `wiremap train --help` for the options") from None
         raise
     run = _as_run(cli.config_init.run)
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+    if _rank_zero():
         for folder in ("checkpoints", "transcoders"):  # what a killed run was writing
             remove_leftovers(run.dir / folder)
     ckpt = resolve_ckpt_path(cli.config.ckpt_path, run.dir / "checkpoints")
@@ -285,16 +289,6 @@ def main(argv: list[str]) -> int:
     finally:
         finish_wandb(cli.trainer)
     return 0
-
-
-def _wiremap_cause(err: BaseException | None) -> WiremapError | None:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, WiremapError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def _oom_guard(cli):
