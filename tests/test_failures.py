@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import wiremap.checksums as checksums
 import wiremap.fileio as fileio
 from wiremap.cli import main as wiremap_main
 from wiremap.errors import WiremapError, disk_error
@@ -55,6 +56,9 @@ def test_flipped_byte_mid_shard_is_caught_on_first_read_and_a_rerun_repairs(cach
     cache = ActivationCache(copy)  # cheap: sizes only
     x, _ = cache.get(slice(0, 10))  # shard 0 is intact
     assert x.shape[0] == 10
+    cache._ahead.join()  # opening shard 0 hashed shard 1 in the background
+    ahead = str((copy / "shard_00001.safetensors").resolve())
+    assert any(key[0] == ahead for key in checksums._verified)
     with pytest.raises(WiremapError, match=r"shard_00001.*corrupt.*Delete.*wiremap cache"):
         cache.get(slice(300, 310))
 

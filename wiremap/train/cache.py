@@ -694,6 +694,7 @@ class ActivationCache:
         sizes = torch.tensor([e["n_tokens"] for e in self.manifest["shards"]], dtype=torch.long)
         self._ends = sizes.cumsum(0)
         self._open: dict[int, dict[str, Tensor]] = {}
+        self._ahead: threading.Thread | None = None  # hashes the next shard while this one is used
         self._check_sizes()
         if verify:
             self.verify()
@@ -746,7 +747,7 @@ class ActivationCache:
         )
 
     def __getstate__(self) -> dict:  # data-loader workers reopen the memory maps themselves
-        return {**self.__dict__, "_open": {}}
+        return {**self.__dict__, "_open": {}, "_ahead": None}
 
     # -- checks
     def _check_sizes(self) -> None:
@@ -794,7 +795,17 @@ class ActivationCache:
         """Shard `i`'s tensors, memory-mapped (nothing is read until used)."""
         if i not in self._open:
             self._open[i] = self._load_shard(i)
+            self._hash_ahead(i + 1)
         return self._open[i]
+
+    def _hash_ahead(self, i: int) -> None:
+        """Hash shard `i` in the background (hashlib releases the GIL), so that reads walking
+        forwards find its checksum ready; a failure here is left for the real open to report."""
+        if i >= self.n_shards or (self._ahead is not None and self._ahead.is_alive()):
+            return
+        path = self.path / self.manifest["shards"][i]["file"]
+        self._ahead = threading.Thread(target=_quietly, args=(sha256_once, path), daemon=True)
+        self._ahead.start()
 
     def _load_shard(self, i: int) -> dict[str, Tensor]:
         from safetensors import safe_open
@@ -871,6 +882,13 @@ class ActivationCache:
 
     def positions(self, indices) -> Tensor:
         return self._gather("positions", indices)
+
+
+def _quietly(fn: Callable, *args) -> None:
+    try:
+        fn(*args)
+    except OSError:
+        pass
 
 
 def _manifest_value(manifest: dict, key: str):
