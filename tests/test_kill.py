@@ -258,3 +258,57 @@ def test_features_killed_then_rerun_gives_the_same_cards(setup, export, tmp_path
         FeatureStore(out)  # no index yet: the half-done folder never passes for whole
     assert wiremap_main(argv) == 0
     assert files(out) == reference and not leftovers(out)
+
+
+# -- a viewer save -------------------------------------------------------------------------
+_SAVER = """
+import json, sys, time
+from pathlib import Path
+import wiremap.fileio as fileio
+from wiremap.attribute.viewer.graphfile import write_graph
+
+dump = json.dumps
+
+def slow_dump(obj, f, **kw):  # the viewer's writer, stopped half-way
+    text = dump(obj, **kw); f.write(text[: len(text) // 2]); f.flush(); time.sleep(0.3)
+    f.write(text[len(text) // 2 :])
+
+def slow_write(f, data):  # the same, should it write through wiremap.fileio
+    f.write(bytes(data[: len(data) // 2])); f.flush(); time.sleep(0.3)
+    f.write(bytes(data[len(data) // 2 :]))
+
+json.dump, fileio.write_all = slow_dump, slow_write
+path = Path(sys.argv[1])
+for version in range(1, 1000):
+    graph = json.loads(path.read_text())
+    graph["metadata"]["version"] = version
+    write_graph(path, graph)
+"""
+
+
+def test_viewer_save_killed_mid_write_leaves_the_old_or_the_new_graph(tmp_path):
+    path = tmp_path / "g.json"
+    nodes = [{"node_id": f"{i}_0_0", "feature_type": "cross layer transcoder"} for i in range(2000)]
+    path.write_text(json.dumps({"metadata": {"version": 0}, "qParams": {}, "nodes": nodes,
+                                "links": []}))  # fmt: skip
+    for n_saves in (0, 2):  # inside the first save, and inside a later one
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(path)])
+        deadline = time.time() + 120
+        try:
+            while not (any(tmp_path.glob(".*.tmp")) and _version(path) >= n_saves):
+                assert proc.poll() is None and time.time() < deadline
+                time.sleep(0.01)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait()
+        graph = json.loads(path.read_text())  # whole: the old version or the new one
+        assert graph["nodes"] == nodes and graph["metadata"]["version"] >= n_saves
+        for leftover in tmp_path.glob(".*.tmp"):
+            leftover.unlink()
+
+
+def _version(path: Path) -> int:
+    try:
+        return json.loads(path.read_text())["metadata"]["version"]
+    except (OSError, ValueError, KeyError):
+        return -1
