@@ -239,25 +239,44 @@ def features_argv(cfg: CacheConfig, tc: Path, out: Path) -> list[str]:
             "--top-k", "3", "--n-samples", "4", "--context", "6", "--n-logits", "3"]  # fmt: skip
 
 
+def layers_done(out: Path) -> int:
+    try:
+        return len(json.loads((out / ".progress.json").read_text())["layers"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+# moment -> (when to kill, whether the rerun scans again, the layers it computes again)
 FEATURE_MOMENTS = {
-    "scanning": lambda out, mark: mark.exists(),
-    "between-layers": lambda out, mark: (out / "layer_0.jsonl.gz").exists(),
+    "scanning": (lambda out, mark: mark.exists(), True, [0, 1]),
+    "scanned": (lambda out, mark: layers_done(out) == 0, False, [0, 1]),
+    "between-layers": (lambda out, mark: layers_done(out) == 1, False, [1]),
 }
 
 
 @pytest.mark.parametrize("moment", FEATURE_MOMENTS)
-def test_features_killed_then_rerun_gives_the_same_cards(setup, export, tmp_path, moment):
-    from wiremap.attribute.features import FeatureStore
+def test_features_killed_then_rerun_continues_to_the_same_cards(
+    setup, export, tmp_path, moment, monkeypatch
+):
+    import wiremap.attribute.features as features
 
     cfg, _ = setup
     tc, reference = export
     out = tmp_path / "f"
     argv = features_argv(cfg, tc, out)
-    kill_at(argv, lambda: FEATURE_MOMENTS[moment](out, tmp_path / "mark"), "features", tmp_path)
+    when, rescans, recomputed = FEATURE_MOMENTS[moment]
+    kill_at(argv, lambda: when(out, tmp_path / "mark"), "features", tmp_path)
     with pytest.raises(WiremapError, match="no feature cards"):
-        FeatureStore(out)  # no index yet: the half-done folder never passes for whole
+        features.FeatureStore(out)  # no index yet: the half-done folder never passes for whole
+
+    scans, computed = [], []
+    scan, cards = features.scan_cache, features.layer_cards
+    monkeypatch.setattr(features, "scan_cache", lambda *a: scans.append(1) or scan(*a))
+    monkeypatch.setattr(features, "layer_cards",
+                        lambda *a: computed.append(a[4]) or cards(*a))  # fmt: skip
     assert wiremap_main(argv) == 0
-    assert files(out) == reference and not leftovers(out)
+    assert files(out) == reference and not leftovers(out)  # progress files removed too
+    assert bool(scans) == rescans and computed == recomputed
 
 
 # -- a viewer save -------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from wiremap.attribute.card_progress import CardProgress, fingerprint
 from wiremap.errors import WiremapError
 from wiremap.fileio import atomic_path, atomic_write
 
@@ -379,13 +380,14 @@ def build_feature_cards(cfg: FeatureCardConfig, model=None, tokenizer=None) -> P
 
     cache = ActivationCache(cfg.cache)
     tc = load_transcoders(cfg.transcoders, device=cfg.device)
-    stats = scan_cache(cache, tc, cfg)
+    out = Path(cfg.out) if cfg.out else Path(cfg.transcoders) / "features"
+    out.mkdir(parents=True, exist_ok=True)
+    progress = CardProgress(out, fingerprint(cfg, cache))  # what a killed run finished
+    stats = progress.stats() or progress.save_stats(scan_cache(cache, tc, cfg))
     if model is None:
         from wiremap.models.loading import load_model
 
         model, tokenizer = load_model(cfg.model or cache.manifest["model"], device=cfg.device)
-    out = Path(cfg.out) if cfg.out else Path(cfg.transcoders) / "features"
-    out.mkdir(parents=True, exist_ok=True)
     meta = {
         "model": cfg.model or cache.manifest["model"],
         "model_layers": list(tc.layers),
@@ -395,8 +397,10 @@ def build_feature_cards(cfg: FeatureCardConfig, model=None, tokenizer=None) -> P
     decode, columns = Decoder(tokenizer), layer_columns(cache, tc)
     layers = {}
     for i in _bar(range(tc.n_layers), "feature cards", cfg.progress, total=tc.n_layers):
-        cards = layer_cards(cache, tc, model, decode, i, columns[i], stats[i], cfg, meta)
-        layers[str(i)] = write_layer(out, i, cards)
+        if (entry := progress.layer(i)) is None:
+            cards = layer_cards(cache, tc, model, decode, i, columns[i], stats[i], cfg, meta)
+            entry = progress.done_layer(i, write_layer(out, i, cards))
+        layers[str(i)] = entry
     index = {
         **meta,
         "cache": str(cfg.cache),
@@ -406,6 +410,7 @@ def build_feature_cards(cfg: FeatureCardConfig, model=None, tokenizer=None) -> P
         "format": "wiremap feature cards v1",
     }
     atomic_write(out / "index.json", json.dumps(index, indent=1))  # last: the cards are whole
+    progress.finish()
     return out
 
 
