@@ -202,6 +202,7 @@ class Graph:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Graph:
         """Load a graph written by `save` (pass the base, the .safetensors or the .meta.json)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         base = _base(path)
@@ -219,7 +220,7 @@ class Graph:
             )
         try:
             t = load_file(str(tfile), device=str(device))
-        except Exception as err:  # safetensors' own error types: a truncated or damaged file
+        except SafetensorError as err:  # a truncated or damaged file
             raise WiremapError(f"{tfile} is damaged ({err}); {_REDO}") from err
         if meta["adjacency_layout"] == "dense":
             adjacency = t["adjacency"]
