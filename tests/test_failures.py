@@ -157,7 +157,7 @@ def test_out_of_memory_while_training_names_the_sizes_and_the_flags(
 def _full_disk(monkeypatch):
     def half_then_enospc(f, data):
         f.write(bytes(data[: len(data) // 2]))
-        raise OSError(errno.ENOSPC, "No space left on device", f.name)
+        raise OSError(errno.ENOSPC, "No space left on device")  # as os.write: no file name
 
     monkeypatch.setattr(fileio, "write_all", half_then_enospc)
 
@@ -230,7 +230,7 @@ def test_attribute_on_a_full_disk_writes_nothing_that_looks_whole(
     capsys.readouterr()
     _full_disk(monkeypatch)
     assert wiremap_main([*args, "--out", str(tmp_path / "h.json")]) == 2
-    assert "the disk is full at " in capsys.readouterr().err
+    assert f"the disk is full at {tmp_path / 'h.json'}: free space" in capsys.readouterr().err
     assert not list(tmp_path.glob("h*")) and not list(tmp_path.glob(".*.tmp"))
 
 
