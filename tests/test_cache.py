@@ -152,12 +152,12 @@ def test_manifest_and_random_access(reference):
 
 _SLOW_WRITER = """
 import sys, time
-import wiremap.train.cache as c
+import wiremap.fileio as c
 
 def slow_write(f, data):  # widen the window in which a kill lands inside a write
     f.write(data[: len(data) // 2]); f.flush(); time.sleep(0.25); f.write(data[len(data) // 2 :])
 
-c._write_all = slow_write
+c.write_all = slow_write
 from wiremap.train.cache_cmd import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -188,7 +188,7 @@ def test_kill_9_mid_write_then_rerun_is_byte_identical(model_dir, corpus, tmp_pa
     deadline = time.time() + 120
     try:
         # Kill while a later shard is being written: one listed, a temporary file present.
-        while not (_listed(out) >= 1 and any(out.glob("shard_*.tmp"))):
+        while not (_listed(out) >= 1 and any(out.glob(".shard_*.tmp"))):
             assert proc.poll() is None, "the run ended before it could be killed"
             assert time.time() < deadline, "the run never reached its second shard"
             time.sleep(0.02)

@@ -13,7 +13,7 @@ import os
 import sys
 from importlib import import_module
 
-from wiremap.errors import WiremapError
+from wiremap.errors import WiremapError, disk_error
 
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(_resolve(name)(rest) or 0)
     except WiremapError as err:
         print(f"wiremap {name}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a full disk or an unwritable folder, however it is wrapped
+        mapped = disk_error(err)
+        if mapped is None:
+            raise
+        print(f"wiremap {name}: error: {mapped}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"wiremap {name}: interrupted; finished work is kept on disk", file=sys.stderr)

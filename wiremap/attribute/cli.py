@@ -23,6 +23,7 @@ prints the top next tokens before and after, and with --generate N a continuatio
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from wiremap.errors import WiremapError
@@ -118,6 +119,12 @@ def attribute_parser() -> argparse.ArgumentParser:
         default=None,
         help="public URL of that folder for Neuronpedia (default: features/<scan>, relative)",
     )
+    p.add_argument(
+        "--no-full-graph",
+        action="store_true",
+        help="skip the full graph beside --out (<out>.safetensors: a dense adjacency takes "
+        "4·N² bytes for N nodes, e.g. 263 MB for 8,111 nodes)",
+    )
     p.add_argument("--html", default=None, help="also write a self-contained HTML view here")
     p.add_argument("--png", default=None, help="also write a static PNG of the pruned graph")
     p.add_argument(
@@ -147,6 +154,7 @@ def attribute_main(argv: list[str]) -> int:
     out, slug = graph_file(args.out, args.slug, args.prompt)  # refuse bad names before the work
     if args.scan:
         check_name("scan", args.scan)
+    _check_attribute_args(args, out)
     rm = _load(args)
     graph = attribute(
         args.prompt,
@@ -181,9 +189,13 @@ def attribute_main(argv: list[str]) -> int:
     )
     if args.heads:
         _write_heads(rm, graph, out, args.heads)
-    base = graph.save(out.with_suffix(""))
     print(summarize_paths(graph, k=args.paths, result=result))
-    print(f"wrote {out} (listed in {out.parent / 'graph-metadata.json'}) and {base}.safetensors")
+    listed = f"{out} (listed in {out.parent / 'graph-metadata.json'})"
+    if args.no_full_graph:
+        print(f"wrote {listed}")
+    else:
+        base = graph.save(out.with_suffix(""))
+        print(f"wrote {listed} and {base}.safetensors / {base}.meta.json")
     if store is not None:
         _write_feature_jsons(out, store, out.parent / "features" / scan)
     _write_pictures(out, args.html, args.png)
@@ -230,6 +242,38 @@ def _write_feature_jsons(graph_json: Path, store, folder: Path) -> None:
     obj = json.loads(graph_json.read_text(encoding="utf-8"))
     n = write_feature_jsons(obj, store, folder)
     print(f"wrote {n} feature JSON files to {folder}")
+
+
+def _check_attribute_args(args, out: Path) -> None:
+    """Refuse bad settings before the model is loaded and the attribution runs."""
+    from wiremap.attribute.prune import check_thresholds
+
+    check_thresholds(args.node_threshold, args.edge_threshold)
+    _at_least(1, max_n_logits=args.max_n_logits)
+    _at_least(0, paths=args.paths, edges_per_node=args.edges_per_node, max_edges=args.max_edges)
+    if not 0.0 < args.desired_logit_prob <= 1.0:
+        raise WiremapError(f"--desired-logit-prob {args.desired_logit_prob} is outside (0, 1]")
+    for path in (out, args.html, args.png):  # out: the graph file --out names
+        if path is not None:
+            check_writable(Path(path))
+
+
+def _at_least(low: int, **values: int) -> None:
+    for name, value in values.items():
+        if value < low:
+            flag = "--" + name.replace("_", "-")
+            raise WiremapError(f"{flag} {value}: give a whole number of at least {low}")
+
+
+def check_writable(path: Path) -> None:
+    """WiremapError now, not after the work, when `path` cannot be written."""
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+    if path.is_dir():
+        raise WiremapError(f"{path} is a folder; give a file name such as graph.json")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise WiremapError(
+            f"cannot write {path}: {folder} is read-only or not yours; choose a writable folder"
+        )
 
 
 def parse_bytes(text: str) -> int:
@@ -322,6 +366,10 @@ def steer_main(argv: list[str]) -> int:
     from wiremap.attribute.targets import top_tokens
 
     args = steer_parser().parse_args(argv)
+    _at_least(1, top=args.top)
+    _at_least(0, generate=args.generate)
+    if not args.temperature >= 0.0:
+        raise WiremapError(f"--temperature {args.temperature}: give 0 (greedy) or more")
     edits, mode = _edits(args)
     rm = _load(args)
     ids = rm.tokenize(args.prompt)

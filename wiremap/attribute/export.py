@@ -30,9 +30,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
-import os
 import re
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -44,6 +42,7 @@ from wiremap.attribute.graph import Graph
 from wiremap.attribute.prune import PruneResult, graph_scores, logit_weights, prune_graph
 from wiremap.attribute.viewer.budget import budget_order, budget_record, check_budget, edge_scores
 from wiremap.errors import WiremapError
+from wiremap.fileio import atomic_write
 
 SCHEMA_VERSION = 1
 # Default edge budget: a 1,000-feature graph keeps its strongest links in ~1.5 MB of JSON.
@@ -332,7 +331,7 @@ def write_graph_json(
     obj = graph_to_json(graph, result=result, **kwargs)
     validate_graph_json(obj)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _replace_text(path, json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+    atomic_write(path, json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
     add_graph_metadata(path.parent, obj["metadata"])
     return result
 
@@ -364,7 +363,7 @@ def add_graph_metadata(folder: str | Path, metadata: Mapping[str, Any]) -> Path:
         graphs = _read_index(index)
         graphs = [g for g in graphs if g.get("slug") != metadata["slug"]]
         graphs.append(metadata_entry(metadata))
-        _replace_text(index, json.dumps({"graphs": graphs}, ensure_ascii=False, indent=1))
+        atomic_write(index, json.dumps({"graphs": graphs}, ensure_ascii=False, indent=1))
     return index
 
 
@@ -401,18 +400,6 @@ class _folder_lock:
 
     def __exit__(self, *exc) -> None:
         self.file.close()  # closing releases the lock
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (a temporary file renamed over it)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def subgraph_scores(graph: Graph, ids: Iterable[str]) -> dict[str, float]:
@@ -703,4 +690,4 @@ def add_heads_block(path: str | Path, block: dict[str, Any]) -> None:
         raise WiremapError("the heads block must list edges between nodes of the graph JSON")
     obj["heads"] = block
     validate_graph_json(obj)
-    _replace_text(path, json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+    atomic_write(path, json.dumps(obj, ensure_ascii=False, separators=(",", ":")))

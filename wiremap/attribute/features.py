@@ -39,7 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from wiremap.attribute.card_progress import CardProgress, fingerprint
 from wiremap.errors import WiremapError
+from wiremap.fileio import atomic_path, atomic_write
 
 BLOCK = 128  # features per gzip member: a card read decompresses at most this many
 HIST_PER_OCTAVE = 2
@@ -341,10 +343,10 @@ def write_layer(folder: Path, layer: int, cards: list[dict]) -> dict[str, Any]:
     """Write one layer's cards; returns its index entry."""
     path = folder / f"layer_{layer}.jsonl.gz"
     offsets = [0]
-    with open(path, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for b in range(0, len(cards), BLOCK):
             lines = "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cards[b : b + BLOCK])
-            offsets.append(offsets[-1] + f.write(gzip.compress(lines.encode("utf-8"), 6)))
+            offsets.append(offsets[-1] + f.write(gzip.compress(lines.encode("utf-8"), 6, mtime=0)))
     return {"file": path.name, "n_features": len(cards), "block": BLOCK, "offsets": offsets}
 
 
@@ -452,13 +454,14 @@ def build_feature_cards(cfg: FeatureCardConfig, model=None, tokenizer=None) -> P
 
     cache = ActivationCache(cfg.cache)
     tc = load_transcoders(cfg.transcoders, device=cfg.device)
-    stats = scan_cache(cache, tc, cfg)
+    out = Path(cfg.out) if cfg.out else Path(cfg.transcoders) / "features"
+    out.mkdir(parents=True, exist_ok=True)
+    progress = CardProgress(out, fingerprint(cfg, cache))  # what a killed run finished
+    stats = progress.stats() or progress.save_stats(scan_cache(cache, tc, cfg))
     if model is None:
         from wiremap.models.loading import load_model
 
         model, tokenizer = load_model(cfg.model or cache.manifest["model"], device=cfg.device)
-    out = Path(cfg.out) if cfg.out else Path(cfg.transcoders) / "features"
-    out.mkdir(parents=True, exist_ok=True)
     meta = {
         "model": cfg.model or cache.manifest["model"],
         "model_layers": list(tc.layers),
@@ -468,8 +471,10 @@ def build_feature_cards(cfg: FeatureCardConfig, model=None, tokenizer=None) -> P
     decode, columns = Decoder(tokenizer), layer_columns(cache, tc)
     layers = {}
     for i in _bar(range(tc.n_layers), "feature cards", cfg.progress, total=tc.n_layers):
-        cards = layer_cards(cache, tc, model, decode, i, columns[i], stats[i], cfg, meta)
-        layers[str(i)] = write_layer(out, i, cards)
+        if (entry := progress.layer(i)) is None:
+            cards = layer_cards(cache, tc, model, decode, i, columns[i], stats[i], cfg, meta)
+            entry = progress.done_layer(i, write_layer(out, i, cards))
+        layers[str(i)] = entry
     index = {
         **meta,
         "cache": str(cfg.cache),
@@ -478,7 +483,8 @@ def build_feature_cards(cfg: FeatureCardConfig, model=None, tokenizer=None) -> P
         "layers": layers,
         "format": "wiremap feature cards v1",
     }
-    (out / "index.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
+    atomic_write(out / "index.json", json.dumps(index, indent=1))  # last: the cards are whole
+    progress.finish()
     return out
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from wiremap.errors import WiremapError
+from wiremap.fileio import atomic_path, atomic_write
 
 FORMAT_VERSION = 1
 NodeKind = Literal["feature", "error", "token", "logit"]
@@ -180,7 +181,8 @@ class Graph:
         else:
             tensors["adjacency"] = self.adjacency
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(_with(base, ".safetensors")))
+        with atomic_path(_with(base, ".safetensors")) as tmp:
+            save_file(tensors, str(tmp))
         meta = {
             "format_version": FORMAT_VERSION,
             "wiremap_version": _version(),
@@ -194,12 +196,13 @@ class Graph:
         }
         # default=str: settings may hold dtypes or paths; they come back as strings.
         text = json.dumps(meta, indent=1, default=str, ensure_ascii=False)
-        _with(base, ".meta.json").write_text(text, encoding="utf-8")
+        atomic_write(_with(base, ".meta.json"), text)
         return base
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Graph:
         """Load a graph written by `save` (pass the base, the .safetensors or the .meta.json)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         base = _base(path)
@@ -209,13 +212,16 @@ class Graph:
                 f"no saved graph at {base}: expected {tfile.name} and {mfile.name}; "
                 "write one with Graph.save(path)"
             )
-        meta = json.loads(mfile.read_text(encoding="utf-8"))
+        meta = _read_meta(mfile)
         if meta.get("format_version") != FORMAT_VERSION:
             raise WiremapError(
                 f"{mfile} has graph format {meta.get('format_version')!r}, this wiremap reads "
                 f"{FORMAT_VERSION}; re-run the attribution with this version"
             )
-        t = load_file(str(tfile), device=str(device))
+        try:
+            t = load_file(str(tfile), device=str(device))
+        except SafetensorError as err:  # a truncated or damaged file
+            raise WiremapError(f"{tfile} is damaged ({err}); {_REDO}") from err
         if meta["adjacency_layout"] == "dense":
             adjacency = t["adjacency"]
         else:
@@ -278,6 +284,19 @@ def _shape_problems(g: Graph) -> list[str]:
     if tuple(g.adjacency.shape) != (n, n):
         problems.append(f"adjacency is {tuple(g.adjacency.shape)}, expected ({n}, {n})")
     return problems
+
+
+_REDO = "run the attribution again to rewrite it"
+
+
+def _read_meta(mfile: Path) -> dict:
+    try:
+        meta = json.loads(mfile.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WiremapError(f"{mfile} is truncated or not JSON ({err}); {_REDO}") from err
+    if not isinstance(meta, dict):
+        raise WiremapError(f"{mfile} is not a graph's metadata object; {_REDO}")
+    return meta
 
 
 def _base(path: str | Path) -> Path:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from wiremap.errors import WiremapError
+from wiremap.fileio import atomic_write
 
 STATIC = Path(__file__).parent / "viewer" / "static"
 CSS_TAG = '<link rel="stylesheet" href="static/viewer.css">'
@@ -38,7 +39,7 @@ def write_html(graph: dict, path: str | Path) -> Path:
         raise WiremapError("write_html needs a graph JSON object {metadata, qParams, nodes, links}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(graph), encoding="utf-8")
+    atomic_write(path, render_html(graph))
     return path
 
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from wiremap.errors import WiremapError
+from wiremap.errors import WiremapError, oom_to_error
 
 USABLE = 0.7
 """Share of the free memory a plan may fill (the allocator's slack, Python, the OS). The
@@ -326,29 +326,14 @@ def _gb(n: int) -> str:
 
 
 # -- allocator errors ----------------------------------------------------------------------
-OOM_MARKERS = ("out of memory", "not enough memory", "allocate")
-
-
-def is_oom(err: BaseException) -> bool:
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in OOM_MARKERS)
-
-
 @contextmanager
 def oom_guard(plan: MemoryPlan | None, what: str = "attribution") -> Iterator[None]:
     """Turn an allocator error into a WiremapError with the plan's figures and the flags."""
-    try:
+    figures = (
+        f"the plan estimated {_gb(plan.needed_bytes)} of {_gb(plan.available_bytes)} usable"
+        if plan is not None
+        else "no plan had been made yet"
+    )
+    fix = "lower --max-feature-nodes or --batch-size, or shorten the prompt"
+    with oom_to_error(what, figures, fix):
         yield
-    except (torch.OutOfMemoryError, RuntimeError) as err:
-        if not is_oom(err):
-            raise
-        figures = (
-            f"the plan estimated {_gb(plan.needed_bytes)} of {_gb(plan.available_bytes)} usable"
-            if plan is not None
-            else "no plan had been made yet"
-        )
-        raise WiremapError(
-            f"{what} ran out of memory ({figures}; the allocator said: {str(err)[:160]}); "
-            "lower --max-feature-nodes or --batch-size, or shorten the prompt"
-        ) from err

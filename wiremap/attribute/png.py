@@ -35,6 +35,7 @@ import numpy as np
 from wiremap.attribute.viewer.budget import budget_order, edge_scores
 from wiremap.attribute.viewer.subgraph import node_kind
 from wiremap.errors import WiremapError
+from wiremap.fileio import atomic_path
 
 POS, NEG = "#2166ac", "#b2182b"
 MAX_NODES = 300
@@ -225,7 +226,8 @@ def write_png(graph: dict, path: str | Path, dpi: int = 150, **caps: Any) -> Pat
     fig, _ = draw_graph(graph, dpi=dpi, **caps)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     return path
 
 

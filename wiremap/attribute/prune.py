@@ -378,6 +378,15 @@ def node_cumulative_influence(
     return out
 
 
+def check_thresholds(node_threshold: float, edge_threshold: float) -> None:
+    """WiremapError unless both thresholds lie in (0, 1] (cheap: call before attributing)."""
+    for name, t in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0.0 < t <= 1.0:
+            raise WiremapError(
+                f"{name}={t} is outside (0, 1]; use e.g. 0.8 for nodes, 0.98 for edges"
+            )
+
+
 def prune_graph(
     graph: Graph,
     node_threshold: float = 0.8,
@@ -392,11 +401,7 @@ def prune_graph(
     """
     if node_pool not in NODE_POOLS:
         raise WiremapError(f"node_pool={node_pool!r}: choose 'all' (circuit-tracer) or 'features'")
-    for name, t in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
-        if not 0.0 < t <= 1.0:
-            raise WiremapError(
-                f"{name}={t} is outside (0, 1]; use e.g. 0.8 for nodes, 0.98 for edges"
-            )
+    check_thresholds(node_threshold, edge_threshold)
     matrix = as_matrix(graph.adjacency, backend)
     if not bool(torch.isfinite(matrix.values()).all()):
         raise WiremapError("the adjacency holds NaN or inf; re-run the attribution in float32")

@@ -40,6 +40,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from wiremap.checksums import verify_checksums, write_checksums
 from wiremap.errors import WiremapError
 from wiremap.models.activations import Activation, BatchTopK
 from wiremap.models.loading import resolve_dtype
@@ -99,6 +100,7 @@ def save_transcoders(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").unlink(missing_ok=True)  # unfinished until written again, last
     dtype = transcoder.dtype if dtype is None else resolve_dtype(dtype)
     act = _export_activation(transcoder.activation, batchtopk_threshold)
     files, n_files = _file_layers(transcoder, pad_layers)
@@ -117,6 +119,7 @@ def save_transcoders(
     if act.name == "topk" and not transcoder.cross_layer:
         config["circuit_tracer_notes"] = TOPK_NOTE
     config = _merge_extra(config, extra_config or {})
+    write_checksums(folder, [p.name for p in folder.glob("*.safetensors")])
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return folder
 
@@ -343,8 +346,11 @@ def load_transcoders(
     config.update({k: v for k, v in overrides.items() if v is not None})
     dtype = resolve_dtype(dtype)
     if config["model_kind"] == "cross_layer_transcoder":
-        return _load_clt(folder, config, device, dtype, lazy)
-    return _load_plt(folder, config, device, dtype)
+        tc = _load_clt(folder, config, device, dtype, lazy)
+    else:
+        tc = _load_plt(folder, config, device, dtype)
+    verify_checksums(folder)  # silent damage; after the checks that name a problem better
+    return tc
 
 
 def resolve_folder(ref: str | Path) -> Path:

@@ -49,7 +49,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".json")
+
+
 def _looks_like_path(name: str) -> bool:
+    if name.lower().endswith(FILE_SUFFIXES):  # a file name, never a hub id
+        return True
     return name.startswith((".", "/", "~")) or os.sep in name and not _is_hub_id(name)
 
 
@@ -71,8 +76,9 @@ def check_model_source(name_or_path: str) -> None:
         return
     if _looks_like_path(name_or_path):
         raise WiremapError(
-            f"model path {name_or_path!r} does not exist; check the path or give a hub name "
-            "such as 'gpt2'"
+            f"model path {name_or_path!r} does not exist; check the path. --model takes a "
+            "folder written by `save_pretrained`, a .gguf file (or a folder holding one), or a "
+            "hub model name such as 'gpt2'"
         )
 
 

@@ -308,5 +308,6 @@ def check_transcoders(model, adapter: Adapter, tc, model_name: str, check_name: 
     if check_name and trained_for and not _same_model(trained_for, model_name):
         raise WiremapError(
             f"the transcoders were trained for {trained_for!r}, not {model_name!r}; {fix}, "
-            "or pass check_model_name=False if the two names are the same model"
+            "or, if the two names are the same model, pass --no-check-model-name (in "
+            "Python: check_model_name=False)"
         )

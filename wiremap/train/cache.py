@@ -18,13 +18,16 @@ that the next run overwrites. Batches are fixed groups of contexts counted from 
 the text, and a shard boundary may fall inside a batch: a resumed run recomputes the whole
 batch that holds its first missing row and drops the rows before it. The forward pass thus
 sees exactly the batches of an uninterrupted run, and the cache comes out byte-identical.
+
+Silent damage. Each shard's sha256 is in the manifest; a reader checks it the first time the
+process opens the shard (one read at disk speed), so flipped bytes stop training with the
+shard's name instead of feeding it garbage.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -38,7 +41,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from wiremap.errors import WiremapError
+from wiremap.checksums import sha256_file, sha256_once
+from wiremap.errors import WiremapError, oom_to_error
+from wiremap.fileio import atomic_write, remove_leftovers
 from wiremap.models.adapters import check_layers, get_adapter
 from wiremap.models.hooks import capture, stop_after, stoppable
 from wiremap.models.loading import load_config, load_model, model_max_length
@@ -218,31 +223,8 @@ def _header(cfg: CacheConfig, config, layers: list[int]) -> dict:
 # -- files ---------------------------------------------------------------------------------
 
 
-def _write_all(f, data: bytes) -> None:
-    f.write(data)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either absent/old or whole, never partial."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        _write_all(f, data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)  # make the rename itself durable
-
-
 def _dump_manifest(out: Path, manifest: dict) -> None:
-    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -318,12 +300,17 @@ def _differences(there: dict, now: dict, prefix: str = "") -> list[tuple[str, ob
     return diffs
 
 
-def _intact_shards(out: Path, entries: list[dict]) -> list[dict]:
+def _whole(out: Path, manifest: dict) -> bool:
+    return len(_intact_shards(out, manifest["shards"], quiet=True)) == len(manifest["shards"])
+
+
+def _intact_shards(out: Path, entries: list[dict], quiet: bool = False) -> list[dict]:
     """The listed shards up to the first one missing or of the wrong size."""
     for i, entry in enumerate(entries):
         path = out / entry["file"]
         if not path.is_file() or path.stat().st_size != entry["bytes"]:
-            warn(f"{path} is missing or damaged; recomputing from shard {i}")
+            if not quiet:
+                warn(f"{path} is missing or damaged; recomputing from shard {i}")
             return entries[:i]
     return entries
 
@@ -509,7 +496,7 @@ class _ShardWriter:
         tensors = {key: torch.cat(parts).contiguous() for key, parts in self.pending.items()}
         data = save(tensors)
         name = f"shard_{len(self.entries):05d}.safetensors"
-        _write_atomic(self.out / name, data)
+        atomic_write(self.out / name, data)
         self.entries.append(
             {
                 "file": name,
@@ -616,24 +603,39 @@ def build_cache(cfg: CacheConfig, model=None, tokenizer=None, progress: bool = T
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
         manifest = _existing(out, header)
-        if manifest is not None and manifest["complete"]:
+        if manifest is not None and manifest["complete"] and _whole(out, manifest):
             warn(f"{out} already holds this cache, complete ({manifest['n_tokens']} tokens)")
             return out
-        if model is None or tokenizer is None:
-            model, tokenizer = load_model(cfg.model, cfg.model_dtype, cfg.device, cfg.revision)
-        bos, eos = boundary_tokens(tokenizer)
         plan = make_plan(cfg, layers)
-        contexts = _contexts(cfg, tokenizer, plan, bos, eos)
-        if manifest is None:
-            manifest = _manifest(dict(header, bos_token_id=bos, eos_token_id=eos), [], False)
-            _dump_manifest(out, manifest)  # claims the folder before any shard exists
-        _write(out, manifest, model, contexts, plan, progress)
+        with _oom_guard(cfg, plan, header["d_model"]):
+            if model is None or tokenizer is None:
+                model, tokenizer = load_model(cfg.model, cfg.model_dtype, cfg.device, cfg.revision)
+            bos, eos = boundary_tokens(tokenizer)
+            contexts = _contexts(cfg, tokenizer, plan, bos, eos)
+            if manifest is None:
+                manifest = _manifest(dict(header, bos_token_id=bos, eos_token_id=eos), [], False)
+                _dump_manifest(out, manifest)  # claims the folder before any shard exists
+            _write(out, manifest, model, contexts, plan, progress)
     return out
 
 
+def _oom_guard(cfg: CacheConfig, plan: Plan, d_model: int):
+    """Out of memory while loading or running the model: the batch's figures and the flags."""
+    captured = plan.rows_per_batch * len(plan.layers) * d_model * 2 * 4  # two hooks, float32
+    figures = (
+        f"model {cfg.model} in {cfg.model_dtype} on {cfg.device}; a batch of {plan.batch_size} "
+        f"contexts x {cfg.context_length} tokens captures {captured / 1e6:,.0f} MB"
+    )
+    fix = (
+        f"lower --batch-size (now {plan.batch_size}) or --context-length, pick fewer --layers, "
+        "run the model in --model-dtype bfloat16, or free memory; rerun the same command "
+        "(it resumes)"
+    )
+    return oom_to_error("caching", figures, fix)
+
+
 def _write(out: Path, manifest: dict, model, contexts, plan: Plan, progress: bool) -> None:
-    for stale in out.glob("*.tmp"):  # leftovers of a killed run, never listed anywhere
-        stale.unlink()
+    remove_leftovers(out)  # temporary files of a killed run, never listed anywhere
     base = {k: v for k, v in manifest.items() if k not in PROGRESS}
     entries = _intact_shards(out, manifest["shards"])
     if entries:
@@ -674,6 +676,7 @@ class ActivationCache:
         sizes = torch.tensor([e["n_tokens"] for e in self.manifest["shards"]], dtype=torch.long)
         self._ends = sizes.cumsum(0)
         self._open: dict[int, dict[str, Tensor]] = {}
+        self._ahead: threading.Thread | None = None  # hashes the next shard while this one is used
         self._check_sizes()
         if verify:
             self.verify()
@@ -726,7 +729,7 @@ class ActivationCache:
         )
 
     def __getstate__(self) -> dict:  # data-loader workers reopen the memory maps themselves
-        return {**self.__dict__, "_open": {}}
+        return {**self.__dict__, "_open": {}, "_ahead": None}
 
     # -- checks
     def _check_sizes(self) -> None:
@@ -748,7 +751,7 @@ class ActivationCache:
         bad = [
             e["file"]
             for e in self.manifest["shards"]
-            if _sha256(self.path / e["file"]) != e["sha256"]
+            if sha256_file(self.path / e["file"]) != e["sha256"]
         ]
         if bad:
             raise WiremapError(
@@ -774,13 +777,24 @@ class ActivationCache:
         """Shard `i`'s tensors, memory-mapped (nothing is read until used)."""
         if i not in self._open:
             self._open[i] = self._load_shard(i)
+            self._hash_ahead(i + 1)
         return self._open[i]
+
+    def _hash_ahead(self, i: int) -> None:
+        """Hash shard `i` in the background (hashlib releases the GIL), so that reads walking
+        forwards find its checksum ready; a failure here is left for the real open to report."""
+        if i >= self.n_shards or (self._ahead is not None and self._ahead.is_alive()):
+            return
+        path = self.path / self.manifest["shards"][i]["file"]
+        self._ahead = threading.Thread(target=_quietly, args=(sha256_once, path), daemon=True)
+        self._ahead.start()
 
     def _load_shard(self, i: int) -> dict[str, Tensor]:
         from safetensors import safe_open
 
         entry = self.manifest["shards"][i]
         path = self.path / entry["file"]
+        self._check_sha256(path, entry["sha256"])
         try:
             with safe_open(str(path), "pt") as f:
                 tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
@@ -791,6 +805,15 @@ class ActivationCache:
             ) from err
         self._check_shard(path, tensors, entry["n_tokens"])
         return tensors
+
+    def _check_sha256(self, path: Path, want: str) -> None:
+        """Once per shard and process, when it is first opened (a full read at disk speed)."""
+        if sha256_once(path) != want:
+            raise WiremapError(
+                f"shard {path} is corrupt: its sha256 differs from the one in {MANIFEST}. "
+                f"Delete {path.name} and rerun the same `wiremap cache` command: it resumes "
+                "and recomputes that shard and the ones after it"
+            )
 
     def _check_shard(self, path: Path, tensors: dict[str, Tensor], n: int) -> None:
         shape = (n, self.n_layers, self.d_model)
@@ -843,15 +866,14 @@ class ActivationCache:
         return self._gather("positions", indices)
 
 
+def _quietly(fn: Callable, *args) -> None:
+    try:
+        fn(*args)
+    except OSError:
+        pass
+
+
 def _manifest_value(manifest: dict, key: str):
     if key in ("input_hook", "output_hook"):
         return manifest["hooks"][key.split("_")[0]]
     return manifest.get(key)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()

@@ -20,6 +20,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from wiremap.errors import WiremapError
+from wiremap.fileio import atomic_write
 from wiremap.train.cache import CacheConfig, build_cache, read_manifest
 from wiremap.train.text import warn
 
@@ -161,12 +162,6 @@ def read_preset(path: str) -> dict:
     return dict(cache)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def builtin_default(values: dict) -> dict:
     """Settings for the built-in default: a tiny llama and a toy corpus under the output folder."""
     from wiremap.models.tiny import build_tiny_model, sample_corpus
@@ -182,7 +177,7 @@ def builtin_default(values: dict) -> dict:
         build_tiny_model("llama", building, n_layers=2, d_model=64)
         building.replace(model_dir)  # whole or absent, even if the run is killed
     if not corpus.exists():
-        _write_text_atomic(corpus, "\n".join(sample_corpus(n_docs=2_000, seed=1)) + "\n")
+        atomic_write(corpus, "\n".join(sample_corpus(n_docs=2_000, seed=1)) + "\n")
     defaults = {"n_tokens": BUILTIN_TOKENS, "out": str(out)}
     return {**defaults, **values, "model": str(model_dir), "dataset": str(corpus)}
 

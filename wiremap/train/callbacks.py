@@ -89,9 +89,17 @@ class NanGuard(L.Callback):
             )
         return (
             f"training stopped: the loss became {value} at step {trainer.global_step} "
-            f"(precision {precision}). Likely cause: {cause}. The last checkpoint is intact; "
-            "resume from it with --ckpt_path after the fix"
+            f"(precision {precision}). Likely cause: {cause}. {_checkpoint_note(trainer)}"
         )
+
+
+def _checkpoint_note(trainer) -> str:
+    """What the user can resume from: the checkpoints written before the NaN, if any."""
+    cb = trainer.checkpoint_callback
+    folder = Path(cb.dirpath) if cb is not None and cb.dirpath else None
+    if folder is not None and any(folder.glob("*.ckpt")):
+        return f"The checkpoints in {folder} are intact; resume with --ckpt_path last after the fix"
+    return "No checkpoint had been written yet: after the fix, start the run again"
 
 
 def _current_lr(trainer) -> float:
@@ -273,6 +281,11 @@ class ExportTranscoders(L.Callback):
         export_module(pl_module, self.folder, summary, self.config_path)
         if self.upload:
             upload_artifact(trainer, self.folder)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # A run resumed at its last step (killed while exporting) skips on_train_end.
+        if not (self.folder / "config.yaml").is_file():
+            self.on_train_end(trainer, pl_module)
 
 
 def export_module(

@@ -26,13 +26,14 @@ import dataclasses
 import inspect
 import io
 import sys
+from argparse import ArgumentError
 from collections.abc import Mapping, Sequence
 from contextlib import redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wiremap.errors import WiremapError
+from wiremap.errors import WiremapError, wiremap_cause
 
 SECTIONS = ("run", "trainer", "model", "data", "seed_everything", "ckpt_path")
 
@@ -61,23 +62,42 @@ def fit(
                 "give fit() command-line arguments or keyword settings, not both; put the "
                 "keywords into the argument list (--trainer.max_steps 100)"
             )
-        return train(build_cli(list(config)))
+        return train(_parsed(build_cli, list(config)))
     return train(_parsed(build_cli, fit_config(config, settings)))
 
 
-def _parsed(build_cli, settings: dict):
-    """`build_cli(settings)`, with the parser's refusal as a WiremapError, not an exit."""
+def _parsed(build_cli, settings: list[str] | dict):
+    """`build_cli(settings)`, with the parser's refusal as one WiremapError, not an exit.
+
+    Command-line arguments (`wiremap train`) get the error first, then where the options
+    are; settings given to `fit()` get it named as a refused setting.
+    """
     tee = _Tee(sys.stderr)  # the parser says why on stderr; keep a copy of it
     try:
         with redirect_stderr(tee):
             return build_cli(settings)
+    except ArgumentError as err:
+        raise _refused(str(err), settings) from None
     except SystemExit as stop:
+        if stop.code in (0, None):  # --help, --print_config
+            raise
         said = [line for line in tee.copy.getvalue().splitlines() if line.startswith("error:")]
         reason = said[-1].removeprefix("error:").strip() if said else f"exit status {stop.code}"
-        raise WiremapError(
-            f"fit(): the training settings were refused: {reason}; fix that setting "
-            "(`wiremap train --help` lists them all)"
-        ) from None
+        raise _refused(reason, settings) from None
+    except Exception as err:  # jsonargparse wraps a config class's own WiremapError
+        cause = wiremap_cause(err)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _refused(reason: str, settings: list[str] | dict) -> WiremapError:
+    if isinstance(settings, list):
+        return WiremapError(f"{reason}. Run `wiremap train --help` for the options")
+    return WiremapError(
+        f"fit(): the training settings were refused: {reason}; fix that setting "
+        "(`wiremap train --help` lists them all)"
+    )
 
 
 class _Tee:
@@ -96,16 +116,20 @@ class _Tee:
 
 def train(cli) -> FitResult:
     """Run the instantiated `WiremapCLI` `cli`; the export folder and final metrics."""
-    from wiremap.train.train_cmd import as_run, finish_wandb
+    from wiremap.fileio import remove_leftovers
+    from wiremap.train.checkpoints import resolve_ckpt_path
+    from wiremap.train.train_cmd import as_run, finish_wandb, is_rank_zero, oom_guard
 
-    ckpt = cli.config.ckpt_path
-    if ckpt and ckpt != "last" and not Path(ckpt).is_file():
-        raise WiremapError(f"--ckpt_path {ckpt!r} does not exist; give a .ckpt file or `last`")
+    run = as_run(cli.config_init.run)
+    if is_rank_zero():
+        for folder in ("checkpoints", "transcoders"):  # what a killed run was writing
+            remove_leftovers(run.dir / folder)
+    ckpt = resolve_ckpt_path(cli.config.ckpt_path, run.dir / "checkpoints")
     try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+        with oom_guard(cli):
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     finally:
         finish_wandb(cli.trainer)
-    run = as_run(cli.config_init.run)
     return FitResult(export=run.export, run_dir=run.dir, metrics=final_metrics(cli.trainer))
 
 

@@ -130,6 +130,37 @@ def _load(spec: TextSpec):
 
 def iter_texts(spec: TextSpec) -> Iterator[str]:
     """The dataset's documents in order, empty ones skipped."""
+    try:
+        yield from _texts(spec)
+    except UnicodeDecodeError as err:
+        raise WiremapError(_not_utf8(spec.dataset, err)) from err
+
+
+def _not_utf8(dataset: str, err: UnicodeDecodeError) -> str:
+    path, where = next(_decode_errors(dataset), (dataset, err.reason))
+    return (
+        f"{path} is not UTF-8 text ({where}); convert it, e.g. `iconv -f latin1 -t utf-8 "
+        "in.txt > out.txt`, and point --dataset at the converted file"
+    )
+
+
+def _decode_errors(dataset: str) -> Iterator[tuple[str, str]]:
+    """(file, where its first decoding error lies) for the local files that are not UTF-8."""
+    import codecs
+
+    for path in local_files(dataset) or []:
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as e:
+                    yield str(path), f"{e.reason} at byte {offset + e.start}"
+                    break
+                offset += len(block)
+
+
+def _texts(spec: TextSpec) -> Iterator[str]:
     for i, row in enumerate(_load(spec)):
         if i == 0 and spec.text_column not in row:
             raise WiremapError(

@@ -22,6 +22,7 @@ parses the settings with, the run section and the callbacks.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -31,7 +32,7 @@ from typing import Any, Literal
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from wiremap.errors import WiremapError
+from wiremap.errors import WiremapError, oom_to_error
 from wiremap.train.callbacks import (
     ExportTranscoders,
     NanGuard,
@@ -40,6 +41,7 @@ from wiremap.train.callbacks import (
     ReuseHostMemory,
     Throughput,
 )
+from wiremap.train.checkpoints import AtomicCheckpointIO
 from wiremap.train.data import ActivationDataModule
 from wiremap.train.module import TranscoderModule
 
@@ -136,17 +138,54 @@ class WiremapCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         run = as_run(self.config_init.run)
+        trainer_cfg = self.config_init.trainer
+        logger, run = _logger(trainer_cfg.get("logger"), run)
+        _warn_root_dir(trainer_cfg.get("default_root_dir"), run)
         os.makedirs(run.dir, exist_ok=True)
         config_path = run.dir / "config.yaml"
-        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        if is_rank_zero():
             self.parser.save(self.config, config_path, overwrite=True, skip_check=True)
-        callbacks = list(self.config_init.trainer.get("callbacks") or [])
+        callbacks = list(trainer_cfg.get("callbacks") or [])
         callbacks += wiremap_callbacks(run, config_path)
         if run.checkpoint_every <= 0:
             kwargs["enable_checkpointing"] = False
         return super().instantiate_trainer(
-            callbacks=callbacks, logger=make_logger(run), default_root_dir=str(run.dir), **kwargs
+            callbacks=callbacks, logger=logger, default_root_dir=str(run.dir),
+            plugins=_plugins(trainer_cfg.get("plugins")), **kwargs,
+        )  # fmt: skip
+
+
+def _logger(given, run: RunConfig):
+    """`--trainer.logger false` means no logger (as `run.logger none`); a logger given under
+    `trainer.logger` is used as given; otherwise `run.logger` decides."""
+    if given is False:
+        return False, dataclasses.replace(run, logger="none")
+    if given is None or given is True:
+        return make_logger(run), run
+    return given, run
+
+
+def _warn_root_dir(root, run: RunConfig) -> None:
+    if root is not None and Path(root) != run.dir:
+        print(
+            f"wiremap train: trainer.default_root_dir {root!r} is not used: a run writes "
+            f"everything to <run.root>/<run.name> ({run.dir}); set --run.root / --run.name instead",
+            file=sys.stderr,
         )
+
+
+def _plugins(given) -> list:
+    """The user's plugins, plus atomic checkpoint writes unless they bring a CheckpointIO."""
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    plugins = list(given) if isinstance(given, list | tuple) else [] if given is None else [given]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
 def as_run(value) -> RunConfig:
@@ -215,7 +254,11 @@ def build_cli(argv: list[str], **kwargs: Any) -> WiremapCLI:
             load_from_checkpoint_support=False,
             seed_everything_default=0,
             trainer_defaults=trainer_defaults(),
-            parser_kwargs={"prog": "wiremap train", "description": __doc__.split("\n")[0]},
+            parser_kwargs={
+                "prog": "wiremap train",
+                "description": __doc__.split("\n")[0],
+                "exit_on_error": False,  # main() prints the error first, not 90 lines of usage
+            },
             **kwargs,
         )
 
@@ -240,6 +283,22 @@ def main(argv: list[str]) -> int:
 
     fit(argv)  # the same function as `wiremap.fit`
     return 0
+
+
+def oom_guard(cli):
+    """Out of memory while training: the sizes that drive memory and the settings to lower."""
+    module, dm = cli.model, cli.datamodule
+    n_params = sum(p.numel() for p in module.parameters())
+    d_tc = module.transcoder.d_transcoder
+    figures = (
+        f"{n_params / 1e6:,.1f}M parameters ({n_params * 16 / 1e9:.2f} GB with gradients and "
+        f"Adam state in fp32), batch_size={dm.batch_size} tokens, d_transcoder={d_tc}"
+    )
+    fix = (
+        f"lower --data.batch_size (now {dm.batch_size}) or --model.d_transcoder (now {d_tc}), "
+        "or train on a larger device; resume with --ckpt_path last"
+    )
+    return oom_to_error("training", figures, fix)
 
 
 def finish_wandb(trainer) -> None:
