@@ -16,11 +16,10 @@ circuit-tracer (no `info` / `generation_settings` / `pruning_settings`, error id
 from __future__ import annotations
 
 import json
-import os
-import stat
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from wiremap.fileio import atomic_write
 
 MAX_GRAPH_BYTES = 256 * 2**20  # beyond this a browser cannot draw the graph anyway
 MAX_LABEL_CHARS = 500
@@ -217,20 +216,9 @@ def _short(value: Any) -> str:
 
 
 def write_graph(path: Path, obj: dict) -> None:
-    """Replace `path` atomically (temp file, fsync, rename), keeping the file's mode.
-
-    A crash mid-write leaves the old file; two saves in a row leave one of them whole.
+    """Replace `path` atomically (`fileio.atomic_write`: temp file, fsync, rename), keeping
+    the file's mode. A crash mid-write leaves the old file; two saves in a row leave one of
+    them whole.
     """
     data = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".wiremap-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # mkstemp makes 0600; a save must not change who can read it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data.encode("utf-8"))
