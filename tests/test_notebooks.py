@@ -16,13 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 pytestmark = pytest.mark.slow
+NEEDS = "the notebooks need nbformat, nbclient and ipykernel: pip install -e '.[notebooks]'"
 
 
 def execute(name: str, workdir: Path, monkeypatch):
     """Run examples/<name> in `workdir` with this checkout's wiremap; the executed notebook."""
-    nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[notebooks]'")
-    nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[notebooks]'")
-    pytest.importorskip("ipykernel", reason="pip install -e '.[notebooks]'")
+    nbformat = pytest.importorskip("nbformat", reason=NEEDS)
+    nbclient = pytest.importorskip("nbclient", reason=NEEDS)
+    pytest.importorskip("ipykernel", reason=NEEDS)
     book = nbformat.read(EXAMPLES / name, as_version=4)
     assert all(not c.get("outputs") for c in book.cells if c.cell_type == "code"), "clear outputs"
     # the kernel inherits this environment: it imports this checkout's wiremap
