@@ -7,6 +7,7 @@
     graph = wiremap.attribute_graph("Fact: the capital of the state containing Dallas is", model)
     wiremap.write_graph_json(graph, "graphs/dallas.json")
     wiremap.serve("graphs/")                                  # the local viewer
+    wiremap.show(graph)                                       # inline in Jupyter, no server
 
 The graph-making function is `wiremap.attribute_graph`: the name `wiremap.attribute` is
 the subpackage (`wiremap/attribute/`), and once any of its modules is imported Python binds
@@ -52,6 +53,8 @@ _LAZY = {
     "scale_features": "wiremap.attribute.interventions",
     "generate_with_interventions": "wiremap.attribute.interventions",
     "serve": "wiremap.attribute.viewer",
+    "show": "wiremap.attribute.inline",
+    "GraphView": "wiremap.attribute.inline",
 }
 # public name -> (module, name there), where the two differ
 _RENAMED = {
