@@ -116,39 +116,3 @@ def test_serve_in_the_background(tmp_path):
         server.server_close()
     with pytest.raises(WiremapError, match="not a folder"):
         wiremap.serve(Path(tmp_path) / "missing", block=False)
-
-
-def readme_block(starts_with: str) -> str:
-    """The README's ```python block whose code begins with `starts_with`."""
-    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
-    (block,) = [b for b in blocks if b.startswith(starts_with)]
-    return block
-
-
-def test_readme_graph_and_intervention_examples_run(tiny_model_dir, tmp_path, monkeypatch):
-    model_dir = str(tiny_model_dir("llama", n_layers=5))
-    torch.manual_seed(0)
-    wiremap.save_transcoders(
-        wiremap.build_transcoder("plt", 5, 32, 128, activation="relu", model_name=model_dir),
-        tmp_path / "tc",
-    )
-    monkeypatch.chdir(tmp_path)
-    graph_code = readme_block(
-        'import wiremap\n\nrm = wiremap.ReplacementModel.from_pretrained("gpt2"'
-    )
-    graph_code = graph_code.replace('from_pretrained("gpt2"', f"from_pretrained({model_dir!r}")
-    graph_code = graph_code.replace('"runs/gpt2-plt/transcoders"', repr(str(tmp_path / "tc")))
-    scope: dict = {}
-    exec(compile(graph_code, "README.md", "exec"), scope)
-    assert (tmp_path / "graphs" / "france.json").is_file() and scope["graph"].n_logits > 0
-    scope["prompt"] = "The cat sees the moon today."
-    exec(
-        compile(
-            readme_block("import wiremap\n\nres = wiremap.feature_intervention"),
-            "README.md",
-            "exec",
-        ),
-        scope,
-    )
-    assert isinstance(scope["text"], str)
