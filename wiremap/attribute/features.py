@@ -41,7 +41,7 @@ from torch import Tensor
 
 from wiremap.attribute.card_progress import CardProgress, fingerprint
 from wiremap.errors import WiremapError
-from wiremap.fileio import atomic_path, atomic_write
+from wiremap.fileio import atomic_path, atomic_write, remove_leftovers
 
 BLOCK = 128  # features per gzip member: a card read decompresses at most this many
 HIST_PER_OCTAVE = 2
@@ -456,6 +456,7 @@ def build_feature_cards(cfg: FeatureCardConfig, model=None, tokenizer=None) -> P
     tc = load_transcoders(cfg.transcoders, device=cfg.device)
     out = Path(cfg.out) if cfg.out else Path(cfg.transcoders) / "features"
     out.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)  # the temporary file of a layer a killed run was writing
     progress = CardProgress(out, fingerprint(cfg, cache))  # what a killed run finished
     stats = progress.stats() or progress.save_stats(scan_cache(cache, tc, cfg))
     if model is None:
