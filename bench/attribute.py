@@ -200,9 +200,10 @@ def busy_processes(n: int, seconds: float):
             p.wait()
 
 
-CT_VENVS = ("/work/venvs/peers/bin/python", "/work/venvs/ct-load/bin/python")
-"""Where to look for circuit-tracer besides this interpreter (its own environment, see
-bench/attribute_real.py: it pins transformers <= 4.57.3 and nnsight 0.6)."""
+CT_VENVS = tuple(p for p in os.environ.get("WIREMAP_CT_PYTHON", "").split(os.pathsep) if p)
+"""Where to look for circuit-tracer besides this interpreter: `WIREMAP_CT_PYTHON` (interpreters
+of its own environment, see bench/attribute_real.py: it pins transformers <= 4.57.3 and
+nnsight 0.6)."""
 CT_CHECK = "import circuit_tracer.replacement_model.replacement_model_nnsight"
 
 
