@@ -33,3 +33,24 @@ class Crash(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.at_step:
             raise RuntimeError("simulated crash")
+
+
+def tiny_cache(model_dir, root, n_docs: int, seed: int, **settings):
+    """An activation cache of `model_dir` over `n_docs` sample documents in `root`, built the
+    way training builds a missing one (`ActivationDataModule(..., build_missing=True)`).
+
+    `settings` are CacheConfig fields (n_tokens, shard_tokens, ...); the defaults are the
+    tests' usual 32-token contexts on the CPU.
+    """
+    from wiremap.models.tiny import sample_corpus
+    from wiremap.train.cache import CacheConfig
+    from wiremap.train.data import ActivationDataModule
+
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(sample_corpus(n_docs, seed=seed)))
+    settings = {"context_length": 32, "device": "cpu", **settings}
+    cfg = CacheConfig(
+        model=str(model_dir), dataset=str(corpus), out=str(root / "cache"), **settings
+    )
+    ActivationDataModule(cfg, build_missing=True).cache  # noqa: B018 (builds it)
+    return cfg

@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_cache
 
 from wiremap.errors import WiremapError
-from wiremap.models.tiny import sample_corpus
 from wiremap.train.cache import CacheConfig
 from wiremap.train.data import ActivationDataModule, BatchPlan, rank_slice
 from wiremap.train.stream import window_permutation
@@ -18,15 +18,10 @@ from wiremap.train.stream import window_permutation
 @pytest.fixture(scope="module")
 def cache_cfg(tiny_model_dir, tmp_path_factory) -> CacheConfig:
     """A small cache (2 layers, d_model 16, 3 shards), built through build_missing=True."""
-    root = tmp_path_factory.mktemp("data_cache")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(sample_corpus(150, seed=3)))
-    cfg = CacheConfig(
-        model=str(tiny_model_dir("llama", d_model=16)), dataset=str(corpus), n_tokens=3000,
-        context_length=32, shard_tokens=1024, device="cpu", out=str(root / "cache"),
-    )  # fmt: skip
-    ActivationDataModule(cfg, batch_size=64, build_missing=True).cache  # noqa: B018
-    return cfg
+    model = tiny_model_dir("llama", d_model=16)
+    return tiny_cache(
+        model, tmp_path_factory.mktemp("data_cache"), 150, 3, n_tokens=3000, shard_tokens=1024
+    )
 
 
 def test_plan_covers_rows_once_per_epoch_and_is_seeded():

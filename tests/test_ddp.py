@@ -5,8 +5,8 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from helpers import tiny_cache
 
-from wiremap.models.tiny import sample_corpus
 from wiremap.train.cache import CacheConfig
 from wiremap.train.data import ActivationDataModule
 from wiremap.train.module import TranscoderModule
@@ -14,15 +14,10 @@ from wiremap.train.module import TranscoderModule
 
 @pytest.fixture(scope="module")
 def cache_cfg(tiny_model_dir, tmp_path_factory) -> CacheConfig:
-    root = tmp_path_factory.mktemp("ddp_cache")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(sample_corpus(60, seed=7)))
-    cfg = CacheConfig(
-        model=str(tiny_model_dir("llama", d_model=16)), dataset=str(corpus), n_tokens=1200,
-        context_length=32, shard_tokens=512, device="cpu", out=str(root / "cache"),
-    )  # fmt: skip
-    ActivationDataModule(cfg, build_missing=True).cache  # noqa: B018
-    return cfg
+    model = tiny_model_dir("llama", d_model=16)
+    return tiny_cache(
+        model, tmp_path_factory.mktemp("ddp_cache"), 60, 7, n_tokens=1200, shard_tokens=512
+    )
 
 
 class DestroyGroupAtFitEnd(L.Callback):

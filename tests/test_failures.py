@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_cache
 
 import wiremap.checksums as checksums
 import wiremap.fileio as fileio
 from wiremap.cli import main as wiremap_main
 from wiremap.errors import WiremapError, disk_error
 from wiremap.models.io import load_transcoders, save_transcoders
-from wiremap.models.tiny import sample_corpus
 from wiremap.models.transcoders import build_transcoder
 from wiremap.train.cache import ActivationCache, CacheConfig, build_cache
 
@@ -27,15 +27,16 @@ ALLOCATOR = "[enforce fail] DefaultCPUAllocator: can't allocate memory: you trie
 
 @pytest.fixture(scope="module")
 def cache_cfg(tiny_model_dir, tmp_path_factory) -> CacheConfig:
-    root = tmp_path_factory.mktemp("failures")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(sample_corpus(60, seed=3)))
-    cfg = CacheConfig(
-        model=str(tiny_model_dir("llama", d_model=16)), dataset=str(corpus), n_tokens=600,
-        context_length=32, batch_size=4, shard_tokens=256, device="cpu", out=str(root / "cache"),
-    )  # fmt: skip
-    build_cache(cfg, progress=False)
-    return cfg
+    model = tiny_model_dir("llama", d_model=16)
+    return tiny_cache(
+        model,
+        tmp_path_factory.mktemp("failures"),
+        60,
+        3,
+        n_tokens=600,
+        batch_size=4,
+        shard_tokens=256,
+    )
 
 
 def _files(folder: Path) -> dict[str, bytes]:

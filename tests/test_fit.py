@@ -6,27 +6,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_cache
 from safetensors.torch import load_file
 
 import wiremap
 from wiremap.errors import WiremapError
-from wiremap.models.tiny import sample_corpus
 from wiremap.train import fit as fit_mod
 from wiremap.train.cache import CacheConfig
-from wiremap.train.data import ActivationDataModule
 
 
 @pytest.fixture(scope="module")
 def cache_cfg(tiny_model_dir, tmp_path_factory) -> CacheConfig:
-    root = tmp_path_factory.mktemp("fit_cache")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(sample_corpus(60, seed=3)))
-    cfg = CacheConfig(
-        model=str(tiny_model_dir("llama", d_model=16)), dataset=str(corpus), n_tokens=1200,
-        context_length=32, shard_tokens=512, device="cpu", out=str(root / "cache"),
-    )  # fmt: skip
-    ActivationDataModule(cfg, build_missing=True).cache  # noqa: B018
-    return cfg
+    model = tiny_model_dir("llama", d_model=16)
+    return tiny_cache(
+        model, tmp_path_factory.mktemp("fit_cache"), 60, 3, n_tokens=1200, shard_tokens=512
+    )
 
 
 def cli_args(c: CacheConfig, root: Path, name: str) -> list[str]:

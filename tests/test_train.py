@@ -10,11 +10,10 @@ import time
 import lightning as L
 import pytest
 import torch
-from helpers import Crash
+from helpers import Crash, tiny_cache
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from wiremap.errors import WiremapError
-from wiremap.models.tiny import sample_corpus
 from wiremap.train import losses
 from wiremap.train.cache import CacheConfig
 from wiremap.train.callbacks import NanGuard, heldout_contexts, replacement_metrics
@@ -27,15 +26,10 @@ ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
 
 @pytest.fixture(scope="module")
 def cache_cfg(tiny_model_dir, tmp_path_factory) -> CacheConfig:
-    root = tmp_path_factory.mktemp("train_cache")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(sample_corpus(120, seed=5)))
-    cfg = CacheConfig(
-        model=str(tiny_model_dir("llama", d_model=16)), dataset=str(corpus), n_tokens=2400,
-        context_length=32, shard_tokens=1024, device="cpu", out=str(root / "cache"),
-    )  # fmt: skip
-    ActivationDataModule(cfg, build_missing=True).cache  # noqa: B018
-    return cfg
+    model = tiny_model_dir("llama", d_model=16)
+    return tiny_cache(
+        model, tmp_path_factory.mktemp("train_cache"), 120, 5, n_tokens=2400, shard_tokens=1024
+    )
 
 
 def make_dm(cfg: CacheConfig, **kw) -> ActivationDataModule:
