@@ -34,15 +34,15 @@ def _timed(fn):
 def run(root: Path, n_edges: int, n_tokens: int, budget: int | None, threads: int | None):
     import torch
 
-    from wiremap.attribute.attention import (
+    from wiremap.attribution.attention import (
         head_loadings_batch,
         heads_block,
         qk_attribution,
         strongest_edges,
     )
-    from wiremap.attribute.attribute import attribute
-    from wiremap.attribute.export import graph_to_json
-    from wiremap.attribute.prune import prune_graph
+    from wiremap.attribution.attribute import attribute
+    from wiremap.attribution.export import graph_to_json
+    from wiremap.attribution.prune import prune_graph
 
     if threads:
         torch.set_num_threads(threads)

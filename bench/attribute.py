@@ -74,7 +74,7 @@ def _prompt(rm, n_tokens: int) -> str:
 def run_case(name: str, root: Path, threads: int | None) -> None:
     import torch
 
-    from wiremap.attribute.attribute import attribute
+    from wiremap.attribution.attribute import attribute
 
     if threads:
         torch.set_num_threads(threads)
@@ -148,7 +148,7 @@ def _timed(fn, repeats: int) -> tuple[list[float], object]:
 
 
 def worker_ours(folder: Path, repeats: int) -> dict:
-    from wiremap.attribute.attribute import attribute
+    from wiremap.attribution.attribute import attribute
     from wiremap.models.replacement import ReplacementModel
 
     model, tcs = str(folder / "model"), str(folder / "transcoders")

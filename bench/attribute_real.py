@@ -80,7 +80,7 @@ def circuit_tracer_note() -> str | None:
 def run_ours(rm, prompt: str, budget: int | None, batch: int | None) -> dict:
     import torch
 
-    from wiremap.attribute.attribute import attribute
+    from wiremap.attribution.attribute import attribute
 
     attribute("Hello", rm, verbose=False, max_feature_nodes=10)  # first-call allocations
     before = _rss()

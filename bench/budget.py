@@ -46,15 +46,15 @@ def load(args):
 
 def uncapped_influence(graph) -> torch.Tensor:
     """[n_feat] influence of every feature in the uncapped graph."""
-    from wiremap.attribute.prune import as_matrix, influence, logit_weights
+    from wiremap.attribution.prune import as_matrix, influence, logit_weights
 
     normalised = as_matrix(graph.adjacency).abs_normalised()
     return influence(normalised, logit_weights(graph))[graph.feature_slice]
 
 
 def compare(rm, prompt: str, budgets: list[int], batch_size: int) -> None:
-    from wiremap.attribute.attribute import attribute
-    from wiremap.attribute.prune import graph_scores, prune_graph
+    from wiremap.attribution.attribute import attribute
+    from wiremap.attribution.prune import graph_scores, prune_graph
 
     start = time.perf_counter()
     full = attribute(prompt, rm, verbose=False, batch_size=batch_size)

@@ -20,7 +20,7 @@ import torch
 
 def synthetic_graph(n_layers: int, n_pos: int, n_feat: int, nnz_per_row: int, seed: int = 0):
     """A random DAG-shaped graph: each target reads only from lower layers or tokens."""
-    from wiremap.attribute.graph import Graph
+    from wiremap.attribution.graph import Graph
 
     g = torch.Generator().manual_seed(seed)
     layer = torch.randint(0, n_layers, (n_feat,), generator=g).sort().values
@@ -59,7 +59,7 @@ def synthetic_graph(n_layers: int, n_pos: int, n_feat: int, nnz_per_row: int, se
 
 
 def run_one(backend: str, args) -> dict:
-    from wiremap.attribute.prune import prune_graph
+    from wiremap.attribution.prune import prune_graph
 
     graph = synthetic_graph(args.layers, args.pos, args.features, args.edges_per_row)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

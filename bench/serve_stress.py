@@ -4,7 +4,7 @@
     python bench/serve_stress.py --clients 8 --requests 50 --features 200
 
 The server runs in its own process (short timeouts: --idle-timeout, --read-deadline) over
-a temporary folder holding one synthetic graph (wiremap.attribute.viewer.synthetic). Phase
+a temporary folder holding one synthetic graph (wiremap.attribution.viewer.synthetic). Phase
 1: `--clients` threads each send `--requests` mixed requests (list, graph, scores, save,
 and requests the server must refuse: a foreign Host, a form post, a cross-origin Origin),
 while slowloris clients trickle a byte every 0.5 s, idle clients say nothing, and
@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = """
 import sys
-from wiremap.attribute.viewer.server import make_server
+from wiremap.attribution.viewer.server import make_server
 s = make_server(sys.argv[1], "127.0.0.1", 0, timeout=float(sys.argv[2]),
                 read_deadline=float(sys.argv[3]), max_threads=int(sys.argv[4]))
 print(s.server_address[1], flush=True)
@@ -50,7 +50,7 @@ def start_server(folder: Path, args) -> tuple[subprocess.Popen, int]:
 
 
 def write_graph_folder(folder: Path, n_features: int) -> list[str]:
-    from wiremap.attribute.viewer.synthetic import synthetic_graph, synthetic_graph_json
+    from wiremap.attribution.viewer.synthetic import synthetic_graph, synthetic_graph_json
 
     obj = synthetic_graph_json(synthetic_graph(n_features=n_features, n_layers=12, n_pos=8))
     path = folder / "g.json"

@@ -4,7 +4,7 @@ without the edge budget, measured in one run (needs Chromium, as tests/test_view
     python bench/viewer.py                       # 1,000 features, 30 layers, 10 positions
     python bench/viewer.py --features 2000 --repeat 5
 
-The synthetic graph (wiremap.attribute.viewer.synthetic) has the shape of SmolLM2-135M's
+The synthetic graph (wiremap.attribution.viewer.synthetic) has the shape of SmolLM2-135M's
 pruned graph for "The capital of France is" (995 features, ~220k edges). Each variant is
 written as JSON and as a standalone HTML page, opened in headless Chromium, and timed with
 performance.now() in the page: `ready` (navigation to first render done: parse + layout +
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the DevTools client lives with the br
 
 
 def variants(args) -> dict[str, dict]:
-    from wiremap.attribute.viewer.synthetic import synthetic_graph, synthetic_graph_json
+    from wiremap.attribution.viewer.synthetic import synthetic_graph, synthetic_graph_json
 
     graph = synthetic_graph(n_features=args.features, n_layers=args.layers, n_pos=args.pos)
     return {
@@ -65,7 +65,7 @@ def main() -> None:
 
     from test_viewer_browser import CHROMIUM, Browser
 
-    from wiremap.attribute.html import write_html
+    from wiremap.attribution.html import write_html
 
     if CHROMIUM is None:
         sys.exit("needs Chromium (apt-get install -y chromium)")

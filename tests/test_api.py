@@ -40,11 +40,11 @@ def test_every_public_name_resolves_and_is_listed():
 
 
 def test_graph_function_name_does_not_collide_with_the_subpackage():
-    import wiremap.attribute.attribute as module
+    import wiremap.attribution.attribute as module
 
     assert wiremap.attribute_graph is module.attribute  # the old path keeps working
-    assert wiremap.attribute.__name__ == "wiremap.attribute"  # the subpackage keeps its name
-    assert wiremap.attribute.attribute.attribute is module.attribute
+    assert wiremap.attribution.__name__ == "wiremap.attribution"  # the subpackage keeps its name
+    assert wiremap.attribution.attribute.attribute is module.attribute
 
 
 @pytest.mark.parametrize(

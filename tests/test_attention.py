@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from wiremap.attribute.attention import (
+from wiremap.attribution.attention import (
     head_loadings,
     head_loadings_batch,
     qk_attribution,
     qk_attributions,
 )
-from wiremap.attribute.attribute import attribute
-from wiremap.attribute.export import node_ids
+from wiremap.attribution.attribute import attribute
+from wiremap.attribution.export import node_ids
 from wiremap.errors import WiremapError
 from wiremap.models.hooks import capture
 from wiremap.models.loading import load_model
@@ -124,7 +124,7 @@ def test_head_loadings_bad_input(tiny_model_dir):
 def model_qk(rm, arch, layer, ids, lin=None, perturb=None):
     """(q [H, pos, dh], k [H_kv, pos, dh], scaling) from the layer's own projections.
 
-    `perturb` (pos, vector) is added to the layer's input; with `lin` (a linearised model)
+    `perturb` (pos, vector) is added to the layer's input; with `lin` (a frozen model)
     the norms are frozen. Rotary is applied here, from the model's cos/sin.
     """
     model, got = rm.model, {}
@@ -209,7 +209,7 @@ def test_qk_brute_force_scaling_one_write(tiny_model_dir, arch, tc_arch, overrid
     run = rm.run(ids)
     group = rm.model.config.num_attention_heads // _kv_heads(rm)
     eps = 0.5
-    with rm.linearised(ids) as lin:
+    with rm.frozen(ids) as lin:
         q, k, scale = model_qk(rm, arch, layer, ids, lin)
         base = scale * float(q[head, q_pos] @ k[head // group, k_pos])
         for side, pos, nodes, sums in (
@@ -321,8 +321,8 @@ def cli_graph(tiny_model_dir, tmp_path_factory):
 def test_attribute_cli_heads_block(cli_graph):
     import json
 
-    from wiremap.attribute.export import validate_graph_json
-    from wiremap.attribute.graph import Graph
+    from wiremap.attribution.export import validate_graph_json
+    from wiremap.attribution.graph import Graph
 
     out, path, tc = cli_graph
     obj = json.loads(out.read_text())
@@ -358,7 +358,7 @@ def test_viewer_lists_heads_and_qk_pairs(cli_graph, tmp_path):
 
     from test_viewer_browser import CHROMIUM, Browser
 
-    from wiremap.attribute.html import write_html
+    from wiremap.attribution.html import write_html
 
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed (apt-get install -y chromium)")
@@ -389,8 +389,8 @@ def test_viewer_lists_heads_and_qk_pairs(cli_graph, tmp_path):
 
 # -- heads between two positions, and the demo's report of them --------------------------------
 def test_heads_between_and_the_demo_report(tiny_model_dir):
-    from wiremap.attribute.attention import heads_between, strongest_edges
-    from wiremap.attribute.prune import prune_graph
+    from wiremap.attribution.attention import heads_between, strongest_edges
+    from wiremap.attribution.prune import prune_graph
     from wiremap.demo import _heads_of
 
     rm = make_rm(tiny_model_dir, "llama", **LLAMA)
@@ -422,7 +422,7 @@ def test_heads_between_and_the_demo_report(tiny_model_dir):
 
 def test_demo_attention_stage_on_the_organism():
     """`wiremap demo --attention` on the shipped organism (random transcoders: fast)."""
-    from wiremap.attribute.prune import prune_graph
+    from wiremap.attribution.prune import prune_graph
     from wiremap.demo import attention_stage, attribute_prompt, demo_prompts
     from wiremap.models.organism import organism_path
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from wiremap.attribute.attribute import attribute
-from wiremap.attribute.graph import Graph
-from wiremap.attribute.targets import demeaned_unembedding, logit_difference
+from wiremap.attribution.attribute import attribute
+from wiremap.attribution.graph import Graph
+from wiremap.attribution.targets import demeaned_unembedding, logit_difference
 from wiremap.errors import WiremapError
 from wiremap.models.loading import load_model
 from wiremap.models.replacement import ReplacementModel
@@ -93,7 +93,7 @@ def test_intervention_oracle(tiny_model_dir, arch, tc_arch):
         graph.token_index(0),
         graph.token_index(graph.n_pos - 1),
     ]
-    with rm.linearised(graph.input_ids) as lin, torch.no_grad():
+    with rm.frozen(graph.input_ids) as lin, torch.no_grad():
         ref = lin.forward()
         base = targets_of(rm, graph, ref.reads, ref.final)
         for s in sources:
@@ -113,7 +113,7 @@ def test_completeness_identity(tiny_model_dir, arch, tc_arch):
     graph = attribute(PROMPT, rm, verbose=False, zero_bos=False)
     A = graph.dense_adjacency()
     run = rm.run(graph.input_ids)
-    with rm.linearised(graph.input_ids) as lin:
+    with rm.frozen(graph.input_ids) as lin:
         ref = lin.reference
         values = targets_of(rm, graph, [r.unsqueeze(0) for r in run.reads], ref.final)
     sums = A[target_rows(graph)].sum(1)
@@ -129,7 +129,7 @@ def test_adjacency_equals_brute_force_jacobian(tiny_model_dir):
     run = rm.run(graph.input_ids)
     n_src = graph.logit_slice.start
     per_source = [source_writes(rm, graph, run, s) for s in range(n_src)]
-    with rm.linearised(graph.input_ids) as lin:
+    with rm.frozen(graph.input_ids) as lin:
 
         def targets(c):
             writes, embed = {}, 0
@@ -171,7 +171,7 @@ def test_feature_budget_keeps_exact_edges_and_folds_the_rest(tiny_model_dir):
 def test_batch_size_and_sparse_layout_do_not_change_edges(tiny_model_dir, monkeypatch):
     rm = make_rm(tiny_model_dir, "gemma2", "skip_plt")
     a = attribute(PROMPT, rm, verbose=False, batch_size=256)
-    import wiremap.attribute.attribute as module
+    import wiremap.attribution.attribute as module
 
     monkeypatch.setattr(module, "DENSE_MAX_NODES", 10)
     b = attribute(PROMPT, rm, verbose=False, batch_size=3)
@@ -242,7 +242,7 @@ def test_bad_input(tiny_model_dir):
 
 
 def test_attribute_cli(tiny_model_dir, tmp_path, capsys):
-    from wiremap.attribute.export import validate_graph_json
+    from wiremap.attribution.export import validate_graph_json
     from wiremap.cli import main
     from wiremap.models.io import save_transcoders
 
@@ -274,7 +274,7 @@ def test_attribute_cli(tiny_model_dir, tmp_path, capsys):
 
 
 def test_feature_influence_is_the_series_over_the_rows_so_far():
-    from wiremap.attribute.attribute import feature_influence
+    from wiremap.attribution.attribute import feature_influence
 
     torch.manual_seed(0)
     n_feat, n_cols, n_logits = 12, 20, 2

@@ -27,7 +27,7 @@ import pytest
 from test_prune import random_dag_graph
 from test_viewer_browser import CHROMIUM, Browser
 
-from wiremap.attribute.export import write_graph_json
+from wiremap.attribution.export import write_graph_json
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Chromium is not installed (apt-get install -y chromium)"

@@ -1,4 +1,4 @@
-"""`wiremap demo` and the circuit helpers it uses (wiremap.attribute.circuits).
+"""`wiremap demo` and the circuit helpers it uses (wiremap.attribution.circuits).
 
 The end-to-end runs use the shipped organism; the fast one runs reduced sizes, the full-size
 one (the Dallas path and the Texas -> California swap at the demo's defaults) is `slow`.
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wiremap.attribute.circuits import (
+from wiremap.attribution.circuits import (
     Contrast,
     concept_features,
     feature_nodes,
@@ -20,7 +20,7 @@ from wiremap.attribute.circuits import (
     path_through,
     total_effects,
 )
-from wiremap.attribute.graph import Graph
+from wiremap.attribution.graph import Graph
 from wiremap.errors import WiremapError
 
 
@@ -82,7 +82,7 @@ def test_concept_features_keep_selective_positive_features_by_effect():
 
 
 def test_path_through_follows_kept_edges():
-    from wiremap.attribute.prune import prune_graph
+    from wiremap.attribution.prune import prune_graph
 
     g = _toy_graph()
     result = prune_graph(g, node_threshold=1.0, edge_threshold=1.0)
@@ -111,8 +111,8 @@ def reduced(tmp_path_factory):
 
 
 def test_reduced_demo_writes_valid_graph_json_html_cards_and_report(reduced):
-    from wiremap.attribute.export import validate_graph_json
-    from wiremap.attribute.features import FeatureStore
+    from wiremap.attribution.export import validate_graph_json
+    from wiremap.attribution.features import FeatureStore
 
     report, printed = reduced
     assert {k for k in report.graphs if k.startswith("plt/")} == {f"plt/{n}" for n in PROMPTS}
@@ -188,7 +188,7 @@ def _json_path_through(graph: dict, city: int, via: set[str], answer: str) -> bo
     for link in graph["links"]:
         forward.setdefault(link["source"], []).append(link["target"])
         backward.setdefault(link["target"], []).append(link["source"])
-    from wiremap.attribute.circuits import reachable
+    from wiremap.attribution.circuits import reachable
 
     return bool(reachable(forward, start) & reachable(backward, end) & via)
 

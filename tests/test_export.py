@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_prune import E01, F0, F1, F2, LA, T0, T1, hand_graph, random_dag_graph
 
-from wiremap.attribute.export import (
+from wiremap.attribution.export import (
     cantor,
     graph_to_json,
     node_ids,
@@ -19,9 +19,9 @@ from wiremap.attribute.export import (
     validate_graph_json,
     write_graph_json,
 )
-from wiremap.attribute.graph import Graph
-from wiremap.attribute.prune import graph_scores, logit_weights, prune_graph
-from wiremap.attribute.viewer.budget import (
+from wiremap.attribution.graph import Graph
+from wiremap.attribution.prune import graph_scores, logit_weights, prune_graph
+from wiremap.attribution.viewer.budget import (
     budget_graph_json,
     budget_order,
     edge_scores,
@@ -178,7 +178,7 @@ def test_summarize_paths_finds_planted_path():
 
 # ---- edge budget -------------------------------------------------------------------------
 def _big_graph():
-    from wiremap.attribute.viewer.synthetic import synthetic_graph
+    from wiremap.attribution.viewer.synthetic import synthetic_graph
 
     # ~360 features over 12 layers: ~34k edges survive pruning at thresholds 1.0
     return synthetic_graph(n_features=360, n_layers=12, n_pos=8, inputs_per_node=130, seed=1)

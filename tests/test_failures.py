@@ -101,7 +101,7 @@ def test_exports_carry_checksums_that_loading_verifies(tmp_path):
 def test_saved_graph_truncated_or_not_json_is_named(tmp_path):
     from test_graph import make_graph
 
-    from wiremap.attribute.graph import Graph
+    from wiremap.attribution.graph import Graph
 
     base = make_graph().save(tmp_path / "g")
     tensors = base.with_name("g.safetensors")
@@ -115,7 +115,7 @@ def test_saved_graph_truncated_or_not_json_is_named(tmp_path):
 
 
 def test_truncated_graph_json_is_refused_by_the_viewer(tmp_path):
-    from wiremap.attribute.viewer.graphfile import ViewerError, read_graph
+    from wiremap.attribution.viewer.graphfile import ViewerError, read_graph
 
     path = tmp_path / "g.json"
     path.write_text('{"metadata": {"slug": "x"}, "nodes": [{"node_id": "a"')
@@ -210,7 +210,7 @@ def test_disk_errors_are_found_inside_wrapped_errors(tmp_path):
 
 
 def test_attribute_refuses_an_unwritable_out_before_any_work(tmp_path, monkeypatch, capsys):
-    import wiremap.attribute.cli as cli
+    import wiremap.attribution.cli as cli
 
     monkeypatch.setattr(cli.os, "access", lambda path, mode: False)  # as on a read-only mount
     argv = ["attribute", "--model", "no/such-model", "--transcoders", "nowhere",

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("wiremap.train.cache", reason="needs the activation cache (cache workstream)")
 pytest.importorskip("wiremap.models.io", reason="needs transcoder I/O (transcoder workstream)")
 
-from wiremap.attribute.features import (  # noqa: E402
+from wiremap.attribution.features import (  # noqa: E402
     FeatureCardConfig,
     FeatureStore,
     build_feature_cards,
@@ -150,7 +150,7 @@ def test_feature_endpoint_serves_cards(cards, tmp_path):
 
     from test_viewer_server import make_graph_json
 
-    from wiremap.attribute.viewer.server import make_server
+    from wiremap.attribution.viewer.server import make_server
 
     _, _, _, _, out = cards
     graph = make_graph_json(n_layers=2, info={"transcoders": str(out.parent)}, n_features=40)

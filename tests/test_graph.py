@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wiremap.attribute.graph import Graph, coo_triplets
+from wiremap.attribution.graph import Graph, coo_triplets
 from wiremap.errors import WiremapError
 
 

@@ -12,8 +12,8 @@ import pytest
 from test_prune import hand_graph
 
 import wiremap
-from wiremap.attribute.export import graph_to_json, write_graph_json
-from wiremap.attribute.html import render_html
+from wiremap.attribution.export import graph_to_json, write_graph_json
+from wiremap.attribution.html import render_html
 from wiremap.errors import WiremapError
 
 NASTY = 'say "hi" & </script><script>alert(1)</script> \u2028'

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from wiremap.attribute.attribute import attribute
-from wiremap.attribute.cli import parse_feature
-from wiremap.attribute.interventions import (
+from wiremap.attribution.attribute import attribute
+from wiremap.attribution.cli import parse_feature
+from wiremap.attribution.interventions import (
     feature_intervention,
     generate_with_interventions,
     scale_features,

@@ -50,7 +50,7 @@ if "step" in slow:
 
     TranscoderModule.training_step = slow_step
 if "features" in slow:
-    import wiremap.attribute.features as features
+    import wiremap.attribution.features as features
 
     scan, write = features.scan_cache, features.write_layer
 
@@ -258,7 +258,7 @@ FEATURE_MOMENTS = {
 def test_features_killed_then_rerun_continues_to_the_same_cards(
     setup, export, tmp_path, moment, monkeypatch
 ):
-    import wiremap.attribute.features as features
+    import wiremap.attribution.features as features
 
     cfg, _ = setup
     tc, reference = export
@@ -286,7 +286,7 @@ _SAVER = """
 import json, sys, time
 from pathlib import Path
 import wiremap.fileio as fileio
-from wiremap.attribute.viewer.graphfile import write_graph
+from wiremap.attribution.viewer.graphfile import write_graph
 
 dump = json.dumps
 

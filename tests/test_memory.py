@@ -8,9 +8,9 @@ import textwrap
 import pytest
 import torch
 
-from wiremap.attribute import memory
-from wiremap.attribute.attribute import attribute
-from wiremap.attribute.memory import GraphCounts, oom_guard, plan_memory, rows_bytes
+from wiremap.attribution import memory
+from wiremap.attribution.attribute import attribute
+from wiremap.attribution.memory import GraphCounts, oom_guard, plan_memory, rows_bytes
 from wiremap.errors import WiremapError
 from wiremap.models.loading import load_model
 from wiremap.models.replacement import ReplacementModel
@@ -118,7 +118,7 @@ def test_allocator_errors_become_wiremap_errors(tiny_model_dir, monkeypatch):
         with oom_guard(None):
             raise RuntimeError("shape mismatch")
     rm = make_rm(tiny_model_dir)
-    from wiremap.attribute.attribute import RowEngine
+    from wiremap.attribution.attribute import RowEngine
 
     def boom(self, targets):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -131,7 +131,7 @@ def test_allocator_errors_become_wiremap_errors(tiny_model_dir, monkeypatch):
 MEASURE = textwrap.dedent(
     """
     import os, sys, torch
-    from wiremap.attribute.attribute import attribute
+    from wiremap.attribution.attribute import attribute
     from wiremap.models.loading import load_model
     from wiremap.models.replacement import ReplacementModel
     from wiremap.models.transcoders import build_transcoder

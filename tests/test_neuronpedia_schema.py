@@ -20,15 +20,15 @@ import torch
 from test_prune import random_dag_graph
 from test_viewer_browser import demo_card
 
-from wiremap.attribute.export import cantor, uncantor, write_graph_json
-from wiremap.attribute.features import (
+from wiremap.attribution.export import cantor, uncantor, write_graph_json
+from wiremap.attribution.features import (
     FeatureStore,
     anthropic_feature,
     write_feature_jsons,
     write_layer,
 )
-from wiremap.attribute.viewer.graphfile import ViewerError, list_graphs, read_graph
-from wiremap.attribute.viewer.subgraph import pinned_scores
+from wiremap.attribution.viewer.graphfile import ViewerError, list_graphs, read_graph
+from wiremap.attribution.viewer.subgraph import pinned_scores
 from wiremap.errors import WiremapError
 
 # ---- the rules, as (JSON types) / {"required": [...], "fields": {...}} / ["array of", rule] --
@@ -406,8 +406,8 @@ def test_viewer_scores_are_the_pruning_code_on_the_json_links():
     """pinned_scores on a graph JSON's links equals graph_scores on the pruned Graph."""
     import copy
 
-    from wiremap.attribute.export import graph_to_json, node_ids
-    from wiremap.attribute.prune import graph_scores, prune_graph
+    from wiremap.attribution.export import graph_to_json, node_ids
+    from wiremap.attribution.prune import graph_scores, prune_graph
 
     g = random_dag_graph(n_feat=50, seed=4)
     result = prune_graph(g, 0.9, 0.95)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from wiremap.attribute.graph import Graph
-from wiremap.attribute.prune import (
+from wiremap.attribution.graph import Graph
+from wiremap.attribution.prune import (
     as_matrix,
     graph_scores,
     influence,

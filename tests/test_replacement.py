@@ -1,4 +1,4 @@
-"""Replacement model: exact logits, checks against the model, and the frozen (linearised) model."""
+"""Replacement model: exact logits, checks against the model, and the frozen model."""
 
 import pytest
 import torch
@@ -59,7 +59,7 @@ def test_frozen_model_equals_clean_and_is_linear(tiny_model_dir, arch):
     gen = torch.Generator().manual_seed(0)
     delta = torch.randn(1, n, 32, generator=gen, dtype=torch.float64) * 0.1
     u = torch.randn(32, generator=gen, dtype=torch.float64)
-    with rm.linearised(ids) as lin:
+    with rm.frozen(ids) as lin:
         with torch.no_grad():
             frozen = rm.model(ids[None]).logits
             base = lin.forward().final[0, -1]
@@ -87,7 +87,7 @@ def test_frozen_prefix_matches_clean_prefix(tiny_model_dir):
     ids = rm.tokenize(PROMPT)
     with torch.no_grad():
         clean = rm.model(ids[None, :4]).logits
-    with rm.linearised(ids) as lin, torch.no_grad():
+    with rm.frozen(ids) as lin, torch.no_grad():
         prefix = rm.softcap(lin.logits(lin.forward(ids[None, :4]).final))
     torch.testing.assert_close(prefix, clean, rtol=0, atol=1e-5 * float(clean.abs().max()))
 
@@ -95,7 +95,7 @@ def test_frozen_prefix_matches_clean_prefix(tiny_model_dir):
 def test_frozen_restored_after_error(tiny_model_dir):
     rm = make_rm(tiny_model_dir)
     ids = rm.tokenize(PROMPT)
-    with pytest.raises(RuntimeError), rm.linearised(ids):
+    with pytest.raises(RuntimeError), rm.frozen(ids):
         raise RuntimeError("boom")
     assert rm.model.config._attn_implementation != "wiremap_frozen"
     assert remaining_hooks(rm.model) == 0

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from wiremap.attribute.attribute import attribute
-from wiremap.attribute.targets import select_targets
+from wiremap.attribution.attribute import attribute
+from wiremap.attribution.targets import select_targets
 from wiremap.models.loading import load_model
 from wiremap.models.replacement import ReplacementModel
 from wiremap.models.tiny import ARCHITECTURES
@@ -43,7 +43,7 @@ def own_probs(rm, ids) -> torch.Tensor:
 def test_the_cap_bites_and_the_model_applies_it(tiny_model_dir, arch):
     rm = make_rm(tiny_model_dir, arch, CAP)
     ids = rm.tokenize(PROMPT)
-    with rm.linearised(ids) as lin, torch.no_grad():
+    with rm.frozen(ids) as lin, torch.no_grad():
         pre_cap = lin.logits(lin.forward().final)[0, -1]
     with torch.no_grad():
         out = rm.model(ids[None]).logits[0, -1]
@@ -73,9 +73,9 @@ def test_graph_probabilities_on_a_capped_gemma(tiny_model_dir):
 
 
 def test_steer_and_viewer_report_the_models_own_probabilities(tiny_model_dir):
-    from wiremap.attribute.interventions import feature_intervention
-    from wiremap.attribute.targets import top_tokens
-    from wiremap.attribute.viewer.steer import run_steering
+    from wiremap.attribution.interventions import feature_intervention
+    from wiremap.attribution.targets import top_tokens
+    from wiremap.attribution.viewer.steer import run_steering
 
     rm = make_rm(tiny_model_dir, "gemma2", CAP)
     ids = rm.tokenize(PROMPT)
@@ -94,7 +94,7 @@ def test_steer_and_viewer_report_the_models_own_probabilities(tiny_model_dir):
 
 
 def test_top_tokens_stops_at_the_cumulative_probability():
-    from wiremap.attribute.targets import token_probs, top_tokens
+    from wiremap.attribution.targets import token_probs, top_tokens
 
     model = SimpleNamespace(tokenizer=SimpleNamespace(decode=lambda ids: f"t{ids[0]}"))
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))

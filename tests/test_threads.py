@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from wiremap.attribute.attribute import attribute
+from wiremap.attribution.attribute import attribute
 from wiremap.errors import WiremapError
 from wiremap.models import threads as T
 

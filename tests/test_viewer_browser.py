@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 from test_viewer_server import cantor, make_graph_json
 
-from wiremap.attribute.features import write_layer
-from wiremap.attribute.html import write_html
-from wiremap.attribute.viewer.server import make_server
+from wiremap.attribution.features import write_layer
+from wiremap.attribution.html import write_html
+from wiremap.attribution.viewer.server import make_server
 
 CHROMIUM = next(
     (shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)),
@@ -377,7 +377,7 @@ def visible_counts(graph: dict, threshold: float = 0.8, max_edges: int = 8000) -
 
 def first_links(graph: dict, k: int) -> set[tuple[str, str]]:
     """The first k (source, target) links in the budget's order, ranked by |weight|."""
-    from wiremap.attribute.viewer.budget import budget_order, json_edge_arrays
+    from wiremap.attribution.viewer.budget import budget_order, json_edge_arrays
 
     ids, tgt, src, weight = json_edge_arrays(graph)
     order = budget_order(tgt, src, np.abs(weight), None, k)
@@ -441,7 +441,7 @@ SHOW_ALL = """(async () => {
 
 
 def test_real_model_sized_graph_renders_and_responds(browser, tmp_path):
-    from wiremap.attribute.viewer.synthetic import synthetic_graph_json
+    from wiremap.attribution.viewer.synthetic import synthetic_graph_json
 
     graph = synthetic_graph_json()  # ~1,000 features, 30 layers, 10 positions, edge budget
     n_features = sum(n["feature_type"] == "cross layer transcoder" for n in graph["nodes"])

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wiremap.attribute.viewer import steer as steer_mod
-from wiremap.attribute.viewer.server import host_warning, make_server
-from wiremap.attribute.viewer.steer import Steerer
-from wiremap.attribute.viewer.subgraph import pinned_scores
+from wiremap.attribution.viewer import steer as steer_mod
+from wiremap.attribution.viewer.server import host_warning, make_server
+from wiremap.attribution.viewer.steer import Steerer
+from wiremap.attribution.viewer.subgraph import pinned_scores
 
 TOKENS = ["<bos>", "The", " capital", " of", " France", " is"]
 
@@ -463,7 +463,7 @@ def test_feature_endpoint_errors_are_clear(served):
 
 
 def test_binds_loopback_by_default(served):
-    from wiremap.attribute import viewer_cmd
+    from wiremap.attribution import viewer_cmd
 
     _, request = served
     server = request.start()
@@ -479,8 +479,8 @@ def test_binds_loopback_by_default(served):
 def test_cli_lists_the_commands():
     from wiremap.cli import COMMANDS
 
-    assert COMMANDS["serve"][0] == "wiremap.attribute.viewer_cmd:serve_main"
-    assert COMMANDS["features"][0] == "wiremap.attribute.viewer_cmd:features_main"
+    assert COMMANDS["serve"][0] == "wiremap.attribution.viewer_cmd:serve_main"
+    assert COMMANDS["features"][0] == "wiremap.attribution.viewer_cmd:features_main"
 
 
 def test_serve_refuses_a_missing_folder(tmp_path):
@@ -492,7 +492,7 @@ def test_serve_refuses_a_missing_folder(tmp_path):
 
 # ---- standalone exports ----------------------------------------------------------------------
 def test_write_html_is_self_contained(tmp_path):
-    from wiremap.attribute.html import write_html
+    from wiremap.attribution.html import write_html
 
     graph = make_graph_json()
     graph["nodes"][0]["clerp"] = "</script><script>alert(1)</script>"
@@ -506,7 +506,7 @@ def test_write_html_is_self_contained(tmp_path):
 
 def test_write_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from wiremap.attribute.png import write_png
+    from wiremap.attribution.png import write_png
 
     path = write_png(make_graph_json(), tmp_path / "g.png", dpi=60)
     data = path.read_bytes()
@@ -515,7 +515,7 @@ def test_write_png(tmp_path):
 
 def test_steer_with_a_tiny_replacement_model(served, tiny_model_dir, tmp_path):
     pytest.importorskip("wiremap.models.replacement", reason="needs the ReplacementModel")
-    pytest.importorskip("wiremap.attribute.interventions", reason="needs the intervention API")
+    pytest.importorskip("wiremap.attribution.interventions", reason="needs the intervention API")
     import torch
 
     from wiremap.models.io import save_transcoders
@@ -763,7 +763,7 @@ def test_concurrent_saves_and_garbage_never_corrupt_the_graph(served):
 
 
 def test_errors_expose_no_absolute_paths_or_exception_text(served, monkeypatch, tmp_path):
-    from wiremap.attribute.viewer import server as server_mod
+    from wiremap.attribution.viewer import server as server_mod
     from wiremap.errors import WiremapError
 
     folder, request = served
@@ -793,7 +793,7 @@ def test_errors_expose_no_absolute_paths_or_exception_text(served, monkeypatch, 
 
 
 def test_public_message_cuts_folders():
-    from wiremap.attribute.viewer.guard import public_message
+    from wiremap.attribution.viewer.guard import public_message
 
     root = Path("/home/me/graphs")
     text = "no file /home/me/graphs/g.json; see /opt/models/tc/config.json or C:\\Users\\me\\x.json"

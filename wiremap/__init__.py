@@ -9,10 +9,12 @@
     wiremap.serve("graphs/")                                  # the local viewer
     wiremap.show(graph)                                       # inline in Jupyter, no server
 
-The graph-making function is `wiremap.attribute_graph`: the name `wiremap.attribute` is
-the subpackage (`wiremap/attribute/`), and once any of its modules is imported Python binds
-that name to the subpackage, so a function of the same name could not live beside it. The
-function itself stays where it was, `wiremap.attribute.attribute.attribute`.
+The graph-making function is `wiremap.attribute_graph` (`attribute` in
+`wiremap.attribution.attribute`). The subpackage is `wiremap.attribution`, as in
+circuit-tracer; until 0.1 it was `wiremap.attribute`, which still imports for this version
+(each `wiremap.attribute.<module>` is the same module object, with a DeprecationWarning).
+While that alias exists the name `wiremap.attribute` belongs to it, so the function keeps the
+name `attribute_graph`.
 
 Public names are imported lazily, so `import wiremap` stays light (no torch, Lightning,
 wandb or transformers until a name that needs them is used). The low-level hooks
@@ -42,23 +44,23 @@ _LAZY = {
     "fit": "wiremap.train.fit",
     "FitResult": "wiremap.train.fit",
     # attribution: graphs, targets, pruning, export, interventions, the viewer
-    "Graph": "wiremap.attribute.graph",
-    "logit_difference": "wiremap.attribute.targets",
-    "top_tokens": "wiremap.attribute.targets",
-    "prune_graph": "wiremap.attribute.prune",
-    "graph_scores": "wiremap.attribute.prune",
-    "write_graph_json": "wiremap.attribute.export",
-    "summarize_paths": "wiremap.attribute.export",
-    "feature_intervention": "wiremap.attribute.interventions",
-    "scale_features": "wiremap.attribute.interventions",
-    "generate_with_interventions": "wiremap.attribute.interventions",
-    "serve": "wiremap.attribute.viewer",
-    "show": "wiremap.attribute.inline",
-    "GraphView": "wiremap.attribute.inline",
+    "Graph": "wiremap.attribution.graph",
+    "logit_difference": "wiremap.attribution.targets",
+    "top_tokens": "wiremap.attribution.targets",
+    "prune_graph": "wiremap.attribution.prune",
+    "graph_scores": "wiremap.attribution.prune",
+    "write_graph_json": "wiremap.attribution.export",
+    "summarize_paths": "wiremap.attribution.export",
+    "feature_intervention": "wiremap.attribution.interventions",
+    "scale_features": "wiremap.attribution.interventions",
+    "generate_with_interventions": "wiremap.attribution.interventions",
+    "serve": "wiremap.attribution.viewer",
+    "show": "wiremap.attribution.inline",
+    "GraphView": "wiremap.attribution.inline",
 }
 # public name -> (module, name there), where the two differ
 _RENAMED = {
-    "attribute_graph": ("wiremap.attribute.attribute", "attribute"),
+    "attribute_graph": ("wiremap.attribution.attribute", "attribute"),
 }
 # reachable from `wiremap` for one more version only
 _DEPRECATED = {

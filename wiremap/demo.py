@@ -10,7 +10,7 @@ Stages, one function each, in the order `run_demo` calls them:
 3. `train_stage`       — a CLT and a PLT trained on that cache with `wiremap.fit`, exported;
 4. `attribute_stage`   — attribution graphs of the Dallas prompt and one antonym prompt per
                          language, for each transcoder;
-5. `swap_stage`        — the Texas→California feature swap (`wiremap.attribute.circuits`):
+5. `swap_stage`        — the Texas→California feature swap (`wiremap.attribution.circuits`):
                          does the organism now answer " Sacramento"?
    `write_stage`       — every graph as graph JSON + standalone HTML (state features
                          labelled, grouped and pinned), with scores and strongest paths;
@@ -133,7 +133,7 @@ class DemoReport:
     organism: str
     transcoders: dict[str, str]
     graphs: dict[str, GraphReport] = field(default_factory=dict)
-    swap: Any = None  # wiremap.attribute.circuits.SwapResult
+    swap: Any = None  # wiremap.attribution.circuits.SwapResult
     features: dict[str, str] = field(default_factory=dict)  # arch -> feature-card folder
     seconds: dict[str, float] = field(default_factory=dict)
     training: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -273,8 +273,8 @@ def replacement_model(model, tokenizer, organism: str, transcoders: Path):
 
 def attribute_prompt(rm, prompt: str):
     """(graph, pruning) of one prompt with every active feature visited (graphs are small)."""
-    from wiremap.attribute.attribute import attribute
-    from wiremap.attribute.prune import prune_graph
+    from wiremap.attribution.attribute import attribute
+    from wiremap.attribution.prune import prune_graph
 
     graph = attribute(prompt, rm, verbose=False)
     return graph, prune_graph(graph)
@@ -284,8 +284,8 @@ def write_graph(
     graph, result, folder: Path, name: str, labels=None, supernodes=(), pinned=()
 ) -> tuple[Path, Path]:
     """`<folder>/<name>.json` (viewer format, checked) and the standalone `<name>.html`."""
-    from wiremap.attribute.export import write_graph_json
-    from wiremap.attribute.html import write_html
+    from wiremap.attribution.export import write_graph_json
+    from wiremap.attribution.html import write_html
 
     json_path = folder / f"{name}.json"
     write_graph_json(
@@ -302,7 +302,7 @@ def write_graph(
 
 
 def graph_report(graph, result, arch: str, paths: tuple[Path, Path], k: int, labels=None):
-    from wiremap.attribute.export import summarize_paths
+    from wiremap.attribution.export import summarize_paths
 
     top = graph.logit_strings[int(graph.logit_probs.argmax())]
     return GraphReport(
@@ -334,9 +334,9 @@ def capital(state: str) -> str:
 def state_features(rm, graph, state: str, other: str, positions=None, everywhere=False):
     """Features of `graph` that stand for `state`: fire on the two-hop prompts of `state`'s
     cities and not on `other`'s, and push the capital's logit up (total effect in the graph);
-    see `wiremap.attribute.circuits.concept_features`. `everywhere`: all of them, unranked
+    see `wiremap.attribution.circuits.concept_features`. `everywhere`: all of them, unranked
     cut-off; otherwise the strongest carrying 90% of their effect."""
-    from wiremap.attribute.circuits import concept_features, contrast
+    from wiremap.attribution.circuits import concept_features, contrast
 
     stats = contrast(rm, state_prompts(state), state_prompts(other))
     if everywhere:
@@ -358,7 +358,7 @@ def swap_stage(cfg: DemoConfig, rm, dallas_graph, dallas_result):
     the last position read that state to say the capital. The California features come from
     the `cfg.swap_city` prompt, at the same position. Returns (SwapResult, extras).
     """
-    from wiremap.attribute.circuits import insertion_values, swap
+    from wiremap.attribution.circuits import insertion_values, swap
 
     _check_answers(dallas_graph, capital(TARGET_STATE))
     city = dallas_graph.token_strings.index(" Dallas")
@@ -394,13 +394,13 @@ def _where(graph, features) -> dict[str, dict]:
 def _dallas_path(graph, result, texas, city: int) -> dict[str, Any]:
     """Is there a path ' Dallas' -> a Texas feature -> ' Austin' in the pruned graph, and
     which is the strongest (as text, with its share of the logit's attribution)?"""
-    from wiremap.attribute.circuits import (
+    from wiremap.attribution.circuits import (
         feature_nodes,
         logit_node,
         path_through,
         strongest_path_through,
     )
-    from wiremap.attribute.export import node_name
+    from wiremap.attribution.export import node_name
 
     austin, start = logit_node(graph, capital(TARGET_STATE)), graph.token_index(city)
     via = feature_nodes(graph, texas)
@@ -417,7 +417,7 @@ def _dallas_path(graph, result, texas, city: int) -> dict[str, Any]:
 # -- stage 6: feature cards ----------------------------------------------------------------
 def cards_stage(cfg: DemoConfig, cache: Path, folder: Path, organism: str, model, tokenizer):
     """Feature cards of one transcoder in `<folder>/features`, where `wiremap serve` looks."""
-    from wiremap.attribute.features import FeatureCardConfig, build_feature_cards
+    from wiremap.attribution.features import FeatureCardConfig, build_feature_cards
 
     cards = FeatureCardConfig(
         cache=str(cache),
@@ -517,8 +517,8 @@ def write_stage(cfg: DemoConfig, computed: dict, states: dict) -> dict[str, Grap
 
 def _state_marks(graph, result, state: str | None, features, city: int):
     """(labels, supernodes, pinned ids) naming `features` as `state` in one graph."""
-    from wiremap.attribute.circuits import logit_node
-    from wiremap.attribute.export import node_ids
+    from wiremap.attribution.circuits import logit_node
+    from wiremap.attribution.export import node_ids
 
     if state is None or not features:
         return None, [], []
@@ -598,7 +598,7 @@ def _word_position(graph, word: str) -> int:
 
 
 def _heads_of(rm, graph, result, pos, sources, labels, n_edges, say: Say) -> dict[str, Any]:
-    from wiremap.attribute.attention import heads_between
+    from wiremap.attribution.attention import heads_between
 
     found = heads_between(rm, graph, result, pos, n_edges=n_edges, sources=sources)
     toks, last = graph.token_strings, graph.n_pos - 1
@@ -624,7 +624,7 @@ def _why_attended(rm, graph, layer: int, head: int, pos: int, labels, say: Say) 
     """Print the head's attention weight on `pos` from the last position and its top terms."""
     import torch
 
-    from wiremap.attribute.attention import qk_attributions, readable
+    from wiremap.attribution.attention import qk_attributions, readable
 
     last, toks = graph.n_pos - 1, graph.token_strings
     keys = list(range(last + 1))  # every key: the weight is a softmax over them

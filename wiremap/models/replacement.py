@@ -4,7 +4,7 @@
     ids = rm.tokenize("The capital of France is")        # [pos], BOS first
     run = rm.run(ids)        # clean pass: logits, transcoder inputs, activations, errors
     logits = rm(ids)         # replacement pass: every MLP output = reconstruction + error
-    with rm.linearised(ids) as lin:                        # frozen model (DESIGN.md §5)
+    with rm.frozen(ids) as lin:                        # frozen model (DESIGN.md §5)
         out = lin.forward(writes={2: delta})
 
 At every layer the MLP block's output is `reconstruction + error`, where the
@@ -17,6 +17,8 @@ lets an intervention on one feature propagate to later features.
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 from wiremap.errors import WiremapError
 from wiremap.models.adapters import Adapter, get_adapter, get_module
 from wiremap.models.hooks import capture, splice_mlp_out
-from wiremap.models.linearise import Linearised, linearise
+from wiremap.models.frozen import FrozenModel, freeze
 from wiremap.models.loading import model_max_length
 
 # (layer, activations [batch, pos, F]) -> edited activations
@@ -223,12 +225,12 @@ class ReplacementModel(nn.Module):
 
         return splice_mlp_out(self.model, splice, self.input_hook, adapter=self.adapter)
 
-    # -- linearised model ------------------------------------------------------------
+    # -- frozen model ---------------------------------------------------------------
     @contextmanager
-    def linearised(self, input_ids: Tensor) -> Iterator[Linearised]:
-        """Freeze the model around `input_ids` (DESIGN.md §5); see `wiremap.models.linearise`."""
+    def frozen(self, input_ids: Tensor) -> Iterator[FrozenModel]:
+        """Freeze the model around `input_ids` (DESIGN.md §5); see `wiremap.models.frozen`."""
         skip = self.skip if self.transcoders.has_skip else None
-        with linearise(
+        with freeze(
             self.model,
             _as_batch(input_ids),
             adapter=self.adapter,
@@ -236,6 +238,15 @@ class ReplacementModel(nn.Module):
             skip=skip,
         ) as lin:
             yield lin
+
+    def linearised(self, input_ids: Tensor):
+        """Deprecated name of `frozen` (goes away in the next version)."""
+        warnings.warn(
+            "ReplacementModel.linearised is renamed ReplacementModel.frozen",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.frozen(input_ids)
 
     def unembed_weight(self) -> Tensor:
         """[vocab, d] rows read from the final norm's output."""

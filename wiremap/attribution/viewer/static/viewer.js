@@ -1,5 +1,5 @@
 // wiremap viewer: draws an attribution graph JSON (DESIGN.md section 8) as SVG.
-// Served by `wiremap serve DIR`, or inlined with the graph by wiremap.attribute.html
+// Served by `wiremap serve DIR`, or inlined with the graph by wiremap.attribution.html
 // (then the page has a <script id="wiremap-graph"> holding the graph, and no server).
 // Plain JS, no build step, no third-party code.
 //
@@ -82,7 +82,7 @@ function setGraph(name, graph) {
 }
 
 // Precomputed once per graph: each node's links, strongest first, and S.linkOrder, the
-// links ranked as wiremap.attribute.viewer.budget ranks them: a link's rank is the better of
+// links ranked as wiremap.attribution.viewer.budget ranks them: a link's rank is the better of
 // its rank among its target's inputs and among its source's outputs (by |weight|), so
 // drawing a prefix of this order gives every node its strongest links first. Index arrays
 // and typed arrays keep this fast at 200,000 links.

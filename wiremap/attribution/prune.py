@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from wiremap.attribute.graph import Graph, coo_triplets
+from wiremap.attribution.graph import Graph, coo_triplets
 from wiremap.errors import WiremapError
 
 # Past this many nodes the auto backend works on sparse triplets (a dense 2048² float32

@@ -1,6 +1,6 @@
 """A static PNG of a (pruned) graph JSON, for papers and notebooks (needs matplotlib).
 
-    from wiremap.attribute.png import write_png
+    from wiremap.attribution.png import write_png
     write_png(graph_json_obj, "graph.png")                        # caps below
     write_png(graph_json_obj, "graph.png", max_nodes=None, max_edges=None)   # everything
 
@@ -16,7 +16,7 @@ A real model's pruned graph has ~1,000 features and (after the JSON's edge budge
   members' centre, their links merged (summed per other end, links inside it dropped);
 - among what is drawn, at most `max_edges` (600) links, each among the `edges_per_node` (4)
   strongest inputs of its target or outputs of its source, every node's strongest first:
-  the JSON's edge budget applied again (`wiremap.attribute.viewer.budget`);
+  the JSON's edge budget applied again (`wiremap.attribution.viewer.budget`);
 - the logits spread along the top row, each labelled "token p", the labels laid out in rows
   so that no two overlap.
 """
@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from wiremap.attribute.viewer.budget import budget_order, edge_scores
-from wiremap.attribute.viewer.subgraph import node_kind
+from wiremap.attribution.viewer.budget import budget_order, edge_scores
+from wiremap.attribution.viewer.subgraph import node_kind
 from wiremap.errors import WiremapError
 from wiremap.fileio import atomic_path
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from wiremap.attribute.graph import Graph
+from wiremap.attribution.graph import Graph
 
 
 def _feature_table(n_features: int, n_layers: int, n_pos: int, gen: torch.Generator):
@@ -94,7 +94,7 @@ def synthetic_graph_json(graph: Graph | None = None, **json_kwargs: Any) -> dict
     """The graph JSON of `graph` (default `synthetic_graph()`) with every node and edge that
     has influence kept by pruning (thresholds 1.0), then the edge budget (defaults unless
     `edges_per_node` / `max_edges` are given)."""
-    from wiremap.attribute.export import graph_to_json
+    from wiremap.attribution.export import graph_to_json
 
     graph = graph if graph is not None else synthetic_graph()
     kwargs = {"node_threshold": 1.0, "edge_threshold": 1.0, **json_kwargs}

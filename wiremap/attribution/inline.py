@@ -5,7 +5,7 @@
     view = wiremap.show(graph, height=800, node_threshold=0.7)
     view.save("dallas.html")       # the same page as a file
 
-The page is `wiremap.attribute.html.render_html`'s (JS, CSS and graph inlined), put into the
+The page is `wiremap.attribution.html.render_html`'s (JS, CSS and graph inlined), put into the
 iframe's `srcdoc` attribute so its scripts run inside the notebook; Jupyter displays the
 returned object through its `_repr_html_`, so nothing here imports IPython.
 """
@@ -24,7 +24,7 @@ class GraphView:
     """The viewer page of one graph JSON object; Jupyter shows it inline."""
 
     def __init__(self, graph_json: dict[str, Any], height: int = 640) -> None:
-        from wiremap.attribute.html import render_html
+        from wiremap.attribution.html import render_html
 
         if int(height) < 100:
             raise WiremapError(f"show(): height is in pixels, at least 100; got {height}")
@@ -66,8 +66,8 @@ def show(graph: Any, height: int = 640, **kwargs: Any) -> GraphView:
 
 
 def _graph_json(graph: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    from wiremap.attribute.export import graph_to_json, validate_graph_json
-    from wiremap.attribute.graph import Graph
+    from wiremap.attribution.export import graph_to_json, validate_graph_json
+    from wiremap.attribution.graph import Graph
 
     if isinstance(graph, Graph):
         return graph_to_json(graph, **kwargs)

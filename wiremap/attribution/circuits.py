@@ -1,6 +1,6 @@
 """Features that stand for a concept, and swapping one concept's features for another's.
 
-    from wiremap.attribute.circuits import concept_features, contrast, swap
+    from wiremap.attribution.circuits import concept_features, contrast, swap
 
     # Features of the Dallas graph that carry "Texas": they push " Austin" up (total effect
     # in the graph) and fire on prompts about Texas cities, not on those about California's.
@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from wiremap.attribute.graph import Graph
-from wiremap.attribute.interventions import feature_intervention
-from wiremap.attribute.targets import top_tokens
+from wiremap.attribution.graph import Graph
+from wiremap.attribution.interventions import feature_intervention
+from wiremap.attribution.targets import top_tokens
 from wiremap.errors import WiremapError
 
 Feature = tuple[int, int, int]  # (layer, pos, feature)
@@ -165,7 +165,7 @@ def strongest_path_through(
 ) -> tuple[float, int, list[int]] | None:
     """The strongest token-to-`target` path (`export.strongest_paths`) that starts at
     `source` and passes through a node of `via`, among the `k` strongest; None if none."""
-    from wiremap.attribute.export import strongest_paths
+    from wiremap.attribution.export import strongest_paths
 
     for share, sign, path in strongest_paths(graph, result, k=k, target=target):
         if path[0] == source and via & set(path):

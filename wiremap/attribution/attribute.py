@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from wiremap.attribute.graph import Graph
-from wiremap.attribute.memory import (
+from wiremap.attribution.graph import Graph
+from wiremap.attribution.memory import (
     CHUNK_ELEMENTS,
     DENSE_MAX_NODES,
     GraphCounts,
@@ -44,10 +44,10 @@ from wiremap.attribute.memory import (
     oom_guard,
     plan_memory,
 )
-from wiremap.attribute.sources import SourceTable
-from wiremap.attribute.targets import LogitTargets, select_targets
+from wiremap.attribution.sources import SourceTable
+from wiremap.attribution.targets import LogitTargets, select_targets
 from wiremap.errors import WiremapError
-from wiremap.models.linearise import Linearised
+from wiremap.models.frozen import FrozenModel
 from wiremap.models.threads import ThreadGovernor, threads_for_load
 
 FINAL = -1  # site of the logit targets: the final norm's output
@@ -65,7 +65,7 @@ class _Targets:
 class RowEngine:
     """Computes adjacency rows for batches of targets through one frozen model."""
 
-    def __init__(self, lin: Linearised, table: SourceTable, threads: ThreadGovernor | None = None):
+    def __init__(self, lin: FrozenModel, table: SourceTable, threads: ThreadGovernor | None = None):
         self.lin, self.table, self.threads = lin, table, threads
         self.n_backward = 0
 
@@ -231,7 +231,7 @@ def _compute(
     budget = plan.max_feature_nodes
     # uncapped graphs of moderate size are written straight into a dense adjacency
     dense = _dense_buffer(table, len(targets), budget)
-    with rm.linearised(ids) as lin:
+    with rm.frozen(ids) as lin:
         engine = RowEngine(lin, table, threads)
         logit_rows = engine.rows(_logit_targets(targets, len(ids)))
         out = None if dense is None else dense[: table.n_features, : table.n_cols]

@@ -21,7 +21,7 @@ import numbers
 import numpy as np
 import torch
 
-from wiremap.attribute import prune
+from wiremap.attribution import prune
 from wiremap.errors import WiremapError
 
 SCORE_NAME = "edge score |A[t,s]|/sum_s'|A[t,s']| * (I_t + w_t) on the pruned graph"

@@ -5,7 +5,7 @@
     qk = qk_attribution(rm, graph, layer=2, head=1, query_pos=7, key_pos=3)
     qk.top(5)              # (query node, key node, contribution) that make the score
 
-Head loadings. In the frozen model (linearise.py) an edge s → t is linear in the value
+Head loadings. In the frozen model (frozen.py) an edge s → t is linear in the value
 path, so it is a sum over paths. Every path either stays in the residual stream (skip
 connections and transcoder skips, same position: the residual share) or passes through a
 first attention head (l, h). That head's share is
@@ -37,13 +37,13 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from wiremap.attribute.attribute import FINAL, RowEngine, _column_map, _Targets
-from wiremap.attribute.graph import Graph
-from wiremap.attribute.sources import SourceTable
-from wiremap.attribute.targets import demeaned_unembedding
+from wiremap.attribution.attribute import FINAL, RowEngine, _column_map, _Targets
+from wiremap.attribution.graph import Graph
+from wiremap.attribution.sources import SourceTable
+from wiremap.attribution.targets import demeaned_unembedding
 from wiremap.errors import WiremapError
 from wiremap.models.hooks import capture, hooks_removed, tensor_hook
-from wiremap.models.linearise import _frozen_attention_fn
+from wiremap.models.frozen import _frozen_attention_fn
 
 HEADS_NAME = "wiremap_heads"
 BATCH_ELEMENTS = 2**27
@@ -95,7 +95,7 @@ def _register() -> None:
 
 @contextmanager
 def _recording(rm, name: str = HEADS_NAME, zero: bool = False) -> Iterator[list[_Record]]:
-    """Inside `rm.linearised(...)`: attention calls go through `name`; one record per layer."""
+    """Inside `rm.frozen(...)`: attention calls go through `name`; one record per layer."""
     _register()
     attns = [rm.adapter.module(rm.model, layer, rm.adapter.attn) for layer in range(rm.n_layers)]
     records = [_Record(zero=zero) for _ in attns]
@@ -172,7 +172,7 @@ def head_loadings_batch(
         table = SourceTable.build(rm, rm.run(input_ids), zero_bos=_zero_bos(graph))
     out: dict[tuple[int, int], HeadLoadings] = {}
     edges = _edges(graph, pairs)
-    with rm.linearised(input_ids) as lin:
+    with rm.frozen(input_ids) as lin:
         carried = _residual_only(rm, lin, graph, table, sources, source_batch)
         for start in range(0, len(targets), batch_size):
             chunk = targets[start : start + batch_size]
@@ -383,7 +383,7 @@ def _zero_bos(graph: Graph) -> bool:
 
 
 def _index_of(graph: Graph) -> dict[str, int]:
-    from wiremap.attribute.export import node_ids
+    from wiremap.attribution.export import node_ids
 
     return {node_id: i for i, node_id in enumerate(node_ids(graph))}
 
@@ -486,7 +486,7 @@ def _qk_batch(rm, prompt_or_graph, requests) -> list[QKAttribution | WiremapErro
     names, col_map = _qk_nodes(graph, table, ids)
     done: dict[tuple[int, int, int], tuple] = {}
     out = []
-    with rm.linearised(ids) as lin, torch.no_grad():
+    with rm.frozen(ids) as lin, torch.no_grad():
         calls = {}
         for layer in sorted({r[0] for r in requests}):
             n_pos = max(r[2] for r in requests if r[0] == layer) + 1  # causal: a prefix will do
@@ -569,7 +569,7 @@ def _check_window(kwargs: dict, layer: int, query_pos: int, key_pos: int) -> Non
 def _qk_nodes(graph: Graph | None, table: SourceTable, ids: Tensor) -> tuple[list[str], Tensor]:
     """(node id of each node column, node column of each table column)."""
     if graph is not None:
-        from wiremap.attribute.export import node_ids
+        from wiremap.attribution.export import node_ids
 
         return node_ids(graph), _column_map(table, _visited(graph, table))
     # the ids of export.node_ids, for a graph whose nodes are all the table's sources
@@ -624,7 +624,7 @@ def _project(rm, layer: int, call, query: tuple[int, Tensor], key: tuple[int, Te
     query position, then key writes at the key position). The model's own norm (frozen)
     and attention module compute projections, rotary and grouping; rows go in chunks.
     """
-    from wiremap.models.linearise import _replace_first
+    from wiremap.models.frozen import _replace_first
 
     args, kwargs = call
     hidden = args[0] if args else kwargs["hidden_states"]
@@ -730,7 +730,7 @@ def heads_block(
     key = the source's) for the top heads of the `qk_edges` strongest links. `names`: a
     readable name for every node id the block mentions.
     """
-    from wiremap.attribute.export import node_name
+    from wiremap.attribution.export import node_name
 
     links = sorted(links, key=lambda link: -abs(link["weight"]))[:n_edges]
     loads = head_loadings_batch(rm, graph, [(link["source"], link["target"]) for link in links])
@@ -779,7 +779,7 @@ def _qk_entry(request: tuple[int, int, int, int], qk: QKAttribution | WiremapErr
 
 def readable(graph: Graph, node_id: str, labels=None) -> str:
     """A readable name for a node id of a QK term (graph nodes, `R_…` remainders, "bias")."""
-    from wiremap.attribute.export import node_name
+    from wiremap.attribution.export import node_name
 
     index = _index_of(graph)
     if node_id in index:

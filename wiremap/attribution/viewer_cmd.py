@@ -10,7 +10,7 @@ import argparse
 
 
 def serve_main(argv: list[str]) -> int:
-    from wiremap.attribute.viewer import serve
+    from wiremap.attribution.viewer import serve
 
     p = argparse.ArgumentParser(
         prog="wiremap serve",
@@ -47,7 +47,7 @@ def serve_main(argv: list[str]) -> int:
 
 
 def features_main(argv: list[str]) -> int:
-    from wiremap.attribute.features import FeatureCardConfig, build_feature_cards
+    from wiremap.attribution.features import FeatureCardConfig, build_feature_cards
 
     p = argparse.ArgumentParser(
         prog="wiremap features",

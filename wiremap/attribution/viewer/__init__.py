@@ -1,7 +1,7 @@
 """Local offline viewer for attribution graph JSON files.
 
     wiremap serve graphs/                       # http://127.0.0.1:8000
-    from wiremap.attribute.viewer.server import make_server
+    from wiremap.attribution.viewer.server import make_server
 
 `server.py` (HTTP, standard library only), `guard.py` (Host, origin and body checks of
 each request), `graphfile.py` (safe paths, checked loading,
@@ -38,7 +38,7 @@ def serve(
     page may be opened under (loopback names and `host` always are). `verbose`: print the
     address (and a warning when `host` is not loopback). Returns the `ViewerServer`.
     """
-    from wiremap.attribute.viewer.server import host_warning, make_server
+    from wiremap.attribution.viewer.server import host_warning, make_server
 
     server = make_server(folder, host, port, features_dir=features, allow_hosts=tuple(allow_hosts))
     warning = host_warning(host)

@@ -12,7 +12,7 @@ that folder's `graph-metadata.json` (circuit-tracer's frontend layout), writes t
 (tensors + metadata) next to it (`{slug}.safetensors`, `{slug}.meta.json`), then prints the
 scores and the strongest paths from the prompt to the top logit. With --heads N it adds
 the JSON's "heads" block: which attention heads carry each of the N strongest links and the
-QK pairs that made those heads attend (wiremap/attribute/attention.py).
+QK pairs that made those heads attend (wiremap/attribution/attention.py).
 
 `steer` edits features given as `LAYER:POS:FEATURE[=VALUE]` (POS `*` = every position,
 including generated ones): with --scale X they are multiplied by X, with --ablate set to
@@ -141,8 +141,8 @@ def attribute_parser() -> argparse.ArgumentParser:
 
 
 def attribute_main(argv: list[str]) -> int:
-    from wiremap.attribute.attribute import attribute
-    from wiremap.attribute.export import (
+    from wiremap.attribution.attribute import attribute
+    from wiremap.attribution.export import (
         check_name,
         default_scan,
         graph_file,
@@ -215,8 +215,8 @@ def _n_edges(text: str) -> int:
 def _write_heads(rm, graph, out: Path, n_edges: int) -> None:
     import json
 
-    from wiremap.attribute.attention import heads_block
-    from wiremap.attribute.export import add_heads_block
+    from wiremap.attribution.attention import heads_block
+    from wiremap.attribution.export import add_heads_block
 
     links = json.loads(out.read_text(encoding="utf-8"))["links"]
     block = heads_block(rm, graph, links, n_edges=n_edges)
@@ -226,7 +226,7 @@ def _write_heads(rm, graph, out: Path, n_edges: int) -> None:
 
 def _feature_store(args):
     """The FeatureStore of --features (an error if missing), else of <transcoders>/features."""
-    from wiremap.attribute.features import FeatureStore
+    from wiremap.attribution.features import FeatureStore
 
     folder = Path(args.features or Path(args.transcoders) / "features")
     if args.features is None and not (folder / "index.json").is_file():
@@ -237,7 +237,7 @@ def _feature_store(args):
 def _write_feature_jsons(graph_json: Path, store, folder: Path) -> None:
     import json
 
-    from wiremap.attribute.features import write_feature_jsons
+    from wiremap.attribution.features import write_feature_jsons
 
     obj = json.loads(graph_json.read_text(encoding="utf-8"))
     n = write_feature_jsons(obj, store, folder)
@@ -246,7 +246,7 @@ def _write_feature_jsons(graph_json: Path, store, folder: Path) -> None:
 
 def _check_attribute_args(args, out: Path) -> None:
     """Refuse bad settings before the model is loaded and the attribution runs."""
-    from wiremap.attribute.prune import check_thresholds
+    from wiremap.attribution.prune import check_thresholds
 
     check_thresholds(args.node_threshold, args.edge_threshold)
     _at_least(1, max_n_logits=args.max_n_logits)
@@ -296,11 +296,11 @@ def _write_pictures(graph_json: Path, html: str | None, png: str | None) -> None
 
     obj = json.loads(graph_json.read_text(encoding="utf-8"))
     if html:
-        from wiremap.attribute.html import write_html
+        from wiremap.attribution.html import write_html
 
         print(f"wrote {write_html(obj, html)}")
     if png:
-        from wiremap.attribute.png import write_png
+        from wiremap.attribution.png import write_png
 
         print(f"wrote {write_png(obj, png)}")
 
@@ -362,8 +362,8 @@ def _edits(args) -> tuple[list[tuple[int, int | None, int, float]], str]:
 
 
 def steer_main(argv: list[str]) -> int:
-    from wiremap.attribute.interventions import feature_intervention, generate_with_interventions
-    from wiremap.attribute.targets import top_tokens
+    from wiremap.attribution.interventions import feature_intervention, generate_with_interventions
+    from wiremap.attribution.targets import top_tokens
 
     args = steer_parser().parse_args(argv)
     _at_least(1, top=args.top)

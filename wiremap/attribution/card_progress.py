@@ -56,7 +56,7 @@ class CardProgress:
         """The saved statistics of a finished pass with these settings, or None."""
         from safetensors.torch import load_file
 
-        from wiremap.attribute.features import LayerStats
+        from wiremap.attribution.features import LayerStats
 
         if not self.state["scanned"] or not (self.out / SCAN).is_file():
             return None

@@ -6,7 +6,7 @@
 The JSON holds the *pruned* graph, so these numbers are relative to it: features not
 pinned are folded into the error node at their (layer, pos) (their outgoing edges become
 that error node's edges, their incoming edges vanish) and the DESIGN.md §7 formulas are
-recomputed on what is left, by `wiremap.attribute.prune`'s own code (`scores_of` on a
+recomputed on what is left, by `wiremap.attribution.prune`'s own code (`scores_of` on a
 `SparseMatrix` of the links).
 Edges that pruning already removed are simply absent, so a subgraph that pins every
 feature scores what the pruned graph scores on its own links.
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from wiremap.attribute.prune import SparseMatrix, influence, scores_of
+from wiremap.attribution.prune import SparseMatrix, influence, scores_of
 
 KIND = {"embedding": "token", "logit": "logit", "mlp reconstruction error": "error"}
 

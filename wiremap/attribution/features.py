@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from wiremap.attribute.card_progress import CardProgress, fingerprint
+from wiremap.attribution.card_progress import CardProgress, fingerprint
 from wiremap.errors import WiremapError
 from wiremap.fileio import atomic_path, atomic_write, remove_leftovers
 
@@ -430,7 +430,7 @@ def write_feature_jsons(graph_obj: dict, store: FeatureStore, folder: str | Path
     The node's `feature` is the Cantor pair of (layer, feature index); the card is read from
     `store`. Returns how many files were written.
     """
-    from wiremap.attribute.export import uncantor
+    from wiremap.attribution.export import uncantor
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

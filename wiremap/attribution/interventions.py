@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from wiremap.attribute.targets import top_tokens  # noqa: F401 (public here since 0.1)
+from wiremap.attribution.targets import top_tokens  # noqa: F401 (public here since 0.1)
 from wiremap.errors import WiremapError
 
 MODES = ("set", "scale", "add", "ablate")
@@ -164,7 +164,7 @@ def _frozen(model, ids: Tensor, edits: list[Intervention], mode: str) -> Interve
         where = slice(None) if pos is None else pos
         new[layer, where, feat] = _apply(acts[layer, where, feat], value, mode)
     writes = _write_changes(model, new - acts)
-    with model.linearised(ids) as lin, torch.no_grad():
+    with model.frozen(ids) as lin, torch.no_grad():
         final = lin.forward(writes=writes).final
         # the frozen model's logits are pre-cap: cap once, as the model's own forward does
         logits = model.softcap(lin.logits(final))[0]

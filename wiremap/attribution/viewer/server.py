@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from wiremap.attribute.viewer.graphfile import (
+from wiremap.attribution.viewer.graphfile import (
     ViewerError,
     apply_edits,
     graph_path,
@@ -40,15 +40,15 @@ from wiremap.attribute.viewer.graphfile import (
     read_graph,
     write_graph,
 )
-from wiremap.attribute.viewer.guard import (
+from wiremap.attribution.viewer.guard import (
     allowed_hosts,
     check_host,
     check_write,
     public_message,
     read_json_body,
 )
-from wiremap.attribute.viewer.steer import Steerer, model_source
-from wiremap.attribute.viewer.subgraph import node_kind, pinned_scores
+from wiremap.attribution.viewer.steer import Steerer, model_source
+from wiremap.attribution.viewer.subgraph import node_kind, pinned_scores
 from wiremap.errors import WiremapError
 
 STATIC = Path(__file__).parent / "static"
@@ -162,7 +162,7 @@ class ViewerServer(ThreadingHTTPServer):
 
     def feature_store(self, obj: dict):
         """The FeatureStore for a graph: --features, else `<info.transcoders>/features`."""
-        from wiremap.attribute.features import FeatureStore
+        from wiremap.attribution.features import FeatureStore
 
         folder = self.features_dir
         if folder is None:
@@ -290,7 +290,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         node = {n["node_id"]: n for n in obj["nodes"]}.get(query.get("node"))
         if node is None or node_kind(node) != "feature":
             raise ViewerError(404, f"{query.get('node')!r} is not a feature node of this graph")
-        from wiremap.attribute.viewer.steer import feature_triple
+        from wiremap.attribution.viewer.steer import feature_triple
 
         layer, _, feat = feature_triple(node, node["node_id"])
         return self.server.feature_store(obj).card(layer, feat)

@@ -1,7 +1,7 @@
 """One self-contained HTML file showing a graph JSON: the viewer page with its JS, CSS and
 the graph inlined, so it opens from disk with no server and no network (no steering).
 
-    from wiremap.attribute.html import write_html
+    from wiremap.attribution.html import write_html
     write_html(graph_json_obj, "graph.html")
 """
 

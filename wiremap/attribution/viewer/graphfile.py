@@ -127,7 +127,7 @@ def _duplicate_problem(nodes: list, node_id: str) -> str:
 
 def _exporter_problems(obj: dict) -> list[str]:
     """The exporter's check against Neuronpedia's schema (not only wiremap's own fields)."""
-    from wiremap.attribute.export import graph_json_problems
+    from wiremap.attribution.export import graph_json_problems
 
     return [str(p) for p in graph_json_problems(obj, strict=False)[:20]]
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from wiremap.attribute.viewer.graphfile import ViewerError
-from wiremap.attribute.viewer.subgraph import node_kind
+from wiremap.attribution.viewer.graphfile import ViewerError
+from wiremap.attribution.viewer.subgraph import node_kind
 
 MAX_NEW_TOKENS = 64
 MAX_STEERED = 256
@@ -152,7 +152,7 @@ def run_steering(
     max_new_tokens: int,
     top_k: int,
 ) -> dict[str, Any]:
-    from wiremap.attribute.interventions import feature_intervention, generate_with_interventions
+    from wiremap.attribution.interventions import feature_intervention, generate_with_interventions
 
     n_pos = int(model.tokenize(prompt).numel())
     if all_positions:
@@ -174,7 +174,7 @@ def run_steering(
 
 
 def top_tokens(model, logits: torch.Tensor, k: int) -> list[dict[str, Any]]:
-    """The k most probable next tokens as JSON (`wiremap.attribute.targets.top_tokens`)."""
-    from wiremap.attribute.targets import top_tokens as ranked
+    """The k most probable next tokens as JSON (`wiremap.attribution.targets.top_tokens`)."""
+    from wiremap.attribution.targets import top_tokens as ranked
 
     return [t._asdict() for t in ranked(model, logits, k)]
