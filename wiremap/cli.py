@@ -20,9 +20,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("wiremap.train.cache_cmd:main", "cache a language model's MLP activations to disk"),
     "train": ("wiremap.train.train_cmd:main", "train transcoders on a cached activation dataset"),
     "export": ("wiremap.train.export_cmd:main", "write transcoders from a training checkpoint"),
-    "serve": ("wiremap.attribution.viewer_cmd:serve_main", "open graph JSON files in a local viewer"),
+    "serve": (
+        "wiremap.attribution.viewer_cmd:serve_main",
+        "open graph JSON files in a local viewer",
+    ),
     "features": ("wiremap.attribution.viewer_cmd:features_main", "compute feature cards"),
-    "attribute": ("wiremap.attribution.cli:attribute_main", "build an attribution graph of a prompt"),
+    "attribute": (
+        "wiremap.attribution.cli:attribute_main",
+        "build an attribution graph of a prompt",
+    ),
     "steer": ("wiremap.attribution.cli:steer_main", "intervene on features; steer generation"),
     "organism": ("wiremap.train.organism_cmd:main", "build or evaluate the bundled model organism"),
     "real": ("wiremap.real:main", "locate the real-model tier's GGUF model; write its prose"),

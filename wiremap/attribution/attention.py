@@ -42,8 +42,8 @@ from wiremap.attribution.graph import Graph
 from wiremap.attribution.sources import SourceTable
 from wiremap.attribution.targets import demeaned_unembedding
 from wiremap.errors import WiremapError
-from wiremap.models.hooks import capture, hooks_removed, tensor_hook
 from wiremap.models.frozen import _frozen_attention_fn
+from wiremap.models.hooks import capture, hooks_removed, tensor_hook
 
 HEADS_NAME = "wiremap_heads"
 BATCH_ELEMENTS = 2**27
