@@ -42,9 +42,47 @@ def test_every_public_name_resolves_and_is_listed():
 def test_graph_function_name_does_not_collide_with_the_subpackage():
     import wiremap.attribution.attribute as module
 
-    assert wiremap.attribute_graph is module.attribute  # the old path keeps working
+    assert wiremap.attribute_graph is module.attribute
     assert wiremap.attribution.__name__ == "wiremap.attribution"  # the subpackage keeps its name
-    assert wiremap.attribution.attribute.attribute is module.attribute
+
+
+OLD_PATHS = (
+    "import warnings; warnings.simplefilter('always'); "
+    "import wiremap.attribution.prune as new, wiremap.attribution.viewer.subgraph as new_sub; "
+    "from wiremap.attribute.prune import prune_graph; "
+    "import wiremap.attribute.viewer.subgraph as old_sub; "
+    "from wiremap.attribute.attribute import attribute; "
+    "from wiremap.models.linearise import linearise, Linearised; "
+    "from wiremap.models.frozen import freeze, FrozenModel; "
+    "import wiremap; "
+    "assert prune_graph is new.prune_graph and old_sub is new_sub; "
+    "assert attribute is wiremap.attribute_graph; "
+    "assert linearise is freeze and Linearised is FrozenModel; print('ok')"
+)
+
+
+def test_old_import_paths_still_work_with_a_deprecation_warning():
+    out = subprocess.run(
+        [sys.executable, "-c", OLD_PATHS], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "ok"
+    assert "wiremap.attribute was renamed wiremap.attribution" in out.stderr
+    assert "wiremap.models.linearise is renamed wiremap.models.frozen" in out.stderr
+    with pytest.raises(subprocess.CalledProcessError):  # a name that never existed stays missing
+        subprocess.run(
+            [sys.executable, "-c", "import wiremap.attribute.nope"],
+            capture_output=True,
+            check=True,
+        )
+
+
+def test_linearised_is_a_deprecated_name_of_frozen(tiny_model_dir):
+    rm = make_rm(tiny_model_dir)
+    ids = rm.tokenizer("a b c", return_tensors="pt").input_ids
+    with pytest.warns(DeprecationWarning, match="renamed ReplacementModel.frozen"):
+        context = rm.linearised(ids)
+    with context as lin:
+        assert type(lin).__name__ == "FrozenModel"
 
 
 @pytest.mark.parametrize(
