@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_cache
 
 from wiremap.attribution import features
 from wiremap.attribution.features import FeatureCardConfig, FeatureStore, build_feature_cards
 from wiremap.errors import WiremapError
 from wiremap.models.io import save_transcoders
-from wiremap.models.tiny import sample_corpus
 from wiremap.models.transcoders import build_transcoder
 from wiremap.train.cache import CacheConfig, build_cache
 
@@ -24,33 +24,18 @@ CUDA_OOM = "CUDA out of memory. Tried to allocate 20.00 GiB"
 @pytest.fixture(scope="module")
 def cache_cfg(tiny_model_dir, tmp_path_factory) -> CacheConfig:
     root = tmp_path_factory.mktemp("oom")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(sample_corpus(20, seed=3)))
-    return CacheConfig(
-        model=str(tiny_model_dir("llama")),
-        dataset=str(corpus),
-        n_tokens=160,
-        context_length=16,
-        batch_size=4,
-        dtype="float32",
-        device="cpu",
-        out=str(root / "cache"),
-    )
-
-
-@pytest.fixture(scope="module")
-def cache_dir(cache_cfg):
-    return build_cache(cache_cfg, progress=False)
+    settings = dict(n_tokens=160, context_length=16, batch_size=4, dtype="float32")
+    return tiny_cache(tiny_model_dir("llama"), root, n_docs=20, seed=3, **settings)
 
 
 @pytest.fixture
-def card_cfg(cache_cfg, cache_dir, tmp_path) -> FeatureCardConfig:
+def card_cfg(cache_cfg, tmp_path) -> FeatureCardConfig:
     torch.manual_seed(0)
     model = cache_cfg.model
     tc = build_transcoder("plt", n_layers=2, d_model=32, d_transcoder=24, model_name=model)
     tc_dir = save_transcoders(tc, tmp_path / "tc")
     return FeatureCardConfig(
-        cache=str(cache_dir),
+        cache=cache_cfg.out,
         transcoders=str(tc_dir),
         top_k=3,
         n_samples=4,
