@@ -10,9 +10,13 @@ and requests the server must refuse: a foreign Host, a form post, a cross-origin
 while slowloris clients trickle a byte every 0.5 s, idle clients say nothing, and
 `--big` clients announce and stream 50 MB bodies. Phase 2: a flood of idle connections
 past the thread limit (answered 503), then the time until a normal request is served
-again. Printed: per request kind p50/p95/max latency and unexpected answers, when each
-hostile client was cut off, and whether the graph file is still whole. Everything stops by
-itself (`--max-seconds`). Timings on a shared machine are noisy.
+again. Phase 3: `--held` clients each send all but the last byte of a 19 MiB body (just
+under the 20 MiB cap) and stall: only as many as fit `--max-body-total` are read, the
+others are answered 503 with Retry-After, a small save is served meanwhile, and the
+server's peak resident memory is printed (run with `--max-body-total 1e9` to see it without
+the budget). Printed: per request kind p50/p95/max latency and unexpected answers, when
+each hostile client was cut off, and whether the graph file is still whole. Everything
+stops by itself (`--max-seconds`). Timings on a shared machine are noisy.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import http.client
 import json
 import os
 import random
+import select
 import socket
 import subprocess
 import sys
@@ -35,7 +40,8 @@ SERVER = """
 import sys
 from wiremap.attribution.viewer.server import make_server
 s = make_server(sys.argv[1], "127.0.0.1", 0, timeout=float(sys.argv[2]),
-                read_deadline=float(sys.argv[3]), max_threads=int(sys.argv[4]))
+                read_deadline=float(sys.argv[3]), max_threads=int(sys.argv[4]),
+                max_body_total=int(float(sys.argv[5])))
 print(s.server_address[1], flush=True)
 s.serve_forever()
 """
@@ -43,7 +49,7 @@ s.serve_forever()
 
 def start_server(folder: Path, args) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-c", SERVER, str(folder), str(args.idle_timeout)]
-    cmd += [str(args.read_deadline), str(args.max_threads)]
+    cmd += [str(args.read_deadline), str(args.max_threads), str(args.max_body_total)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
     return proc, int(proc.stdout.readline())
@@ -161,6 +167,41 @@ def big_body(port, size: int, out: list) -> None:
     out.append((status, sent, time.perf_counter() - t0))
 
 
+def held_body(port, size: int, out: list) -> None:
+    """Send all but the last byte of a `size`-byte body, stopping early if answered."""
+    head = (
+        "POST /api/save HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {size}\r\n\r\n"
+    ).encode()
+    chunk, sent, t0 = b" " * 2**20, 0, time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+        sock.sendall(head)
+        while sent < size - 1 and not select.select([sock], [], [], 0)[0]:
+            try:
+                sent += sock.send(chunk[: size - 1 - sent])
+            except TimeoutError:
+                continue  # the server is not reading (yet): check for an answer
+            except OSError:
+                break
+        sock.settimeout(60)
+        try:
+            answer = sock.recv(4096)
+        except OSError:
+            answer = b""
+    status = answer.split(b" ")[1].decode() if answer.startswith(b"HTTP/") else "closed"
+    out.append((status, b"Retry-After" in answer, sent, time.perf_counter() - t0))
+
+
+def resident_mib(pid: int) -> float:
+    """Resident memory of process `pid` (Linux /proc), MiB; NaN elsewhere."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return float("nan")
+    line = next((ln for ln in text.splitlines() if ln.startswith("VmRSS:")), "VmRSS: nan kB")
+    return float(line.split()[1]) / 1024
+
+
 # ---- phases -------------------------------------------------------------------------------
 def phase_load(port, feats, args) -> dict:
     deadline = time.monotonic() + args.max_seconds
@@ -213,13 +254,51 @@ def phase_flood(port, args) -> dict:
     return dict(refused=refused, recovered=served)
 
 
+def phase_held(port, pid: int, feats, args) -> dict:
+    """`--held` stalled 19 MiB bodies at once; the server's peak memory meanwhile."""
+    answers, peak, done = [], [resident_mib(pid)], threading.Event()
+    before = peak[0]
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak.append(resident_mib(pid))
+
+    threads = [
+        threading.Thread(target=held_body, args=(port, 19 * 2**20, answers), daemon=True)
+        for _ in range(args.held)
+    ]
+    threading.Thread(target=sample, daemon=True).start()
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # the bodies that fit are being read now
+    save = kinds_of_requests(feats)["save"]
+    small = one_request(port, *save[:4])
+    for t in threads:
+        t.join(args.max_seconds)
+    done.set()
+    return dict(answers=answers, before=before, peak=max(peak), small=small)
+
+
 # ---- report -------------------------------------------------------------------------------
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def report(load: dict, flood: dict, folder: Path, args) -> None:
+def held_report(held: dict, args) -> str:
+    answers = held["answers"]
+    refused = [a for a in answers if a[0] == "503"]
+    statuses = ",".join(sorted({a[0] for a in answers}))
+    return (
+        f"{args.held} stalled 19 MiB bodies (budget {args.max_body_total / 2**20:.0f} MiB): "
+        f"{len(answers) - len(refused)} read, {len(refused)} answered 503 "
+        f"({sum(a[1] for a in refused)} with Retry-After) [answers {statuses}]; a small save "
+        f"meanwhile: {held['small']}; server memory {held['before']:.0f} -> peak "
+        f"{held['peak']:.0f} MiB"
+    )
+
+
+def report(load: dict, flood: dict, held: dict, folder: Path, args) -> None:
     stats = load["stats"]
     print(f"{len(stats)} requests from {args.clients} clients in {load['wall']:.1f} s")
     print(f"{'kind':<14}{'n':>6}{'bad':>6}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}  answers")
@@ -250,6 +329,7 @@ def report(load: dict, flood: dict, folder: Path, args) -> None:
         if flood["recovered"] is not None
         else f"flood: never served again within {args.max_seconds} s"
     )
+    print(held_report(held, args))
     path = folder / "g.json"
     json.loads(path.read_text())  # raises if a save left the graph broken
     leftovers = sorted(p.name for p in folder.iterdir() if p.name != "g.json")
@@ -267,6 +347,10 @@ def main() -> None:
     p.add_argument("--idle-timeout", type=float, default=2.0)
     p.add_argument("--read-deadline", type=float, default=5.0)
     p.add_argument("--max-threads", type=int, default=64)
+    p.add_argument("--held", type=int, default=8, help="stalled 19 MiB bodies in phase 3")
+    p.add_argument(
+        "--max-body-total", type=float, default=64 * 2**20, help="body bytes held at once"
+    )
     p.add_argument("--max-seconds", type=float, default=120.0, help="stop each phase after")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -278,10 +362,11 @@ def main() -> None:
         try:
             load = phase_load(port, feats, args)
             flood = phase_flood(port, args)
+            held = phase_held(port, proc.pid, feats, args)
         finally:
             proc.terminate()
             proc.wait(10)
-        report(load, flood, folder, args)
+        report(load, flood, held, folder, args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 
+import helpers
 import pytest
 import torch
 
@@ -19,9 +20,8 @@ from wiremap.attribution.features import (  # noqa: E402
 )
 from wiremap.models.io import load_transcoders, save_transcoders  # noqa: E402
 from wiremap.models.loading import load_model  # noqa: E402
-from wiremap.models.tiny import sample_corpus  # noqa: E402
 from wiremap.models.transcoders import build_transcoder  # noqa: E402
-from wiremap.train.cache import ActivationCache, CacheConfig, build_cache  # noqa: E402
+from wiremap.train.cache import ActivationCache  # noqa: E402
 
 TOP_K = 5
 
@@ -30,20 +30,10 @@ TOP_K = 5
 def tiny_cache(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("features")
     model = tiny_model_dir("llama")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(sample_corpus(60, seed=1)))
-    cfg = CacheConfig(
-        model=str(model),
-        dataset=str(corpus),
-        n_tokens=600,
-        context_length=16,
-        batch_size=8,
-        dtype="float32",
-        device="cpu",
-        out=str(root / "cache"),
-        shard_tokens=128,
-    )  # several shards: the pass must cross shard borders
-    return model, build_cache(cfg, progress=False), root
+    # several shards: the pass must cross shard borders
+    settings = dict(n_tokens=600, context_length=16, batch_size=8, shard_tokens=128)
+    cfg = helpers.tiny_cache(model, root, n_docs=60, seed=1, dtype="float32", **settings)
+    return model, cfg.out, root
 
 
 @pytest.fixture(scope="module", params=["plt", "clt"])

@@ -127,11 +127,16 @@ def cache_argv(cfg: CacheConfig, out: Path) -> list[str]:
             "--shard-tokens", "128", "--device", "cpu", "--quiet"]  # fmt: skip
 
 
-def listed(out: Path) -> int:
+def entries(path: Path, key: str) -> int:
+    """How many entries `key` of the JSON file `path` lists; -1 while it is missing or torn."""
     try:
-        return len(json.loads((out / "manifest.json").read_text())["shards"])
+        return len(json.loads(path.read_text())[key])
     except (OSError, ValueError, KeyError):
         return -1
+
+
+def listed(out: Path) -> int:
+    return entries(out / "manifest.json", "shards")
 
 
 CACHE_MOMENTS = {
@@ -240,10 +245,7 @@ def features_argv(cfg: CacheConfig, tc: Path, out: Path) -> list[str]:
 
 
 def layers_done(out: Path) -> int:
-    try:
-        return len(json.loads((out / ".progress.json").read_text())["layers"])
-    except (OSError, ValueError, KeyError):
-        return -1
+    return entries(out / ".progress.json", "layers")
 
 
 # moment -> (when to kill, whether the rerun scans again, the layers it computes again)

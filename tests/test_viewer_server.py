@@ -730,6 +730,60 @@ def test_connections_are_bounded_and_extra_ones_get_503(served):
     assert request("GET", "/api/list", srv=server)[0] == 200
 
 
+def _post_head(length: int) -> bytes:
+    return (
+        b"POST /api/save HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % length
+    )
+
+
+def _wait_until(condition, seconds: float = 10.0) -> None:
+    import time
+
+    end = time.monotonic() + seconds
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.02)
+    assert condition()
+
+
+def test_bodies_held_at_once_are_capped_and_the_excess_gets_503_retry_after(served):
+    import socket
+
+    _, request = served
+    server = request.start(max_body=1000, max_body_total=2500, timeout=30)
+    server.bodies.wait = 0.3
+    addr = server.server_address[:2]
+    held = [socket.create_connection(addr, timeout=30) for _ in range(2)]
+    for sock in held:  # two 1000-byte bodies announced, a few bytes sent: 2000 bytes held
+        sock.sendall(_post_head(1000) + b'{"name": ')
+    _wait_until(lambda: server.bodies.held == 2000)
+
+    conn = http.client.HTTPConnection(*addr, timeout=30)
+    conn.request("POST", "/api/save", b" " * 1000, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    assert resp.status == 503 and resp.getheader("Retry-After") == "1", body
+    assert "busy" in body["error"] and server.bodies.held == 2000
+    small = json.dumps(SAVE).encode()  # still fits next to the two held bodies
+    assert request("POST", "/api/save", small, srv=server)[0] == 200
+
+    held[0].sendall(b" " * (1000 - len(b'{"name": ')))  # completes as malformed JSON
+    assert status_of(held[0].recv(65536)) == 400
+    _wait_until(lambda: server.bodies.held == 1000)  # given back, error or not
+    padded = small + b" " * (1000 - len(small))
+    assert request("POST", "/api/save", padded, srv=server)[0] == 200  # now it fits
+    for sock in held:
+        sock.close()
+    _wait_until(lambda: server.bodies.held == 0)  # a client that vanished gives it back too
+
+
+def test_a_body_budget_below_one_body_is_refused(tmp_path):
+    from wiremap.errors import WiremapError
+
+    with pytest.raises(WiremapError, match="max_body_total=10 is below max_body=100"):
+        make_server(tmp_path, "127.0.0.1", 0, max_body=100, max_body_total=10)
+
+
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o600])
 def test_save_keeps_the_file_mode_and_leaves_no_temp_files(served, mode):
     folder, request = served

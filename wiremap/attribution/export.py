@@ -106,46 +106,46 @@ def node_name(graph: Graph, i: int, labels: Labels | None = None) -> str:
 
 
 # ---- JSON nodes --------------------------------------------------------------------------
+def _node(
+    node_id: str, feature: int, layer: str, pos: int, kind: str, js_id: str, clerp: str,
+    activation: float | None = None, **extra: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """One JSON node with circuit-tracer's fields (one run, positions counted from the start)."""
+    return {
+        "token_prob": 0.0,
+        "is_target_logit": False,
+        "node_id": node_id,
+        "feature": feature,
+        "layer": layer,
+        "ctx_idx": pos,
+        "feature_type": kind,
+        "jsNodeId": js_id,
+        "clerp": clerp,
+        "activation": activation,
+        **extra,
+        "run_idx": 0,
+        "reverse_ctx_idx": 0,
+    }
+
+
 def _feature_node(graph: Graph, i: int, node_id: str, labels: Labels | None) -> dict[str, Any]:
     layer, pos, feat = graph.active_features[i].tolist()
-    return {
-        "node_id": node_id,
-        "feature": cantor(layer, feat),
-        "layer": str(layer),
-        "ctx_idx": pos,
-        "feature_type": "cross layer transcoder",
-        "jsNodeId": f"{layer}_{feat}-0",
-        "clerp": (labels or {}).get((layer, feat), ""),
-        "activation": float(graph.activations[i]),
-    }
+    label = (labels or {}).get((layer, feat), "")
+    kind, js_id, act = "cross layer transcoder", f"{layer}_{feat}-0", float(graph.activations[i])
+    return _node(node_id, cantor(layer, feat), str(layer), pos, kind, js_id, label, act)
 
 
 def _error_node(graph: Graph, i: int, node_id: str) -> dict[str, Any]:
     layer, pos = graph.node_layer_pos(i)
-    return {
-        "node_id": node_id,
-        "feature": -1,
-        "layer": str(layer),
-        "ctx_idx": pos,
-        "feature_type": "mlp reconstruction error",
-        "jsNodeId": f"{layer}_-1-{pos}",
-        "clerp": f"Error: layer {layer} at '{graph.token_strings[pos]}'",
-        "activation": None,
-    }
+    clerp = f"Error: layer {layer} at '{graph.token_strings[pos]}'"
+    kind, js_id = "mlp reconstruction error", f"{layer}_-1-{pos}"
+    return _node(node_id, -1, str(layer), pos, kind, js_id, clerp)
 
 
 def _token_node(graph: Graph, i: int, node_id: str) -> dict[str, Any]:
     pos = i - graph.token_slice.start
-    return {
-        "node_id": node_id,
-        "feature": pos,
-        "layer": "E",
-        "ctx_idx": pos,
-        "feature_type": "embedding",
-        "jsNodeId": f"E_{int(graph.input_ids[pos])}-{pos}",
-        "clerp": f'Embedding: "{graph.token_strings[pos]}"',
-        "activation": None,
-    }
+    clerp = f'Embedding: "{graph.token_strings[pos]}"'
+    return _node(node_id, pos, "E", pos, "embedding", f"E_{int(graph.input_ids[pos])}-{pos}", clerp)
 
 
 def _logit_node(graph: Graph, i: int, node_id: str) -> dict[str, Any]:
@@ -153,32 +153,24 @@ def _logit_node(graph: Graph, i: int, node_id: str) -> dict[str, Any]:
     tok = _logit_token_ids(graph)[j]
     prob = float(graph.logit_probs[j])
     pos = graph.n_pos - 1
-    return {
-        "node_id": node_id,
-        "feature": tok,
-        "layer": str(graph.n_layers + 1),
-        "ctx_idx": pos,
-        "feature_type": "logit",
-        "jsNodeId": f"L_{tok}-{pos}",
-        "clerp": f'Output "{graph.logit_strings[j]}" (p={prob:.3f})',
-        "activation": None,
-        "token_prob": prob,
-        "is_target_logit": graph.logit_slice.start + j == graph.top_logit,
-    }
+    clerp = f'Output "{graph.logit_strings[j]}" (p={prob:.3f})'
+    top = graph.logit_slice.start + j == graph.top_logit
+    layer = str(graph.n_layers + 1)
+    return _node(
+        node_id, tok, layer, pos, "logit", f"L_{tok}-{pos}", clerp,
+        token_prob=prob, is_target_logit=top,
+    )  # fmt: skip
 
 
 def _json_node(graph: Graph, i: int, node_id: str, labels: Labels | None) -> dict[str, Any]:
     kind = graph.node_kind(i)
     if kind == "feature":
-        node = _feature_node(graph, i, node_id, labels)
-    elif kind == "error":
-        node = _error_node(graph, i, node_id)
-    elif kind == "token":
-        node = _token_node(graph, i, node_id)
-    else:
-        node = _logit_node(graph, i, node_id)
-    # circuit-tracer's node fields; one run per graph, positions counted from the start
-    return {"token_prob": 0.0, "is_target_logit": False, **node, "run_idx": 0, "reverse_ctx_idx": 0}
+        return _feature_node(graph, i, node_id, labels)
+    if kind == "error":
+        return _error_node(graph, i, node_id)
+    if kind == "token":
+        return _token_node(graph, i, node_id)
+    return _logit_node(graph, i, node_id)
 
 
 # ---- the whole document ------------------------------------------------------------------

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from wiremap.attribution.card_progress import CardProgress, fingerprint
-from wiremap.errors import WiremapError
+from wiremap.errors import WiremapError, oom_to_error
 from wiremap.fileio import atomic_path, atomic_write, remove_leftovers
 
 BLOCK = 128  # features per gzip member: a card read decompresses at most this many
@@ -76,7 +76,7 @@ class FeatureCardConfig:
     seed: int = 0
     """Seed of the random sample."""
     chunk_elements: int = 2**22
-    """Rows × features computed at once: bounds peak memory of the pass."""
+    """Rows × features encoded at once (the pass and the contexts): bounds peak memory."""
     progress: bool = True
     """Show progress bars."""
 
@@ -189,13 +189,15 @@ def context_windows(cache, rows: Tensor, width: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def window_activations(cache, tc, col: int, layer: int, win: Tensor, feats: Tensor) -> Tensor:
+def window_activations(
+    cache, tc, col: int, layer: int, win: Tensor, feats: Tensor, chunk_elements: int = 2**22
+) -> Tensor:
     """Activation of feature feats[j] on every row of win[j] -> [m, width]."""
     unique, inverse = win.reshape(-1).unique(return_inverse=True)
     x = cache.get(unique)[0][:, col].to(tc.device, tc.dtype)
     per_row = feats.repeat_interleave(win.shape[1])
     out = torch.empty(inverse.shape[0])
-    step = max(1, 2**22 // tc.d_transcoder)
+    step = max(1, chunk_elements // tc.d_transcoder)
     for s in range(0, unique.shape[0], step):  # encode in slices: bounded memory
         acts = tc.encode_layer(x[s : s + step], layer).float().cpu()
         sel = (inverse >= s) & (inverse < s + step)
@@ -279,7 +281,7 @@ def layer_cards(
     for f0 in range(0, tc.d_transcoder, BLOCK):
         feats = range(f0, min(f0 + BLOCK, tc.d_transcoder))
         examples = {f: _examples(stats, f, cfg) for f in feats}
-        acts = _block_contexts(cache, tc, decode, layer, col, examples, cfg.context)
+        acts = _block_contexts(cache, tc, decode, layer, col, examples, cfg)
         for f in feats:
             card = _card(f, layer, stats, lens, hist_x, meta, decode)
             card["activations"] = acts[f]
@@ -287,15 +289,16 @@ def layer_cards(
     return cards
 
 
-def _block_contexts(cache, tc, decode, layer, col, examples, width) -> dict[int, list[dict]]:
+def _block_contexts(cache, tc, decode, layer, col, examples, cfg) -> dict[int, list[dict]]:
     flat = [(f, row, extra) for f, ex in examples.items() for row, extra in ex]
     out: dict[int, list[dict]] = {f: [] for f in examples}
     if not flat:
         return out
     rows = torch.tensor([r for _, r, _ in flat])
     feats = torch.tensor([f for f, _, _ in flat])
+    width = cfg.context
     win, same = context_windows(cache, rows, width)
-    values = window_activations(cache, tc, col, layer, win, feats)
+    values = window_activations(cache, tc, col, layer, win, feats, cfg.chunk_elements)
     tokens = cache.tokens(win.reshape(-1)).reshape(win.shape)
     centre = width - 1 - min(4, width - 1)
     for j, (f, row, extra) in enumerate(flat):
@@ -458,6 +461,29 @@ def build_feature_cards(cfg: FeatureCardConfig, model=None, tokenizer=None) -> P
     out.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)  # the temporary file of a layer a killed run was writing
     progress = CardProgress(out, fingerprint(cfg, cache))  # what a killed run finished
+    with oom_guard(cfg, tc):
+        _write_cards(cfg, cache, tc, out, progress, model, tokenizer)
+    return out
+
+
+def oom_guard(cfg: FeatureCardConfig, tc):
+    """Out of memory while computing cards: the sizes that drive memory and what to lower."""
+    rows = max(1, cfg.chunk_elements // tc.d_transcoder)
+    figures = (
+        f"{tc.n_layers} layers x {tc.d_transcoder} features on {cfg.device}, "
+        f"{rows} rows per chunk (chunk_elements={cfg.chunk_elements}), top_k={cfg.top_k}, "
+        f"n_samples={cfg.n_samples}"
+    )
+    fix = (
+        f"lower FeatureCardConfig.chunk_elements (now {cfg.chunk_elements}), --top-k or "
+        "--n-samples (the cards then start over), or rerun with --device cpu, on a device "
+        "with more free memory or after freeing some (finished layers are kept)"
+    )
+    return oom_to_error("computing feature cards", figures, fix)
+
+
+def _write_cards(cfg: FeatureCardConfig, cache, tc, out: Path, progress, model, tokenizer):
+    """The pass (or its saved result), then each layer's cards, then the index."""
     stats = progress.stats() or progress.save_stats(scan_cache(cache, tc, cfg))
     if model is None:
         from wiremap.models.loading import load_model
@@ -486,7 +512,6 @@ def build_feature_cards(cfg: FeatureCardConfig, model=None, tokenizer=None) -> P
     }
     atomic_write(out / "index.json", json.dumps(index, indent=1))  # last: the cards are whole
     progress.finish()
-    return out
 
 
 def _bar(iterable_or_total, desc: str, enabled: bool, total: int | None = None):

@@ -30,10 +30,11 @@ QPARAM_KEYS = ("pinnedIds", "supernodes", "clickedId", "linkType", "sg_pos")
 class ViewerError(Exception):
     """A request the viewer refuses; `status` is the HTTP status to answer with."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: int | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after  # seconds, sent as a Retry-After header (503)
 
 
 def graph_path(root: Path, name: Any) -> Path:

@@ -3,13 +3,17 @@
     hosts = allowed_hosts("127.0.0.1", extra=["mybox.lan"])
     check_host(headers, hosts)          # DNS rebinding: the Host header must be a name we serve
     check_write(headers)                # writes: a JSON content type from this very origin
-    body = read_json_body(headers, rfile, max_body)   # capped, Content-Length checked, depth capped
+    length = body_length(headers, max_body)           # Content-Length checked and capped
+    with budget.hold(length):                         # bytes held across all connections
+        body = read_json_body(rfile, length)          # depth capped
     public_message(text, root)          # what a client sees names no absolute path
 
 A web page the user visits can make the browser send requests to 127.0.0.1, and a domain
 rebound to 127.0.0.1 can even read the answers. The Host check stops the second; the
 content-type and Origin/Referer checks stop cross-site form posts and `fetch` calls (a JSON
-content type needs a CORS preflight, which this server never grants). Each check raises
+content type needs a CORS preflight, which this server never grants). Each body is capped,
+and so is the sum of the bodies being held at once (BodyBudget): 64 connections each sending
+the largest body allowed cannot make the server hold 64 of them. Each check raises
 ViewerError with the status to answer.
 """
 
@@ -17,6 +21,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from email.message import Message
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,6 +34,8 @@ from wiremap.attribution.viewer.graphfile import ViewerError
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 MAX_JSON_DEPTH = 32
+BODY_WAIT_S = 2.0  # a body that does not fit the budget waits this long, then gets 503
+RETRY_AFTER_S = 1  # what that 503 tells the client to wait
 _PORT = re.compile(r"[0-9]{1,5}")
 _LENGTH = re.compile(r"[0-9]{1,15}")
 # an absolute path's folders ("/home/u/graphs/", "C:\\Users\\u\\"): shown as "…/"
@@ -104,8 +113,8 @@ def _same_origin(url: str, host: tuple[str, int | None]) -> bool:
     return other[0] == host[0] and (other[1] or 80) == (host[1] or 80)
 
 
-def read_json_body(headers: Message, rfile: BinaryIO, max_body: int) -> dict[str, Any]:
-    """The request's JSON object body, read only after its declared length is checked."""
+def body_length(headers: Message, max_body: int) -> int:
+    """The request body's declared length, refused if missing, malformed or over `max_body`."""
     if headers.get("Transfer-Encoding") is not None:
         raise ViewerError(411, "chunked bodies are not accepted; send a Content-Length header")
     values = headers.get_all("Content-Length") or []
@@ -116,10 +125,47 @@ def read_json_body(headers: Message, rfile: BinaryIO, max_body: int) -> dict[str
     length = int(values[0])
     if length > max_body:
         raise ViewerError(413, f"request body over {max_body} bytes refused")
+    return length
+
+
+def read_json_body(rfile: BinaryIO, length: int) -> dict[str, Any]:
+    """The JSON object in the next `length` bytes of `rfile` (see `parse_json_object`)."""
     raw = rfile.read(length)
     if len(raw) < length:
         raise ViewerError(400, "the body ended before its Content-Length")
     return parse_json_object(raw)
+
+
+class BodyBudget:
+    """The request-body bytes all connections together may hold at once.
+
+    A body's declared length is reserved before a byte of it is read and given back when
+    its request has been answered (the parsed body lives that long). A body that does not
+    fit waits up to `wait` seconds for others to finish, then is refused with 503 and a
+    Retry-After header; nothing of it has been read.
+    """
+
+    def __init__(self, total: int, wait: float = BODY_WAIT_S):
+        self.total, self.wait, self.held = total, wait, 0
+        self._free = threading.Condition()
+
+    @contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        with self._free:
+            if not self._free.wait_for(lambda: self.held + n <= self.total, self.wait):
+                raise ViewerError(
+                    503,
+                    f"the server is busy reading other requests' bodies ({self.total} bytes "
+                    f"at once at most); send this one again in {RETRY_AFTER_S} s",
+                    retry_after=RETRY_AFTER_S,
+                )
+            self.held += n
+        try:
+            yield
+        finally:
+            with self._free:
+                self.held -= n
+                self._free.notify_all()
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

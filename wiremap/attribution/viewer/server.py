@@ -13,8 +13,9 @@ JSON endpoints (errors are `{"error": message}` with a 4xx/5xx status):
 Static: / (index.html), /static/viewer.js, /static/viewer.css — a fixed list, nothing else.
 
 Every request must carry an allowed Host header; POSTs must be JSON from this origin
-(guard.py). Connections are bounded in number and time (ViewerServer); error answers name
-no absolute path and no exception text.
+(guard.py). Connections are bounded in number and time (ViewerServer), request bodies in
+size each (`max_body`) and together (`max_body_total`, guard.BodyBudget); error answers
+name no absolute path and no exception text.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ from wiremap.attribution.viewer.graphfile import (
     write_graph,
 )
 from wiremap.attribution.viewer.guard import (
+    BodyBudget,
     allowed_hosts,
+    body_length,
     check_host,
     check_write,
     public_message,
@@ -59,6 +62,7 @@ STATIC_FILES = {
     "/static/viewer.css": ("viewer.css", "text/css; charset=utf-8"),
 }
 MAX_BODY_BYTES = 20 * 2**20
+MAX_BODY_TOTAL = 64 * 2**20  # bodies held at once, all connections together (about three big)
 IDLE_TIMEOUT_S = 10.0  # a connection silent this long is closed (socket timeout)
 READ_DEADLINE_S = 30.0  # a request (line, headers, body) must arrive within this, however slow
 MAX_THREADS = 64  # connections served at once; more are answered 503 at once
@@ -89,11 +93,13 @@ class ViewerServer(ThreadingHTTPServer):
         read_deadline: float = READ_DEADLINE_S,
         max_threads: int = MAX_THREADS,
         family: int = socket.AF_INET,
+        max_body_total: int = MAX_BODY_TOTAL,
     ):
         self.root = Path(root).resolve()
         self.steerer = steerer or Steerer()
         self.features_dir = features_dir
         self.max_body = max_body
+        self.bodies = BodyBudget(max_body_total)
         self.allowed = allowed_hosts(address[0], extra_hosts)
         self.idle_timeout, self.read_deadline, self.max_threads = (
             timeout,
@@ -238,13 +244,16 @@ class ViewerHandler(BaseHTTPRequestHandler):
             if route is None:
                 raise ViewerError(404, "no such endpoint")
             check_write(self.headers, host)
-            body = read_json_body(self.headers, self.rfile, self.server.max_body)
-        except ViewerError as err:
+            length = body_length(self.headers, self.server.max_body)
+            with self.server.bodies.hold(length):  # given back once answered
+                body = read_json_body(self.rfile, length)
+                self.server.reading(self, done=True)  # read in time; what follows may take long
+                self._answer(route, body)
+        except ViewerError as err:  # refused before the route ran (_answer catches its own)
             self.server.reading(self, done=True)
             self.close_connection = True  # an unread body must not be parsed as a request
-            return self._send_json(err.status, {"error": err.message})
-        self.server.reading(self, done=True)  # read in time; what follows may take long
-        self._answer(route, body)
+            retry = {"Retry-After": str(err.retry_after)} if err.retry_after else {}
+            return self._send_json(err.status, {"error": err.message}, retry)
 
     def _host_ok(self) -> bool:
         try:
@@ -317,12 +326,14 @@ class ViewerHandler(BaseHTTPRequestHandler):
     def _static(self, name: str, ctype: str) -> None:
         self._send(200, (STATIC / name).read_bytes(), ctype)
 
-    def _send_json(self, status: int, obj: Any) -> None:
+    def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(obj, ensure_ascii=False, allow_nan=False, default=str)
-        self._send(status, data.encode("utf-8"), "application/json; charset=utf-8")
+        self._send(status, data.encode("utf-8"), "application/json; charset=utf-8", headers)
 
-    def _send(self, status: int, data: bytes, ctype: str) -> None:
+    def _send(self, status: int, data: bytes, ctype: str, headers: dict | None = None) -> None:
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
@@ -369,6 +380,7 @@ def make_server(
     timeout: float = IDLE_TIMEOUT_S,
     read_deadline: float = READ_DEADLINE_S,
     max_threads: int = MAX_THREADS,
+    max_body_total: int = MAX_BODY_TOTAL,
 ) -> ViewerServer:
     """A bound (not yet serving) server; every bind problem is one WiremapError."""
     root = Path(root)
@@ -376,8 +388,14 @@ def make_server(
         raise WiremapError(f"{root} is not a folder; pass the folder holding your graph JSON files")
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise WiremapError(f"--port {port} is not a port; give 1-65535, or 0 for a free one")
+    if max_body_total < max_body:
+        raise WiremapError(
+            f"max_body_total={max_body_total} is below max_body={max_body}: the largest body "
+            "allowed could never be read; give max_body_total >= max_body"
+        )
     features = Path(features_dir) if features_dir is not None else None
     limits = dict(timeout=timeout, read_deadline=read_deadline, max_threads=max_threads)
+    limits.update(max_body_total=max_body_total)
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         return ViewerServer(
