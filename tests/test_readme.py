@@ -44,6 +44,13 @@ def readme_blocks() -> list[tuple[int, str]]:
     return blocks
 
 
+def skip_reason(code: str) -> str:
+    """The reason of a `# not run in tests: <why>` line right after the import, or ''."""
+    rest = [line for line in code.splitlines()[1:] if line.strip()]
+    first = rest[0] if rest else ""
+    return first.removeprefix(SKIP).strip() if first.startswith(SKIP) else ""
+
+
 def tiny(code: str) -> str:
     for pattern, replacement in TINY:
         code = re.sub(pattern, replacement, code)
@@ -77,7 +84,7 @@ def workdir(tmp_path_factory) -> Path:
 
 def test_the_readme_has_runnable_python_examples():
     blocks = readme_blocks()
-    runnable = [line for line, code in blocks if SKIP not in code.split("\n", 2)[1]]
+    runnable = [line for line, code in blocks if not skip_reason(code)]
     assert len(blocks) >= 4 and len(runnable) > len(blocks) / 2, blocks
 
 
@@ -86,9 +93,9 @@ BLOCKS = readme_blocks()
 
 @pytest.mark.parametrize("line,code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
 def test_readme_example_runs(line, code, workdir, monkeypatch):
-    second = code.split("\n", 2)[1]
-    if second.startswith(SKIP):
-        pytest.skip(f"README.md:{line}: {second.removeprefix(SKIP).strip()}")
+    reason = skip_reason(code)
+    if reason:
+        pytest.skip(f"README.md:{line}: {reason}")
     monkeypatch.chdir(workdir)
     scope: dict = {"__name__": "readme_example"}
     try:
