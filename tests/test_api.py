@@ -48,7 +48,7 @@ def test_graph_function_name_does_not_collide_with_the_subpackage():
 
 OLD_PATHS = (
     "import warnings; warnings.simplefilter('always'); "
-    "import wiremap.attribution.prune as new, wiremap.attribution.viewer.subgraph as new_sub; "
+    "import wiremap.attribution.prune as new, wiremap.attribution.subgraph as new_sub; "
     "from wiremap.attribute.prune import prune_graph; "
     "import wiremap.attribute.viewer.subgraph as old_sub; "
     "from wiremap.attribute.attribute import attribute; "

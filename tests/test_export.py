@@ -9,6 +9,12 @@ import pytest
 import torch
 from test_prune import E01, F0, F1, F2, LA, T0, T1, hand_graph, random_dag_graph
 
+from wiremap.attribution.budget import (
+    budget_graph_json,
+    budget_order,
+    edge_scores,
+    rank_within,
+)
 from wiremap.attribution.export import (
     cantor,
     graph_to_json,
@@ -21,12 +27,6 @@ from wiremap.attribution.export import (
 )
 from wiremap.attribution.graph import Graph
 from wiremap.attribution.prune import graph_scores, logit_weights, prune_graph
-from wiremap.attribution.viewer.budget import (
-    budget_graph_json,
-    budget_order,
-    edge_scores,
-    rank_within,
-)
 from wiremap.errors import WiremapError
 
 

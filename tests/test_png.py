@@ -13,7 +13,7 @@ pytest.importorskip("matplotlib")
 from matplotlib.text import Text  # noqa: E402
 
 from wiremap.attribution.png import draw_graph, logit_label, plan_drawing, write_png  # noqa: E402
-from wiremap.attribution.viewer.subgraph import node_kind  # noqa: E402
+from wiremap.attribution.subgraph import node_kind  # noqa: E402
 from wiremap.attribution.viewer.synthetic import synthetic_graph, synthetic_graph_json  # noqa: E402
 
 

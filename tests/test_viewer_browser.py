@@ -377,7 +377,7 @@ def visible_counts(graph: dict, threshold: float = 0.8, max_edges: int = 8000) -
 
 def first_links(graph: dict, k: int) -> set[tuple[str, str]]:
     """The first k (source, target) links in the budget's order, ranked by |weight|."""
-    from wiremap.attribution.viewer.budget import budget_order, json_edge_arrays
+    from wiremap.attribution.budget import budget_order, json_edge_arrays
 
     ids, tgt, src, weight = json_edge_arrays(graph)
     order = budget_order(tgt, src, np.abs(weight), None, k)

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wiremap.attribution.subgraph import pinned_scores
 from wiremap.attribution.viewer import steer as steer_mod
 from wiremap.attribution.viewer.server import host_warning, make_server
 from wiremap.attribution.viewer.steer import Steerer
-from wiremap.attribution.viewer.subgraph import pinned_scores
 
 TOKENS = ["<bos>", "The", " capital", " of", " France", " is"]
 

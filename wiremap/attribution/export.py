@@ -15,7 +15,7 @@ default slug comes from the prompt, the default scan from the model's name.
 
 Edge budget: the pruned graph of a real model can hold ~200,000 edges (17 MB of JSON). The
 JSON keeps, for every node, its `edges_per_node` strongest incoming and outgoing edges (by
-the pruning edge score) and at most `max_edges` in all (`wiremap.attribution.viewer.budget`
+the pruning edge score) and at most `max_edges` in all (`wiremap.attribution.budget`
 says exactly how); `metadata.edge_budget` records it. Scores in `metadata.scores` are always
 those of the pruned graph with all its edges.
 
@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from wiremap.attribution.budget import budget_order, budget_record, check_budget, edge_scores
 from wiremap.attribution.graph import Graph
 from wiremap.attribution.prune import PruneResult, graph_scores, logit_weights, prune_graph
-from wiremap.attribution.viewer.budget import budget_order, budget_record, check_budget, edge_scores
 from wiremap.errors import WiremapError
 from wiremap.fileio import atomic_write
 

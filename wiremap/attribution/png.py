@@ -16,7 +16,7 @@ A real model's pruned graph has ~1,000 features and (after the JSON's edge budge
   members' centre, their links merged (summed per other end, links inside it dropped);
 - among what is drawn, at most `max_edges` (600) links, each among the `edges_per_node` (4)
   strongest inputs of its target or outputs of its source, every node's strongest first:
-  the JSON's edge budget applied again (`wiremap.attribution.viewer.budget`);
+  the JSON's edge budget applied again (`wiremap.attribution.budget`);
 - the logits spread along the top row, each labelled "token p", the labels laid out in rows
   so that no two overlap.
 """
@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from wiremap.attribution.viewer.budget import budget_order, edge_scores
-from wiremap.attribution.viewer.subgraph import node_kind
+from wiremap.attribution.budget import budget_order, edge_scores
+from wiremap.attribution.subgraph import node_kind
 from wiremap.errors import WiremapError
 from wiremap.fileio import atomic_path
 

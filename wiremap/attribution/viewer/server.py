@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from wiremap.attribution.subgraph import node_kind, pinned_scores
 from wiremap.attribution.viewer.graphfile import (
     ViewerError,
     apply_edits,
@@ -51,7 +52,6 @@ from wiremap.attribution.viewer.guard import (
     read_json_body,
 )
 from wiremap.attribution.viewer.steer import Steerer, model_source
-from wiremap.attribution.viewer.subgraph import node_kind, pinned_scores
 from wiremap.errors import WiremapError
 
 STATIC = Path(__file__).parent / "static"

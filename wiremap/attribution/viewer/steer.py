@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from wiremap.attribution.subgraph import node_kind
 from wiremap.attribution.viewer.graphfile import ViewerError
-from wiremap.attribution.viewer.subgraph import node_kind
 
 MAX_NEW_TOKENS = 64
 MAX_STEERED = 256

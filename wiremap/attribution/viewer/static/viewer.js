@@ -82,7 +82,7 @@ function setGraph(name, graph) {
 }
 
 // Precomputed once per graph: each node's links, strongest first, and S.linkOrder, the
-// links ranked as wiremap.attribution.viewer.budget ranks them: a link's rank is the better of
+// links ranked as wiremap.attribution.budget ranks them: a link's rank is the better of
 // its rank among its target's inputs and among its source's outputs (by |weight|), so
 // drawing a prefix of this order gives every node its strongest links first. Index arrays
 // and typed arrays keep this fast at 200,000 links.
