@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from wiremap.models.loading import load_model
-from wiremap.train.cache import CacheConfig, build_cache
+from wiremap.cache import CacheConfig, build_cache
 from wiremap.train.cache_cmd import count
 from wiremap.train.data import ActivationDataModule
 
@@ -110,7 +110,7 @@ def main() -> None:
 
 
 def report(cfg: CacheConfig, best: dict[str, float], tokens: int, out: Path, args) -> None:
-    from wiremap.train.cache import ActivationCache
+    from wiremap.cache import ActivationCache
 
     cache = ActivationCache(out)
     written = best.pop("stream bytes")

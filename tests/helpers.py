@@ -43,7 +43,7 @@ def tiny_cache(model_dir, root, n_docs: int, seed: int, **settings):
     tests' usual 32-token contexts on the CPU.
     """
     from wiremap.models.tiny import sample_corpus
-    from wiremap.train.cache import CacheConfig
+    from wiremap.cache import CacheConfig
     from wiremap.train.data import ActivationDataModule
 
     corpus = root / "corpus.txt"

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import wiremap.train.cache as cache_mod
+import wiremap.cache.writer as writer_mod
 from wiremap.errors import WiremapError
 from wiremap.models.hooks import capture
 from wiremap.models.loading import load_model
 from wiremap.models.tiny import sample_corpus
-from wiremap.train.cache import ActivationCache, CacheConfig, build_cache, read_manifest
+from wiremap.cache import ActivationCache, CacheConfig, build_cache, read_manifest
 from wiremap.train.cache_cmd import main as cache_main
-from wiremap.train.text import iter_texts, pack_contexts, tokenize
+from wiremap.cache.text import iter_texts, pack_contexts, tokenize
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,7 +10,7 @@ import torch
 from helpers import tiny_cache
 
 from wiremap.errors import WiremapError
-from wiremap.train.cache import CacheConfig
+from wiremap.cache import CacheConfig
 from wiremap.train.data import ActivationDataModule, BatchPlan, rank_slice
 from wiremap.train.stream import window_permutation
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import tiny_cache
 
-from wiremap.train.cache import CacheConfig
+from wiremap.cache import CacheConfig
 from wiremap.train.data import ActivationDataModule
 from wiremap.train.module import TranscoderModule
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("wiremap.train.cache", reason="needs the activation cache (cache workstream)")
+pytest.importorskip("wiremap.cache", reason="needs the activation cache (cache workstream)")
 pytest.importorskip("wiremap.models.io", reason="needs transcoder I/O (transcoder workstream)")
 
 from wiremap.attribution.features import (  # noqa: E402
@@ -21,7 +21,7 @@ from wiremap.models.io import load_transcoders, save_transcoders  # noqa: E402
 from wiremap.models.loading import load_model  # noqa: E402
 from wiremap.models.tiny import sample_corpus  # noqa: E402
 from wiremap.models.transcoders import build_transcoder  # noqa: E402
-from wiremap.train.cache import ActivationCache, CacheConfig, build_cache  # noqa: E402
+from wiremap.cache import ActivationCache, CacheConfig, build_cache  # noqa: E402
 
 TOP_K = 5
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import wiremap
 from wiremap.errors import WiremapError
 from wiremap.train import fit as fit_mod
-from wiremap.train.cache import CacheConfig
+from wiremap.cache import CacheConfig
 
 
 @pytest.fixture(scope="module")

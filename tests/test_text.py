@@ -1,4 +1,4 @@
-"""Text sources and packing for the activation cache (wiremap/train/text.py)."""
+"""Text sources and packing for the activation cache (wiremap/cache/text.py)."""
 
 import json
 from types import SimpleNamespace
@@ -7,7 +7,7 @@ import pytest
 
 from wiremap.errors import WiremapError
 from wiremap.models.loading import load_model
-from wiremap.train.text import (
+from wiremap.cache.text import (
     TextSpec,
     boundary_tokens,
     iter_texts,

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from wiremap.errors import WiremapError
 from wiremap.train import losses
-from wiremap.train.cache import CacheConfig
+from wiremap.cache import CacheConfig
 from wiremap.train.callbacks import NanGuard, heldout_contexts, replacement_metrics
 from wiremap.train.data import ActivationDataModule
 from wiremap.train.module import TranscoderModule

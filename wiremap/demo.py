@@ -6,7 +6,7 @@
 
 Stages, one function each, in the order `run_demo` calls them:
 1. `write_corpus`      — the organism's own synthetic corpus as a .txt file;
-2. `cache_stage`       — the organism's MLP inputs/outputs on it (`wiremap.train.cache`);
+2. `cache_stage`       — the organism's MLP inputs/outputs on it (`wiremap.cache`);
 3. `train_stage`       — a CLT and a PLT trained on that cache with `wiremap.fit`, exported;
 4. `attribute_stage`   — attribution graphs of the Dallas prompt and one antonym prompt per
                          language, for each transcoder;
@@ -163,7 +163,7 @@ def write_corpus(cfg: DemoConfig, tokens_per_doc: float = 16.0) -> Path:
 
 def cache_stage(cfg: DemoConfig, organism: str, model, tokenizer, corpus: Path) -> Path:
     """Cache the organism's `mlp_in` -> `mlp_out` activations (bfloat16 on disk: ~80 MB)."""
-    from wiremap.train.cache import build_cache
+    from wiremap.cache import build_cache
 
     cache_cfg = cache_config(cfg, organism, corpus)
     return build_cache(cache_cfg, model=model, tokenizer=tokenizer, progress=cfg.progress)
@@ -175,7 +175,7 @@ def cache_dir(cfg: DemoConfig) -> Path:
 
 
 def cache_config(cfg: DemoConfig, organism: str, corpus: Path):
-    from wiremap.train.cache import CacheConfig
+    from wiremap.cache import CacheConfig
 
     return CacheConfig(
         model=organism,

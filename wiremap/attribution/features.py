@@ -450,7 +450,7 @@ def write_feature_jsons(graph_obj: dict, store: FeatureStore, folder: str | Path
 def build_feature_cards(cfg: FeatureCardConfig, model=None, tokenizer=None) -> Path:
     """Compute and store the cards of every feature; returns the output folder."""
     from wiremap.models.io import load_transcoders
-    from wiremap.train.cache import ActivationCache
+    from wiremap.cache import ActivationCache
 
     cache = ActivationCache(cfg.cache)
     tc = load_transcoders(cfg.transcoders, device=cfg.device)

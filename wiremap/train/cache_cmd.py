@@ -21,8 +21,8 @@ from pathlib import Path
 
 from wiremap.errors import WiremapError
 from wiremap.fileio import atomic_write
-from wiremap.train.cache import CacheConfig, build_cache, read_manifest
-from wiremap.train.text import warn
+from wiremap.cache import CacheConfig, build_cache, read_manifest
+from wiremap.cache.text import warn
 
 DEFAULT_OUT = "wiremap_out/cache"
 BUILTIN_TOKENS = 16_384

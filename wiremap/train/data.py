@@ -53,7 +53,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from wiremap.errors import WiremapError
-from wiremap.train.cache import ActivationCache, CacheConfig, build_cache
+from wiremap.cache import ActivationCache, CacheConfig, build_cache
 from wiremap.train.stream import (
     ActivationStream,
     Cursor,

@@ -60,25 +60,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from wiremap.errors import WiremapError
-from wiremap.train.cache import (
-    CacheConfig,
-    Plan,
-    activation_rows,
-    capturing,
-    check_model,
-    make_plan,
-    model_config,
-    norm_stats,
-    shard_sums,
-)
-from wiremap.train.text import (
+from wiremap.cache.build import capturing
+from wiremap.cache.config import CacheConfig, Plan, check_model, make_plan, model_config
+from wiremap.cache.manifest import norm_stats
+from wiremap.cache.text import (
     TextPosition,
     boundary_tokens,
     iter_texts,
     pack_positions,
     tokenize_indexed,
 )
+from wiremap.cache.writer import activation_rows, shard_sums
+from wiremap.errors import WiremapError
 
 Rows = tuple[Tensor, Tensor]  # x, y: [n, L, d] in the storage dtype, on CPU
 
