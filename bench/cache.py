@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
+from wiremap.cache import CacheConfig, build_cache, read_manifest
+from wiremap.cache.build import _forward
+from wiremap.cache.text import TextSpec, iter_texts, pack_contexts, tokenize
 from wiremap.models.adapters import get_adapter
 from wiremap.models.hooks import stop_after
 from wiremap.models.loading import load_model
 from wiremap.models.tiny import build_tiny_model, sample_corpus
-from wiremap.cache import CacheConfig, build_cache, read_manifest
-from wiremap.cache.build import _forward
 from wiremap.train.cache_cmd import count
-from wiremap.cache.text import TextSpec, iter_texts, pack_contexts, tokenize
 
 
 def _batches(tokenizer, corpus: Path, cfg: CacheConfig) -> list[torch.Tensor]:

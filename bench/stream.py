@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from wiremap.models.loading import load_model
 from wiremap.cache import CacheConfig, build_cache
+from wiremap.models.loading import load_model
 from wiremap.train.cache_cmd import count
 from wiremap.train.data import ActivationDataModule
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wiremap.errors import WiremapError
 from wiremap.cache import CacheConfig
+from wiremap.errors import WiremapError
 from wiremap.train.cache_cmd import read_preset
 from wiremap.train.data import ActivationDataModule
 from wiremap.train.module import LossConfig, OptimConfig, TranscoderModule

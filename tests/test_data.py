@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import tiny_cache
 
-from wiremap.errors import WiremapError
 from wiremap.cache import CacheConfig
+from wiremap.errors import WiremapError
 from wiremap.train.data import ActivationDataModule, BatchPlan, rank_slice
 from wiremap.train.stream import window_permutation
 

@@ -16,11 +16,11 @@ from helpers import tiny_cache
 
 import wiremap.checksums as checksums
 import wiremap.fileio as fileio
+from wiremap.cache import ActivationCache, CacheConfig, build_cache
 from wiremap.cli import main as wiremap_main
 from wiremap.errors import WiremapError, disk_error
 from wiremap.models.io import load_transcoders, save_transcoders
 from wiremap.models.transcoders import build_transcoder
-from wiremap.cache import ActivationCache, CacheConfig, build_cache
 
 ALLOCATOR = "[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 98819660140 bytes"  # noqa: E501
 

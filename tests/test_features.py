@@ -17,11 +17,11 @@ from wiremap.attribution.features import (  # noqa: E402
     build_feature_cards,
     hist_bin,
 )
+from wiremap.cache import ActivationCache, CacheConfig, build_cache  # noqa: E402
 from wiremap.models.io import load_transcoders, save_transcoders  # noqa: E402
 from wiremap.models.loading import load_model  # noqa: E402
 from wiremap.models.tiny import sample_corpus  # noqa: E402
 from wiremap.models.transcoders import build_transcoder  # noqa: E402
-from wiremap.cache import ActivationCache, CacheConfig, build_cache  # noqa: E402
 
 TOP_K = 5
 

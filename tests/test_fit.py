@@ -10,9 +10,9 @@ from helpers import tiny_cache
 from safetensors.torch import load_file
 
 import wiremap
+from wiremap.cache import CacheConfig
 from wiremap.errors import WiremapError
 from wiremap.train import fit as fit_mod
-from wiremap.cache import CacheConfig
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,13 @@ import torch
 from helpers import Crash
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from wiremap.cache import ActivationCache, CacheConfig
+from wiremap.cache.text import TextPosition, pack_contexts, pack_positions
 from wiremap.errors import WiremapError
 from wiremap.models.tiny import sample_corpus
-from wiremap.cache import ActivationCache, CacheConfig
 from wiremap.train.data import ActivationDataModule
 from wiremap.train.module import TranscoderModule
 from wiremap.train.stream import Cursor, prefetched
-from wiremap.cache.text import TextPosition, pack_contexts, pack_positions
 
 # 4 contexts per forward batch, 31 rows each: windows of 192 rows end inside forward batches
 CACHE = {"context_length": 32, "batch_size": 4, "shard_tokens": 700, "device": "cpu"}

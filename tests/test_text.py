@@ -5,8 +5,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from wiremap.errors import WiremapError
-from wiremap.models.loading import load_model
 from wiremap.cache.text import (
     TextSpec,
     boundary_tokens,
@@ -15,6 +13,8 @@ from wiremap.cache.text import (
     pack_contexts,
     tokenize,
 )
+from wiremap.errors import WiremapError
+from wiremap.models.loading import load_model
 
 
 def test_pack_contexts_start_with_bos_and_join_documents_with_eos():

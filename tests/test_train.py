@@ -13,9 +13,9 @@ import torch
 from helpers import Crash, tiny_cache
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from wiremap.cache import CacheConfig
 from wiremap.errors import WiremapError
 from wiremap.train import losses
-from wiremap.cache import CacheConfig
 from wiremap.train.callbacks import NanGuard, heldout_contexts, replacement_metrics
 from wiremap.train.data import ActivationDataModule
 from wiremap.train.module import TranscoderModule

@@ -449,8 +449,8 @@ def write_feature_jsons(graph_obj: dict, store: FeatureStore, folder: str | Path
 # ---- the command --------------------------------------------------------------------------
 def build_feature_cards(cfg: FeatureCardConfig, model=None, tokenizer=None) -> Path:
     """Compute and store the cards of every feature; returns the output folder."""
-    from wiremap.models.io import load_transcoders
     from wiremap.cache import ActivationCache
+    from wiremap.models.io import load_transcoders
 
     cache = ActivationCache(cfg.cache)
     tc = load_transcoders(cfg.transcoders, device=cfg.device)
