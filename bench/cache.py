@@ -49,7 +49,7 @@ def _batches(tokenizer, corpus: Path, cfg: CacheConfig) -> list[torch.Tensor]:
     contexts = list(islice(contexts, n_contexts))
     if len(contexts) < n_contexts:
         raise SystemExit(f"corpus too small: {len(contexts)} of {n_contexts} contexts")
-    size = cfg.batch_size
+    size = cfg.batch_contexts
     return [torch.tensor(contexts[i : i + size]) for i in range(0, len(contexts), size)]
 
 
@@ -114,7 +114,7 @@ def _bench(args, work: Path) -> None:
         dataset=str(corpus),
         n_tokens=args.n_tokens,
         context_length=args.context_length,
-        batch_size=args.batch_size,
+        batch_contexts=args.batch_size,
         shard_tokens=args.shard_tokens,
         device=args.device,
         out=str(work / "cache"),
