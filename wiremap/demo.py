@@ -90,9 +90,10 @@ class DemoConfig:
     (antonyms) to the last position, and the QK pairs that make them attend there."""
 
     def __post_init__(self) -> None:
-        for name in ("n_tokens", "d_transcoder", "steps", "batch_size", "n_paths", "threads"):
-            if int(getattr(self, name)) < 1:
-                raise WiremapError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        from wiremap.cache.config import require_positive
+
+        positive = ("n_tokens", "d_transcoder", "steps", "batch_size", "n_paths", "threads")
+        require_positive(self, *positive)
         if self.n_tokens < 2 * self.batch_size:
             raise WiremapError(
                 f"n_tokens={self.n_tokens} is less than two batches of {self.batch_size}; "
@@ -182,7 +183,7 @@ def cache_config(cfg: DemoConfig, organism: str, corpus: Path):
         dataset=str(corpus),
         n_tokens=cfg.n_tokens,
         context_length=cfg.context_length,
-        batch_size=64,
+        batch_contexts=64,
         dtype="bfloat16",
         device="cpu",
         out=str(cache_dir(cfg)),
@@ -220,7 +221,7 @@ def demo_fit_settings(cfg: DemoConfig, cache_cfg, arch: str) -> dict[str, Any]:
             optim=dict(lr=cfg.lr, warmup_steps=max(1, cfg.steps // 20)),
         ),
         data=dict(
-            cache=cache_cfg, batch_size=cfg.batch_size, buffer_size=16 * cfg.batch_size,
+            cache=cache_cfg, batch_tokens=cfg.batch_size, buffer_size=16 * cfg.batch_size,
             val_fraction=0.0, seed=cfg.seed, pin_memory=False,
         ),
         seed_everything=cfg.seed,

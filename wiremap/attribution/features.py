@@ -81,9 +81,9 @@ class FeatureCardConfig:
     """Show progress bars."""
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "n_samples", "n_quantiles", "context", "n_logits"):
-            if int(getattr(self, name)) < 1:
-                raise WiremapError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        from wiremap.cache.config import require_positive
+
+        require_positive(self, "top_k", "n_samples", "n_quantiles", "context", "n_logits")
 
 
 # ---- the streaming pass ---------------------------------------------------------------------

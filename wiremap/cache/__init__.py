@@ -9,36 +9,26 @@ Modules, by what they do: `config` (what to cache: `CacheConfig`, `Plan`), `text
 tokenizing, packing into contexts), `manifest` (the folder's manifest.json and its lock),
 `writer` (batches to shards, in a thread), `build` (`build_cache`: the resumable run) and
 `reader` (`ActivationCache`). The cache needs only `wiremap.models`; training
-(`wiremap.train`) and attribution read it. Names are imported lazily, so that importing the
-package (e.g. for `text`) does not load torch.
+(`wiremap.train`) and attribution read it. (`import wiremap` stays light: it imports this
+package only when one of these names is used.)
 """
 
-from importlib import import_module
+from wiremap.cache.build import build_cache, capturing
+from wiremap.cache.config import STORAGE_DTYPES, CacheConfig, Plan, make_plan
+from wiremap.cache.manifest import norm_stats, read_manifest
+from wiremap.cache.reader import ActivationCache
+from wiremap.cache.text import TextPosition, TextSpec
 
-# public name -> module that defines it
-_LAZY = {
-    "CacheConfig": "wiremap.cache.config",
-    "Plan": "wiremap.cache.config",
-    "make_plan": "wiremap.cache.config",
-    "STORAGE_DTYPES": "wiremap.cache.config",
-    "build_cache": "wiremap.cache.build",
-    "capturing": "wiremap.cache.build",
-    "ActivationCache": "wiremap.cache.reader",
-    "read_manifest": "wiremap.cache.manifest",
-    "norm_stats": "wiremap.cache.manifest",
-    "TextSpec": "wiremap.cache.text",
-    "TextPosition": "wiremap.cache.text",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'wiremap.cache' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
-
-__all__ = list(_LAZY)
+__all__ = [
+    "STORAGE_DTYPES",
+    "ActivationCache",
+    "CacheConfig",
+    "Plan",
+    "TextPosition",
+    "TextSpec",
+    "build_cache",
+    "capturing",
+    "make_plan",
+    "norm_stats",
+    "read_manifest",
+]
