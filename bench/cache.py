@@ -31,13 +31,14 @@ from pathlib import Path
 
 import torch
 
+from wiremap.cache import CacheConfig, build_cache, read_manifest
+from wiremap.cache.build import _forward
+from wiremap.cache.text import TextSpec, iter_texts, pack_contexts, tokenize
 from wiremap.models.adapters import get_adapter
 from wiremap.models.hooks import stop_after
 from wiremap.models.loading import load_model
 from wiremap.models.tiny import build_tiny_model, sample_corpus
-from wiremap.train.cache import CacheConfig, _forward, build_cache, read_manifest
 from wiremap.train.cache_cmd import count
-from wiremap.train.text import TextSpec, iter_texts, pack_contexts, tokenize
 
 
 def _batches(tokenizer, corpus: Path, cfg: CacheConfig) -> list[torch.Tensor]:
@@ -48,7 +49,7 @@ def _batches(tokenizer, corpus: Path, cfg: CacheConfig) -> list[torch.Tensor]:
     contexts = list(islice(contexts, n_contexts))
     if len(contexts) < n_contexts:
         raise SystemExit(f"corpus too small: {len(contexts)} of {n_contexts} contexts")
-    size = cfg.batch_size
+    size = cfg.batch_contexts
     return [torch.tensor(contexts[i : i + size]) for i in range(0, len(contexts), size)]
 
 
@@ -113,7 +114,7 @@ def _bench(args, work: Path) -> None:
         dataset=str(corpus),
         n_tokens=args.n_tokens,
         context_length=args.context_length,
-        batch_size=args.batch_size,
+        batch_contexts=args.batch_size,
         shard_tokens=args.shard_tokens,
         device=args.device,
         out=str(work / "cache"),

@@ -42,7 +42,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from wiremap.train.cache import ActivationCache
+from wiremap.cache import ActivationCache
 from wiremap.train.module import TranscoderModule
 
 INSTALL = (

@@ -25,7 +25,7 @@ def organism_text(n_docs: int, seed: int) -> list[str]:
 
 
 def contexts(tokenizer, texts: list[str], context_length: int, n: int) -> torch.Tensor:
-    from wiremap.train.text import boundary_tokens, pack_contexts, tokenize
+    from wiremap.cache.text import boundary_tokens, pack_contexts, tokenize
 
     bos, eos = boundary_tokens(tokenizer)
     rows = pack_contexts(tokenize(texts, tokenizer), context_length, bos, eos)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
+from wiremap.cache import CacheConfig, build_cache
 from wiremap.models.loading import load_model
-from wiremap.train.cache import CacheConfig, build_cache
 from wiremap.train.cache_cmd import count
 from wiremap.train.data import ActivationDataModule
 
@@ -67,7 +67,7 @@ def measure(cfg: CacheConfig, args, n_batches: int) -> dict[str, float]:
     start = time.perf_counter()  # as for the stream below: loading the model is not timed
     build_cache(cfg, model, tokenizer, progress=False)
     times = {"cache build": time.perf_counter() - start}
-    data = {"batch_size": args.batch_size, "buffer_size": args.buffer_size, "val_contexts": 0}
+    data = {"batch_tokens": args.batch_size, "buffer_size": args.buffer_size, "val_contexts": 0}
     cached = ActivationDataModule(cfg, order="stream", **data)
     times["cache read"] = drain(cached, n_batches)
     streamed = ActivationDataModule(cfg, source="stream", **data)
@@ -110,7 +110,7 @@ def main() -> None:
 
 
 def report(cfg: CacheConfig, best: dict[str, float], tokens: int, out: Path, args) -> None:
-    from wiremap.train.cache import ActivationCache
+    from wiremap.cache import ActivationCache
 
     cache = ActivationCache(out)
     written = best.pop("stream bytes")

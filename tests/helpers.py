@@ -42,8 +42,8 @@ def tiny_cache(model_dir, root, n_docs: int, seed: int, **settings):
     `settings` are CacheConfig fields (n_tokens, shard_tokens, ...); the defaults are the
     tests' usual 32-token contexts on the CPU.
     """
+    from wiremap.cache import CacheConfig
     from wiremap.models.tiny import sample_corpus
-    from wiremap.train.cache import CacheConfig
     from wiremap.train.data import ActivationDataModule
 
     corpus = root / "corpus.txt"

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import wiremap.train.cache as cache_mod
+import wiremap.cache.writer as writer_mod
+from wiremap.cache import ActivationCache, CacheConfig, build_cache, read_manifest
+from wiremap.cache.text import iter_texts, pack_contexts, tokenize
 from wiremap.errors import WiremapError
 from wiremap.models.hooks import capture
 from wiremap.models.loading import load_model
 from wiremap.models.tiny import sample_corpus
-from wiremap.train.cache import ActivationCache, CacheConfig, build_cache, read_manifest
 from wiremap.train.cache_cmd import main as cache_main
-from wiremap.train.text import iter_texts, pack_contexts, tokenize
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,7 +50,7 @@ def _cfg(model_dir, corpus, out, **kw):
         out=str(out),
         n_tokens=700,  # not a whole number of contexts, batches or shards
         context_length=16,
-        batch_size=4,
+        batch_contexts=4,
         shard_tokens=150,  # shard boundaries fall inside batches
         device="cpu",
     )
@@ -77,12 +77,12 @@ def _direct(cfg: CacheConfig, layers: list[int]):
     """The same packed contexts, run batch by batch through `capture` (no cache code)."""
     model, tokenizer = load_model(cfg.model)
     docs = tokenize(iter_texts(cfg.text_spec()), tokenizer)
-    first = 1 if cfg.exclude_bos else 0
+    first = 0 if cfg.include_bos else 1
     needed = -(-cfg.n_tokens // (cfg.context_length - first))
     contexts = list(pack_contexts(docs, cfg.context_length, 1, 2))[:needed]
     xs, ys, toks = [], [], []
-    for start in range(0, len(contexts), cfg.batch_size):
-        ids = torch.tensor(contexts[start : start + cfg.batch_size])
+    for start in range(0, len(contexts), cfg.batch_contexts):
+        ids = torch.tensor(contexts[start : start + cfg.batch_contexts])
         with capture(model, [cfg.input_hook, cfg.output_hook], layers) as acts:
             model(ids)
         xs.append(torch.stack([acts[cfg.input_hook][i][:, first:] for i in layers], 2))
@@ -98,7 +98,7 @@ def _direct(cfg: CacheConfig, layers: list[int]):
     "settings",
     [
         dict(dtype="bfloat16"),
-        dict(dtype="float32", layers=[1], input_hook="resid_mid", exclude_bos=False),
+        dict(dtype="float32", layers=[1], input_hook="resid_mid", include_bos=True),
     ],
     ids=["bf16-all-layers", "fp32-layer1-resid_mid-with-bos"],
 )
@@ -113,7 +113,7 @@ def test_shards_equal_a_direct_capture(model_dir, corpus, tmp_path, settings):
     assert x.dtype == y.dtype == cache.dtype == getattr(torch, cfg.dtype)
     assert torch.equal(x, x_ref.to(x.dtype)) and torch.equal(y, y_ref.to(y.dtype))
     assert torch.equal(cache.tokens(slice(None)), tokens)
-    rows_per_context = cfg.context_length - (1 if cfg.exclude_bos else 0)
+    rows_per_context = cfg.context_length - (0 if cfg.include_bos else 1)
     first_pos = cfg.context_length - rows_per_context
     expected_pos = torch.arange(cfg.n_tokens) % rows_per_context + first_pos
     assert torch.equal(cache.positions(slice(None)), expected_pos)
@@ -167,7 +167,7 @@ def _argv(cfg: CacheConfig) -> list[str]:
     return [
         *("--model", cfg.model, "--dataset", cfg.dataset, "--out", cfg.out, "--device", "cpu"),
         *("--n-tokens", str(cfg.n_tokens), "--context-length", str(cfg.context_length)),
-        *("--batch-size", str(cfg.batch_size), "--shard-tokens", str(cfg.shard_tokens)),
+        *("--batch-size", str(cfg.batch_contexts), "--shard-tokens", str(cfg.shard_tokens)),
         "--quiet",
     ]
 
@@ -209,7 +209,7 @@ def test_crash_between_shard_rename_and_manifest(
     model_dir, corpus, tmp_path, reference, monkeypatch
 ):
     cfg = _cfg(model_dir, corpus, tmp_path / "c")
-    real, calls = cache_mod._dump_manifest, []
+    real, calls = writer_mod.dump_manifest, []
 
     def dump_then_die(out, manifest):
         calls.append(len(manifest["shards"]))
@@ -217,10 +217,10 @@ def test_crash_between_shard_rename_and_manifest(
             raise RuntimeError("simulated crash")
         real(out, manifest)
 
-    monkeypatch.setattr(cache_mod, "_dump_manifest", dump_then_die)
+    monkeypatch.setattr(writer_mod, "dump_manifest", dump_then_die)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build_cache(cfg, progress=False)
-    monkeypatch.setattr(cache_mod, "_dump_manifest", real)
+    monkeypatch.setattr(writer_mod, "dump_manifest", real)
     assert (Path(cfg.out) / "shard_00002.safetensors").exists() and _listed(Path(cfg.out)) == 2
 
     build_cache(cfg, progress=False)
@@ -231,17 +231,17 @@ def test_resume_refuses_changed_text(model_dir, corpus, tmp_path, monkeypatch):
     text = tmp_path / "t.txt"
     text.write_text(Path(corpus).read_text())
     cfg = _cfg(model_dir, str(text), tmp_path / "c")
-    real = cache_mod._dump_manifest
+    real = writer_mod.dump_manifest
 
     def die_at_two(out, manifest):
         if len(manifest["shards"]) == 2:
             raise RuntimeError("simulated crash")
         real(out, manifest)
 
-    monkeypatch.setattr(cache_mod, "_dump_manifest", die_at_two)
+    monkeypatch.setattr(writer_mod, "dump_manifest", die_at_two)
     with pytest.raises(RuntimeError):
         build_cache(cfg, progress=False)
-    monkeypatch.setattr(cache_mod, "_dump_manifest", real)
+    monkeypatch.setattr(writer_mod, "dump_manifest", real)
     text.write_text("Something else entirely. " + text.read_text())
     with pytest.raises(WiremapError, match="no longer gives the tokens"):
         build_cache(cfg, progress=False)
@@ -315,7 +315,7 @@ def test_parquet_source_and_include_bos(model_dir, tmp_path):
 
     pq.write_table(pa.table({"body": sample_corpus(40, seed=5)}), tmp_path / "d.parquet")
     cfg = _cfg(model_dir, str(tmp_path / "*.parquet"), tmp_path / "c", text_column="body")
-    cfg.exclude_bos, cfg.n_tokens = False, 64
+    cfg.include_bos, cfg.n_tokens = True, 64
     cache = ActivationCache(build_cache(cfg, progress=False))
     assert cache.positions(0) == 0 and cache.tokens(0) == 1 and cache.tokens(16) == 1
 
@@ -367,3 +367,51 @@ def test_cli_preset_with_overrides(model_dir, corpus, tmp_path):
         cache_main(["--config", str(preset)])
     with pytest.raises(WiremapError, match="give both --model and --dataset"):
         cache_main(["--model", model_dir])
+
+
+# -- old names (accepted for one version) --------------------------------------------------
+
+
+def test_old_import_paths_warn_and_give_the_same_objects():
+    import importlib
+
+    import wiremap.cache as cache
+    import wiremap.cache.text as text
+
+    for old, new, name in [
+        ("wiremap.train.cache", cache, "ActivationCache"),
+        ("wiremap.train.cache", cache, "build_cache"),
+        ("wiremap.train.text", text, "pack_contexts"),
+    ]:
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=f"{old} moved to"):
+            module = importlib.import_module(old)
+        assert getattr(module, name) is getattr(new, name)
+
+
+def test_old_setting_names_warn_and_map_to_the_new_ones(model_dir, corpus, tmp_path):
+    with pytest.warns(DeprecationWarning, match="batch_size is deprecated.*batch_contexts"):
+        cfg = _cfg(model_dir, corpus, tmp_path, batch_contexts=32, batch_size=3)
+    assert cfg.batch_contexts == 3 and cfg.batch_size is None
+    for old, include in [(True, False), (False, True)]:
+        with pytest.warns(DeprecationWarning, match="exclude_bos is deprecated.*include_bos"):
+            cfg = _cfg(model_dir, corpus, tmp_path, exclude_bos=old)
+        assert cfg.include_bos is include and cfg.exclude_bos is None
+
+
+def test_a_manifest_of_the_previous_version_still_reads_and_resumes(
+    model_dir, corpus, reference, tmp_path, capsys
+):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(reference, old)
+    m = json.loads((old / "manifest.json").read_text())
+    assert m["include_bos"] is False and m["batch_contexts"] == 4
+    m["exclude_bos"], m["batch_size"] = not m.pop("include_bos"), m.pop("batch_contexts")
+    (old / "manifest.json").write_text(json.dumps(m))
+    cache = ActivationCache(old, verify=True)
+    assert cache.include_bos is False and cache.manifest["batch_contexts"] == 4
+    assert "exclude_bos" not in cache.manifest and "batch_size" not in cache.manifest
+    build_cache(_cfg(model_dir, corpus, old), progress=False)  # the same settings: nothing to do
+    assert "already holds this cache, complete" in capsys.readouterr().err

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from wiremap.cache import CacheConfig
 from wiremap.errors import WiremapError
-from wiremap.train.cache import CacheConfig
 from wiremap.train.cache_cmd import read_preset
 from wiremap.train.data import ActivationDataModule
 from wiremap.train.module import LossConfig, OptimConfig, TranscoderModule
@@ -62,3 +62,21 @@ def test_preset_parses(preset):
 def test_max_steps_is_required():
     with pytest.raises(WiremapError, match="max_steps"):
         parse(["--data.cache.model", "m", "--data.cache.dataset", "d", "--trainer.max_steps", "-1"])
+
+
+def test_a_preset_with_the_old_names_still_loads(tmp_path):
+    """`data.batch_size`, `data.cache.batch_size` and `data.cache.exclude_bos` (before
+    `batch_tokens`, `batch_contexts`, `include_bos`): accepted for one version, with a warning."""
+    preset = yaml.safe_load((Path(__file__).parent.parent / "configs/debug-cpu.yaml").read_text())
+    data = preset["data"]
+    data["batch_size"] = data.pop("batch_tokens")
+    data["cache"].update(batch_size=8, exclude_bos=False)
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(preset))
+    config = parse(["--config", str(old)])
+    assert config.data.batch_size == 512 and config.data.cache.exclude_bos is False
+    with pytest.warns(DeprecationWarning, match="batch_size"):
+        cache = CacheConfig(**config.data.cache.as_dict())
+        dm = ActivationDataModule(cache, batch_size=config.data.batch_size)
+    assert dm.batch_tokens == 512 and cache.batch_contexts == 8 and cache.include_bos is True
+    assert CacheConfig(**read_preset(str(old))) == cache  # `wiremap cache --config` reads it so

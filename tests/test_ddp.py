@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import tiny_cache
 
-from wiremap.train.cache import CacheConfig
+from wiremap.cache import CacheConfig
 from wiremap.train.data import ActivationDataModule
 from wiremap.train.module import TranscoderModule
 
@@ -33,7 +33,7 @@ class DestroyGroupAtFitEnd(L.Callback):
 
 def train(cfg: CacheConfig, tmp_path, devices: int) -> dict[str, torch.Tensor]:
     L.seed_everything(0)
-    dm = ActivationDataModule(cfg, batch_size=128, buffer_size=512, val_fraction=0.0)
+    dm = ActivationDataModule(cfg, batch_tokens=128, buffer_size=512, val_fraction=0.0)
     module = TranscoderModule(
         dm.n_layers, dm.d_model, arch="clt", d_transcoder=32, activation="jumprelu",
         cache_info=dm.cache_info, loss={"dead_tokens": 256}, optim={"lr": 3e-3, "warmup_steps": 1},

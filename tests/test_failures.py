@@ -16,11 +16,11 @@ from helpers import tiny_cache
 
 import wiremap.checksums as checksums
 import wiremap.fileio as fileio
+from wiremap.cache import ActivationCache, CacheConfig, build_cache
 from wiremap.cli import main as wiremap_main
 from wiremap.errors import WiremapError, disk_error
 from wiremap.models.io import load_transcoders, save_transcoders
 from wiremap.models.transcoders import build_transcoder
-from wiremap.train.cache import ActivationCache, CacheConfig, build_cache
 
 ALLOCATOR = "[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 98819660140 bytes"  # noqa: E501
 
@@ -127,7 +127,7 @@ def test_truncated_graph_json_is_refused_by_the_viewer(tmp_path):
 def test_out_of_memory_while_caching_names_the_batch_and_the_flags(
     cache_cfg, tmp_path, monkeypatch
 ):
-    import wiremap.train.cache as cache_mod
+    import wiremap.cache.build as cache_mod
 
     def no_memory(model, ids):
         raise RuntimeError(ALLOCATOR)

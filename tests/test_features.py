@@ -9,7 +9,7 @@ import helpers
 import pytest
 import torch
 
-pytest.importorskip("wiremap.train.cache", reason="needs the activation cache (cache workstream)")
+pytest.importorskip("wiremap.cache", reason="needs the activation cache (cache workstream)")
 pytest.importorskip("wiremap.models.io", reason="needs transcoder I/O (transcoder workstream)")
 
 from wiremap.attribution.features import (  # noqa: E402
@@ -18,10 +18,10 @@ from wiremap.attribution.features import (  # noqa: E402
     build_feature_cards,
     hist_bin,
 )
+from wiremap.cache import ActivationCache  # noqa: E402
 from wiremap.models.io import load_transcoders, save_transcoders  # noqa: E402
 from wiremap.models.loading import load_model  # noqa: E402
 from wiremap.models.transcoders import build_transcoder  # noqa: E402
-from wiremap.train.cache import ActivationCache  # noqa: E402
 
 TOP_K = 5
 

@@ -10,9 +10,9 @@ from helpers import tiny_cache
 from safetensors.torch import load_file
 
 import wiremap
+from wiremap.cache import CacheConfig
 from wiremap.errors import WiremapError
 from wiremap.train import fit as fit_mod
-from wiremap.train.cache import CacheConfig
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def cli_args(c: CacheConfig, root: Path, name: str) -> list[str]:
         "--trainer.max_steps", "6", "--trainer.enable_progress_bar", "false",
         "--trainer.precision", "32-true", "--trainer.accelerator", "cpu",
         "--model.arch", "clt", "--model.d_transcoder", "24", "--model.optim.lr", "3e-3",
-        "--data.batch_size", "128", "--data.buffer_size", "512", "--data.val_fraction", "0",
+        "--data.batch_tokens", "128", "--data.buffer_size", "512", "--data.val_fraction", "0",
         "--data.pin_memory", "false", "--trainer.limit_val_batches", "0",
         "--trainer.log_every_n_steps", "3",
         "--data.cache.model", c.model, "--data.cache.dataset", c.dataset,
@@ -45,7 +45,7 @@ def fit_kwargs(c: CacheConfig, root: Path, name: str) -> dict:
         run={"name": name, "root": str(root), "logger": "none", "log_every": 0},
         replacement_every=0, checkpoint_every=0, max_steps=6, enable_progress_bar=False,
         precision="32-true", accelerator="cpu", arch="clt", d_transcoder=24, lr=3e-3,
-        batch_size=128, buffer_size=512, val_fraction=0.0, pin_memory=False,
+        batch_tokens=128, buffer_size=512, val_fraction=0.0, pin_memory=False,
         limit_val_batches=0, log_every_n_steps=3, data={"cache": c},
     )  # fmt: skip
 
@@ -92,7 +92,8 @@ def test_keywords_go_to_the_outermost_section_that_has_them():
     assert cfg["trainer"] == {"max_steps": 7, "precision": "32-true", "devices": 1}
     assert cfg["model"] == {"optim": {"lr": 1e-3}}
     assert cfg["data"] == {"cache": {"n_tokens": 99}, "source": "stream"}
-    assert fit_mod.setting_path("batch_size") == ("data", "batch_size")  # not data.cache's
+    assert fit_mod.setting_path("batch_tokens") == ("data", "batch_tokens")
+    assert fit_mod.setting_path("batch_contexts") == ("data", "cache", "batch_contexts")
     from jsonargparse import Namespace
 
     as_namespace = fit_mod.fit_config(Namespace(trainer=Namespace(max_steps=2)), {"devices": 1})

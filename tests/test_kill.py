@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from wiremap.cache import ActivationCache, CacheConfig, build_cache
 from wiremap.cli import main as wiremap_main
 from wiremap.errors import WiremapError
 from wiremap.models.tiny import sample_corpus
-from wiremap.train.cache import ActivationCache, CacheConfig, build_cache
 
 # Test hooks of the killed runs, chosen by WIREMAP_KILL_SLOW (comma-separated).
 _WRAPPER = """

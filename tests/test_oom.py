@@ -13,10 +13,10 @@ from helpers import tiny_cache
 
 from wiremap.attribution import features
 from wiremap.attribution.features import FeatureCardConfig, FeatureStore, build_feature_cards
+from wiremap.cache import CacheConfig, build_cache
 from wiremap.errors import WiremapError
 from wiremap.models.io import save_transcoders
 from wiremap.models.transcoders import build_transcoder
-from wiremap.train.cache import CacheConfig, build_cache
 
 CUDA_OOM = "CUDA out of memory. Tried to allocate 20.00 GiB"
 
@@ -88,7 +88,7 @@ def test_other_runtime_errors_are_not_called_out_of_memory(card_cfg, monkeypatch
 
 
 def test_memory_error_while_caching_names_the_batch_and_the_flags(cache_cfg, tmp_path, monkeypatch):
-    import wiremap.train.cache as cache_mod
+    import wiremap.cache.build as cache_mod
 
     def no_memory(model, ids):
         raise MemoryError()

@@ -210,7 +210,7 @@ def test_prose_is_real_english(prose, work):
 
 
 def test_cache_of_every_layer_records_the_gguf(cache, gguf):
-    from wiremap.train.cache import ActivationCache
+    from wiremap.cache import ActivationCache
 
     c = ActivationCache(cache, verify=True)
     assert c.manifest["model"] == str(gguf) and c.manifest["layers"] == list(range(30))

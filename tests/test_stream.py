@@ -13,17 +13,17 @@ import torch
 from helpers import Crash
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from wiremap.cache import ActivationCache, CacheConfig
+from wiremap.cache.text import TextPosition, pack_contexts, pack_positions
 from wiremap.errors import WiremapError
 from wiremap.models.tiny import sample_corpus
-from wiremap.train.cache import ActivationCache, CacheConfig
 from wiremap.train.data import ActivationDataModule
 from wiremap.train.module import TranscoderModule
 from wiremap.train.stream import Cursor, prefetched
-from wiremap.train.text import TextPosition, pack_contexts, pack_positions
 
 # 4 contexts per forward batch, 31 rows each: windows of 192 rows end inside forward batches
-CACHE = {"context_length": 32, "batch_size": 4, "shard_tokens": 700, "device": "cpu"}
-DATA = {"batch_size": 64, "buffer_size": 192, "val_contexts": 8}
+CACHE = {"context_length": 32, "batch_contexts": 4, "shard_tokens": 700, "device": "cpu"}
+DATA = {"batch_tokens": 64, "buffer_size": 192, "val_contexts": 8}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,8 @@ def test_stream_and_cache_in_stream_order_give_identical_batches(cfg):
     for a, b in zip(val_a, val_b, strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert torch.equal(cached.heldout_contexts(5), streamed.heldout_contexts(5))
-    assert cached.lm_source == streamed.lm_source and cached.exclude_bos and streamed.exclude_bos
+    assert cached.lm_source == streamed.lm_source
+    assert cached.include_bos is streamed.include_bos is False
 
 
 def test_validation_contexts_are_never_trained_on(cfg):
@@ -226,7 +227,7 @@ def test_streamed_settings_that_cannot_work_are_refused(cfg):
         ActivationDataModule(cfg, source="stream", order="window")
     with pytest.raises(WiremapError, match="held out"):
         ready(stream_dm(cfg, val_contexts=400)).train_dataloader()
-    few_docs = ready(stream_dm(cfg, batch_size=40 * 64), rank=39, world_size=40)
+    few_docs = ready(stream_dm(cfg, batch_tokens=40 * 64), rank=39, world_size=40)
     with pytest.raises(WiremapError, match="less than one batch"):
         next(iter(few_docs.train_dataloader()))
 
@@ -243,10 +244,10 @@ def test_streamed_run_on_the_organism_uses_under_1_percent_of_a_caches_disk(tmp_
     corpus = tmp_path / "organism.txt"
     corpus.write_text("\n".join(build_corpus(n_docs=3000, seed=0).documents))
     cfg = CacheConfig(
-        model=str(organism_path()), dataset=str(corpus), context_length=64, batch_size=32,
+        model=str(organism_path()), dataset=str(corpus), context_length=64, batch_contexts=32,
         device="cpu", out=str(tmp_path / "never-written"),
     )  # fmt: skip
-    dm = ActivationDataModule(cfg, source="stream", batch_size=1024, buffer_size=8192)
+    dm = ActivationDataModule(cfg, source="stream", batch_tokens=1024, buffer_size=8192)
     module = TranscoderModule(dm.n_layers, dm.d_model, arch="plt", d_transcoder=16,
                               activation="topk", k=4, cache_info=dm.cache_info)  # fmt: skip
     run, steps = tmp_path / "run", 40

@@ -1,13 +1,11 @@
-"""Text sources and packing for the activation cache (wiremap/train/text.py)."""
+"""Text sources and packing for the activation cache (wiremap/cache/text.py)."""
 
 import json
 from types import SimpleNamespace
 
 import pytest
 
-from wiremap.errors import WiremapError
-from wiremap.models.loading import load_model
-from wiremap.train.text import (
+from wiremap.cache.text import (
     TextSpec,
     boundary_tokens,
     iter_texts,
@@ -15,6 +13,8 @@ from wiremap.train.text import (
     pack_contexts,
     tokenize,
 )
+from wiremap.errors import WiremapError
+from wiremap.models.loading import load_model
 
 
 def test_pack_contexts_start_with_bos_and_join_documents_with_eos():

@@ -13,9 +13,9 @@ import torch
 from helpers import Crash, tiny_cache
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from wiremap.cache import CacheConfig
 from wiremap.errors import WiremapError
 from wiremap.train import losses
-from wiremap.train.cache import CacheConfig
 from wiremap.train.callbacks import NanGuard, heldout_contexts, replacement_metrics
 from wiremap.train.data import ActivationDataModule
 from wiremap.train.module import TranscoderModule
@@ -33,7 +33,7 @@ def cache_cfg(tiny_model_dir, tmp_path_factory) -> CacheConfig:
 
 
 def make_dm(cfg: CacheConfig, **kw) -> ActivationDataModule:
-    return ActivationDataModule(cfg, **{"batch_size": 128, "buffer_size": 512, **kw})
+    return ActivationDataModule(cfg, **{"batch_tokens": 128, "buffer_size": 512, **kw})
 
 
 def make_module(dm: ActivationDataModule, **kw) -> TranscoderModule:
@@ -227,7 +227,7 @@ def test_replacement_metrics_of_a_silent_transcoder_recover_nothing(cache_cfg):
     lm, _ = load_model(cache_cfg.model)
     with torch.no_grad():
         tc, scales = module.transcoder, (module.in_scale, module.out_scale)
-        m = replacement_metrics(lm, tc, *scales, ids, 2, keep_bos=False)
+        m = replacement_metrics(lm, tc, *scales, ids, 2, include_bos=True)
     assert m["ce_spliced"] == pytest.approx(m["ce_zero_ablated"], rel=1e-5)
     assert abs(m["ce_recovered"]) < 1e-3
     assert m["kl"] >= 0 and 0 <= m["agreement"] <= 1
@@ -255,6 +255,13 @@ def test_splice_keeps_bos_mlp_outputs(cache_cfg):
         torch.testing.assert_close(value[:, 0], clean["mlp_out"][layer][:, 0])
         assert bool((value[:, 1:] == 0).all())
         assert clean["mlp_out"][layer][:, 0].abs().max() > 0
+    args = (lm, module.transcoder, module.in_scale, module.out_scale, ids)
+    with torch.no_grad():
+        spliced = spliced_mlp_outputs(*args, include_bos=True)  # BOS reconstructed too
+        with pytest.warns(DeprecationWarning, match="keep_bos"):
+            old = spliced_mlp_outputs(*args, keep_bos=False)  # the old, negated spelling
+    for layer, value in spliced.items():
+        assert bool((value == 0).all()) and torch.equal(old[layer], value)
 
 
 def test_cli_run_exports_and_logs_fvu_l0_to_wandb_offline(cache_cfg, tmp_path, monkeypatch):
@@ -268,7 +275,7 @@ def test_cli_run_exports_and_logs_fvu_l0_to_wandb_offline(cache_cfg, tmp_path, m
         "--run.checkpoint_every", "2", "--run.replacement_every", "2",
         "--run.replacement_contexts", "2", "--trainer.max_steps", "4",
         "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false",
-        "--model.d_transcoder", "32", "--data.batch_size", "128", "--data.val_fraction", "0.1",
+        "--model.d_transcoder", "32", "--data.batch_tokens", "128", "--data.val_fraction", "0.1",
         "--trainer.val_check_interval", "2", "--data.cache.model", c.model,
         "--data.cache.dataset", c.dataset, "--data.cache.n_tokens", str(c.n_tokens),
         "--data.cache.context_length", "32", "--data.cache.shard_tokens", "1024",

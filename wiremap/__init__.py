@@ -38,9 +38,9 @@ _LAZY = {
     "load_transcoders": "wiremap.models.io",
     "ReplacementModel": "wiremap.models.replacement",
     # training: the activation cache and fit
-    "ActivationCache": "wiremap.train.cache",
-    "CacheConfig": "wiremap.train.cache",
-    "build_cache": "wiremap.train.cache",
+    "ActivationCache": "wiremap.cache",
+    "CacheConfig": "wiremap.cache",
+    "build_cache": "wiremap.cache",
     "fit": "wiremap.train.fit",
     "FitResult": "wiremap.train.fit",
     # attribution: graphs, targets, pruning, export, interventions, the viewer

@@ -6,7 +6,7 @@
 
 Stages, one function each, in the order `run_demo` calls them:
 1. `write_corpus`      — the organism's own synthetic corpus as a .txt file;
-2. `cache_stage`       — the organism's MLP inputs/outputs on it (`wiremap.train.cache`);
+2. `cache_stage`       — the organism's MLP inputs/outputs on it (`wiremap.cache`);
 3. `train_stage`       — a CLT and a PLT trained on that cache with `wiremap.fit`, exported;
 4. `attribute_stage`   — attribution graphs of the Dallas prompt and one antonym prompt per
                          language, for each transcoder;
@@ -90,9 +90,10 @@ class DemoConfig:
     (antonyms) to the last position, and the QK pairs that make them attend there."""
 
     def __post_init__(self) -> None:
-        for name in ("n_tokens", "d_transcoder", "steps", "batch_size", "n_paths", "threads"):
-            if int(getattr(self, name)) < 1:
-                raise WiremapError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        from wiremap.cache.config import require_positive
+
+        positive = ("n_tokens", "d_transcoder", "steps", "batch_size", "n_paths", "threads")
+        require_positive(self, *positive)
         if self.n_tokens < 2 * self.batch_size:
             raise WiremapError(
                 f"n_tokens={self.n_tokens} is less than two batches of {self.batch_size}; "
@@ -163,7 +164,7 @@ def write_corpus(cfg: DemoConfig, tokens_per_doc: float = 16.0) -> Path:
 
 def cache_stage(cfg: DemoConfig, organism: str, model, tokenizer, corpus: Path) -> Path:
     """Cache the organism's `mlp_in` -> `mlp_out` activations (bfloat16 on disk: ~80 MB)."""
-    from wiremap.train.cache import build_cache
+    from wiremap.cache import build_cache
 
     cache_cfg = cache_config(cfg, organism, corpus)
     return build_cache(cache_cfg, model=model, tokenizer=tokenizer, progress=cfg.progress)
@@ -175,14 +176,14 @@ def cache_dir(cfg: DemoConfig) -> Path:
 
 
 def cache_config(cfg: DemoConfig, organism: str, corpus: Path):
-    from wiremap.train.cache import CacheConfig
+    from wiremap.cache import CacheConfig
 
     return CacheConfig(
         model=organism,
         dataset=str(corpus),
         n_tokens=cfg.n_tokens,
         context_length=cfg.context_length,
-        batch_size=64,
+        batch_contexts=64,
         dtype="bfloat16",
         device="cpu",
         out=str(cache_dir(cfg)),
@@ -220,7 +221,7 @@ def demo_fit_settings(cfg: DemoConfig, cache_cfg, arch: str) -> dict[str, Any]:
             optim=dict(lr=cfg.lr, warmup_steps=max(1, cfg.steps // 20)),
         ),
         data=dict(
-            cache=cache_cfg, batch_size=cfg.batch_size, buffer_size=16 * cfg.batch_size,
+            cache=cache_cfg, batch_tokens=cfg.batch_size, buffer_size=16 * cfg.batch_size,
             val_fraction=0.0, seed=cfg.seed, pin_memory=False,
         ),
         seed_everything=cfg.seed,

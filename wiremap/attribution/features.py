@@ -81,9 +81,9 @@ class FeatureCardConfig:
     """Show progress bars."""
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "n_samples", "n_quantiles", "context", "n_logits"):
-            if int(getattr(self, name)) < 1:
-                raise WiremapError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        from wiremap.cache.config import require_positive
+
+        require_positive(self, "top_k", "n_samples", "n_quantiles", "context", "n_logits")
 
 
 # ---- the streaming pass ---------------------------------------------------------------------
@@ -452,8 +452,8 @@ def write_feature_jsons(graph_obj: dict, store: FeatureStore, folder: str | Path
 # ---- the command --------------------------------------------------------------------------
 def build_feature_cards(cfg: FeatureCardConfig, model=None, tokenizer=None) -> Path:
     """Compute and store the cards of every feature; returns the output folder."""
+    from wiremap.cache import ActivationCache
     from wiremap.models.io import load_transcoders
-    from wiremap.train.cache import ActivationCache
 
     cache = ActivationCache(cfg.cache)
     tc = load_transcoders(cfg.transcoders, device=cfg.device)

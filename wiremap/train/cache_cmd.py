@@ -19,10 +19,10 @@ import textwrap
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from wiremap.cache import CacheConfig, build_cache, read_manifest
+from wiremap.cache.text import warn
 from wiremap.errors import WiremapError
 from wiremap.fileio import atomic_write
-from wiremap.train.cache import CacheConfig, build_cache, read_manifest
-from wiremap.train.text import warn
 
 DEFAULT_OUT = "wiremap_out/cache"
 BUILTIN_TOKENS = 16_384

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wiremap.cache.config import deprecated
 from wiremap.errors import WiremapError
 from wiremap.train.host_memory import reuse_freed_memory
 
@@ -213,10 +214,20 @@ class ProgressLog(L.Callback):
 
 
 class ReplacementQuality(L.Callback):
-    """Every N steps: CE / KL / agreement of the LM with its MLPs replaced by the transcoders."""
+    """Every N steps: CE / KL / agreement of the LM with its MLPs replaced by the transcoders.
 
-    def __init__(self, every_n_steps: int = 1000, n_contexts: int = 16, batch_size: int = 8):
-        self.every_n_steps, self.n_contexts, self.batch_size = every_n_steps, n_contexts, batch_size
+    `batch_contexts`: held-out contexts per forward pass (`batch_size` is its old name).
+    """
+
+    def __init__(
+        self, every_n_steps: int = 1000, n_contexts: int = 16, batch_contexts: int = 8,
+        batch_size: int | None = None,
+    ) -> None:  # fmt: skip
+        if batch_size is not None:
+            deprecated("ReplacementQuality(batch_size=)", "batch_contexts")
+            batch_contexts = batch_size
+        self.every_n_steps, self.n_contexts = every_n_steps, n_contexts
+        self.batch_contexts = batch_contexts
         self._lm = None
         self._ids: Tensor | None = None
         self.last: dict[str, float] = {}
@@ -250,7 +261,7 @@ class ReplacementQuality(L.Callback):
             with pl_module.per_token() as tc:
                 return replacement_metrics(
                     self._lm, tc, pl_module.in_scale, pl_module.out_scale, self._ids,
-                    self.batch_size, keep_bos=datamodule.exclude_bos,
+                    self.batch_contexts, include_bos=datamodule.include_bos,
                 )  # fmt: skip
         finally:
             pl_module.train(was_training)
@@ -353,7 +364,7 @@ def module_summary(pl_module) -> dict[str, Any]:
 
 def _tokens_per_step(trainer) -> int:
     dm = trainer.datamodule
-    size = getattr(dm, "batch_size", 0) or 0
+    size = getattr(dm, "batch_tokens", 0) or 0
     return size * trainer.accumulate_grad_batches
 
 
@@ -367,7 +378,7 @@ def heldout_contexts(cache, start_row: int, n_contexts: int) -> Tensor:
     rows hold no complete context, e.g. with val_fraction 0.
     """
     m = cache.manifest
-    first = 1 if m.get("exclude_bos", True) else 0
+    first = 0 if cache.include_bos else 1
     per_context = int(m["context_length"]) - first
     ids = _contexts_from(cache, start_row, per_context, first, n_contexts)
     if ids is None:
@@ -399,17 +410,20 @@ def _contexts_from(cache, lo: int, per_context: int, first: int, n: int) -> Tens
 
 
 def replacement_metrics(
-    lm, tc, in_scale: Tensor, out_scale: Tensor, ids: Tensor, batch_size: int = 8,
-    keep_bos: bool = True,
+    lm, tc, in_scale: Tensor, out_scale: Tensor, ids: Tensor, batch_contexts: int = 8,
+    keep_bos: bool | None = None, *, include_bos: bool = False,
 ) -> dict[str, float]:  # fmt: skip
-    """CE (original, spliced, zero-ablated), CE recovered, KL and agreement over `ids`.
+    """CE (original, spliced, zero-ablated), CE recovered, KL and agreement over `ids`, run
+    `batch_contexts` contexts at a time.
 
-    `keep_bos`: position 0 (BOS) keeps its own MLP outputs, as transcoders trained on a
-    cache without BOS rows (the default) never saw them.
+    `include_bos`: splice the transcoders in at position 0 (BOS) too; by default BOS keeps its
+    own MLP outputs, as transcoders trained on a cache without BOS rows never saw them.
+    `keep_bos` is the old, negated spelling (deprecated).
     """
+    include_bos = _include_bos(include_bos, keep_bos)
     sums: dict[str, float] = {}
-    for batch in ids.split(batch_size):
-        for key, value in _batch_sums(lm, tc, in_scale, out_scale, batch, keep_bos).items():
+    for batch in ids.split(batch_contexts):
+        for key, value in _batch_sums(lm, tc, in_scale, out_scale, batch, include_bos).items():
             sums[key] = sums.get(key, 0.0) + value
     n = sums.pop("n")
     out = {k: v / n for k, v in sums.items()}
@@ -418,14 +432,21 @@ def replacement_metrics(
     return out
 
 
-def _batch_sums(lm, tc, in_scale, out_scale, ids: Tensor, keep_bos: bool) -> dict[str, float]:
+def _include_bos(include_bos: bool, keep_bos: bool | None) -> bool:
+    if keep_bos is None:
+        return include_bos
+    deprecated("keep_bos=", "include_bos= (its negation)", depth=2)
+    return not keep_bos
+
+
+def _batch_sums(lm, tc, in_scale, out_scale, ids: Tensor, include_bos: bool) -> dict[str, float]:
     from wiremap.models.hooks import replace_mlp_out
 
     original = lm(ids).logits.float()
     zeros = {layer: torch.zeros(*ids.shape, tc.d_model, device=ids.device) for layer in tc.layers}
     with replace_mlp_out(lm, zeros):
         ablated = lm(ids).logits.float()
-    with spliced_transcoders(lm, tc, in_scale, out_scale, keep_bos):
+    with spliced_transcoders(lm, tc, in_scale, out_scale, include_bos=include_bos):
         spliced = lm(ids).logits.float()
     target = ids[:, 1:].reshape(-1)
 
@@ -445,26 +466,32 @@ def _batch_sums(lm, tc, in_scale, out_scale, ids: Tensor, keep_bos: bool) -> dic
 
 
 def spliced_mlp_outputs(
-    lm, tc, in_scale, out_scale, ids: Tensor, keep_bos: bool = True
-) -> dict[int, Tensor]:
+    lm, tc, in_scale, out_scale, ids: Tensor, keep_bos: bool | None = None, *,
+    include_bos: bool = False,
+) -> dict[int, Tensor]:  # fmt: skip
     """Closed-loop reconstructions {model layer: mlp_out} of the fully spliced model on `ids`."""
     recon: dict[int, Tensor] = {}
-    with spliced_transcoders(lm, tc, in_scale, out_scale, keep_bos, recon):
+    include_bos = _include_bos(include_bos, keep_bos)
+    with spliced_transcoders(lm, tc, in_scale, out_scale, include_bos=include_bos, recon=recon):
         lm(ids)
     return recon
 
 
 def spliced_transcoders(
-    lm, tc, in_scale, out_scale, keep_bos: bool = True, recon: dict | None = None
-):
+    lm, tc, in_scale, out_scale, keep_bos: bool | None = None, recon: dict | None = None, *,
+    include_bos: bool = False,
+):  # fmt: skip
     """Context: every covered layer's `mlp_out` replaced by the (normalised) transcoder's
     reconstruction of its live input, in one pass (`models.hooks.splice_mlp_out`).
 
     Decoder writes of each layer's features are added to all later outputs at once (no
-    [.., L, F] tensor). With `keep_bos`, position 0 keeps the model's own MLP outputs (BOS
-    sees only itself, so its stream is the clean one). Reconstructions go into `recon`.
+    [.., L, F] tensor). Unless `include_bos`, position 0 keeps the model's own MLP outputs
+    (BOS sees only itself, so its stream is the clean one). Reconstructions go into `recon`.
+    `keep_bos` is the old, negated spelling of `include_bos` (deprecated).
     """
     from wiremap.models.hooks import splice_mlp_out
+
+    include_bos = _include_bos(include_bos, keep_bos)
 
     recon = {} if recon is None else recon
     index = {layer: i for i, layer in enumerate(tc.layers)}
@@ -478,7 +505,7 @@ def spliced_transcoders(
         for j in range(dec.shape[1]):
             partial[i + j] = partial.get(i + j, tc.b_dec(i + j).float()) + a @ dec[:, j, :]
         y = (partial.pop(i) + tc.skip_layer(x, i)) / out_scale[i]
-        if keep_bos:
+        if not include_bos:
             y[:, 0] = out[:, 0]
         recon[layer] = y
         return y

@@ -1,12 +1,12 @@
 """Shuffled (x, y) batches from an activation cache or streamed from the model, for Lightning.
 
     dm = ActivationDataModule(CacheConfig(model="gpt2", dataset="...", out="cache/gpt2"),
-                              batch_size=4096, buffer_size=262144, val_fraction=0.01)
+                              batch_tokens=4096, buffer_size=262144, val_fraction=0.01)
     trainer.fit(module, datamodule=dm)       # batches: x, y [B / world_size, L, d]
     dm = ActivationDataModule(cfg, source="stream", buffer_size=65536)   # no cache on disk
 
 Two sources, one interface (`n_layers`, `d_model`, `cache_info`, `heldout_contexts`,
-`lm_source`, `exclude_bos`, `state_dict`): `source="cache"` reads `wiremap cache`'s shards;
+`lm_source`, `include_bos`, `state_dict`): `source="cache"` reads `wiremap cache`'s shards;
 `source="stream"` runs the model on the text while training (`stream.py`, which also
 documents the stream order: a cache read with `order="stream"` gives the same batches).
 
@@ -18,10 +18,10 @@ shuffle across shards through a buffer, computed on row indices only, so no buff
 activations is ever materialised and the whole order is a pure function of (seed, batch
 index).
 
-`batch_size` is the GLOBAL batch: every process computes the same global batch of row ids
-and reads only its slice (`batch_size / world_size` rows), so a DDP run sees exactly the
-rows of the one-process run with the same `batch_size` (a streamed run instead gives each
-process its own documents, in batches of `batch_size / world_size` rows). The stream is
+`batch_tokens` is the GLOBAL batch: every process computes the same global batch of row ids
+and reads only its slice (`batch_tokens / world_size` rows), so a DDP run sees exactly the
+rows of the one-process run with the same `batch_tokens` (a streamed run instead gives each
+process its own documents, in batches of `batch_tokens / world_size` rows). The stream is
 endless (epochs run back to back); stop training with `trainer.max_steps`. Worker
 processes split the batches round-robin and each opens the memory-mapped shards itself.
 
@@ -33,6 +33,9 @@ Missing cache: with `build_missing=False` (default) a missing or incomplete cach
 WiremapError telling you to run `wiremap cache --config <preset>`; with `build_missing=True`
 a single-process run builds it first (resumable) and a multi-process run still raises,
 because several processes must not write the same cache.
+
+Old names, accepted for this version with a DeprecationWarning: `batch_size` (now
+`batch_tokens`) and the `exclude_bos` property (now `include_bos`).
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from wiremap.cache import ActivationCache, CacheConfig, build_cache
+from wiremap.cache.config import deprecated
 from wiremap.errors import WiremapError
-from wiremap.train.cache import ActivationCache, CacheConfig, build_cache
 from wiremap.train.stream import (
     ActivationStream,
     Cursor,
@@ -68,28 +72,28 @@ class BatchPlan:
     """Row ids of global batch `i` of the endless shuffled stream over rows `[0, n_rows)`."""
 
     def __init__(
-        self, n_rows: int, batch_size: int, buffer_size: int, chunk_rows: int, seed: int
+        self, n_rows: int, batch_tokens: int, buffer_size: int, chunk_rows: int, seed: int
     ) -> None:
-        if n_rows < batch_size:
+        if n_rows < batch_tokens:
             raise WiremapError(
-                f"the training split has {n_rows} rows, fewer than one batch ({batch_size}); "
-                "cache more tokens or lower data.batch_size"
+                f"the training split has {n_rows} rows, fewer than one batch ({batch_tokens}); "
+                "cache more tokens or lower data.batch_tokens"
             )
-        self.n_rows, self.batch_size, self.seed = n_rows, batch_size, seed
+        self.n_rows, self.batch_tokens, self.seed = n_rows, batch_tokens, seed
         # A window holds whole batches, so no batch straddles two windows.
-        self.buffer_size = max(batch_size, buffer_size // batch_size * batch_size)
+        self.buffer_size = max(batch_tokens, buffer_size // batch_tokens * batch_tokens)
         self.chunk_starts = np.arange(0, n_rows, max(1, chunk_rows), dtype=np.int64)
         self.chunk_lens = np.minimum(chunk_rows, n_rows - self.chunk_starts)
-        self.batches_per_epoch = n_rows // batch_size
+        self.batches_per_epoch = n_rows // batch_tokens
         self._window_key: tuple[int, int] | None = None
         self._window: np.ndarray | None = None
 
     def rows(self, i: int) -> np.ndarray:
-        """Global batch `i` as an int64 array of `batch_size` row ids."""
+        """Global batch `i` as an int64 array of `batch_tokens` row ids."""
         epoch, b = divmod(i, self.batches_per_epoch)
-        window, offset = divmod(b * self.batch_size, self.buffer_size)
+        window, offset = divmod(b * self.batch_tokens, self.buffer_size)
         ids = self._window_ids(epoch, window)
-        return ids[offset : offset + self.batch_size]
+        return ids[offset : offset + self.batch_tokens]
 
     def _window_ids(self, epoch: int, window: int) -> np.ndarray:
         if self._window_key != (epoch, window):
@@ -139,13 +143,13 @@ class _TrainStream(IterableDataset):
 class _ValSet(IterableDataset):
     """The held-out rows `[lo, hi)` in order, in global batches split across processes."""
 
-    def __init__(self, path: str, lo: int, hi: int, batch_size: int, rank: int, world_size: int):
-        self.path, self.lo, self.hi, self.batch_size = path, lo, hi, batch_size
+    def __init__(self, path: str, lo: int, hi: int, batch_tokens: int, rank: int, world_size: int):
+        self.path, self.lo, self.hi, self.batch_tokens = path, lo, hi, batch_tokens
         self.rank, self.world_size = rank, world_size
 
     def batches(self) -> list[np.ndarray]:
         n = self.hi - self.lo
-        size = min(self.batch_size, n)
+        size = min(self.batch_tokens, n)
         starts = range(self.lo, self.lo + n // size * size, size)
         return [rank_slice(np.arange(s, s + size), self.rank, self.world_size) for s in starts]
 
@@ -166,7 +170,7 @@ class ActivationDataModule(L.LightningDataModule):
     def __init__(
         self,
         cache: CacheConfig,
-        batch_size: int = 4096,
+        batch_tokens: int = 4096,
         buffer_size: int = 262144,
         chunk_rows: int = 128,
         val_fraction: float = 0.01,
@@ -178,14 +182,16 @@ class ActivationDataModule(L.LightningDataModule):
         order: Literal["window", "stream"] | None = None,
         val_contexts: int = 64,
         norm_tokens: int = 16384,
+        batch_size: int | None = None,
     ) -> None:
         """
         Args:
             cache: How the cache is (or was) built; `cache.out` is the folder read here.
                 The same section drives `wiremap cache --config <preset>`, and names the
                 model and text a streamed run reads.
-            batch_size: Tokens per optimiser step summed over all processes (global batch).
-            buffer_size: Rows shuffled together (rounded down to a multiple of batch_size);
+            batch_tokens: Activation rows (tokens) per optimiser step summed over all
+                processes (global batch).
+            buffer_size: Rows shuffled together (rounded down to a multiple of batch_tokens);
                 a streamed run holds this many rows in memory (per process).
             chunk_rows: Window order: consecutive rows kept together before the window shuffle.
             val_fraction: Window order: share of rows (the last ones) held out for validation.
@@ -200,14 +206,18 @@ class ActivationDataModule(L.LightningDataModule):
                 `stream` (the only order of a streamed run): rows in text order through a
                 shuffle buffer, validation on the first contexts (see `stream.py`).
             val_contexts: Stream order: contexts at the start of the text held out for
-                validation (rounded up to whole forward batches of `cache.batch_size`).
+                validation (rounded up to whole forward batches of `cache.batch_contexts`).
             norm_tokens: Streamed run: rows at the start of the text the per-layer norm
                 statistics are estimated from.
+            batch_size: Deprecated: the old name of `batch_tokens`.
         """
         super().__init__()
-        if batch_size <= 0 or not 0.0 <= val_fraction < 1.0 or num_workers < 0:
+        if batch_size is not None:
+            deprecated("data.batch_size", "data.batch_tokens")
+            batch_tokens = batch_size
+        if batch_tokens <= 0 or not 0.0 <= val_fraction < 1.0 or num_workers < 0:
             raise WiremapError(
-                "data: need batch_size > 0, 0 <= val_fraction < 1 and num_workers >= 0"
+                "data: need batch_tokens > 0, 0 <= val_fraction < 1 and num_workers >= 0"
             )
         order = order or ("stream" if source == "stream" else "window")
         if source == "stream" and (order != "stream" or num_workers):
@@ -216,7 +226,7 @@ class ActivationDataModule(L.LightningDataModule):
                 "leave data.order unset (or `stream`) and set data.num_workers: 0"
             )
         self.cache_config = cache
-        self.batch_size, self.buffer_size, self.chunk_rows = batch_size, buffer_size, chunk_rows
+        self.batch_tokens, self.buffer_size, self.chunk_rows = batch_tokens, buffer_size, chunk_rows
         self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
         self.build_missing, self.pin_memory = build_missing, pin_memory
         self.source, self.order = source, order
@@ -310,11 +320,15 @@ class ActivationDataModule(L.LightningDataModule):
         if self.streaming:
             return self.stream.n_val_rows
         if self.order == "stream":
-            m = self.cache.manifest
-            contexts = round_up(max(0, self.val_contexts), int(m["batch_size"]))
-            per_context = int(m["context_length"]) - (1 if m.get("exclude_bos", True) else 0)
-            return min(contexts * per_context, self.cache.n_tokens)
+            bos = 0 if self.include_bos else 1
+            per_context = int(self.cache.manifest["context_length"]) - bos
+            return min(self._cached_val_contexts * per_context, self.cache.n_tokens)
         return int(round(self.val_fraction * self.cache.n_tokens))
+
+    @property
+    def _cached_val_contexts(self) -> int:
+        """Stream order on a cache: held-out contexts, rounded up to whole forward batches."""
+        return round_up(max(0, self.val_contexts), int(self.cache.manifest["batch_contexts"]))
 
     @property
     def n_train(self) -> int:
@@ -330,7 +344,7 @@ class ActivationDataModule(L.LightningDataModule):
         if self.streaming:
             return self.stream.heldout_contexts(n_contexts)
         if self.order == "stream":
-            contexts = round_up(max(0, self.val_contexts), int(self.cache.manifest["batch_size"]))
+            contexts = self._cached_val_contexts
             return heldout_contexts(self.cache, 0, min(n_contexts, contexts or n_contexts))
         return heldout_contexts(self.cache, self.n_train, n_contexts)
 
@@ -348,11 +362,23 @@ class ActivationDataModule(L.LightningDataModule):
         }
 
     @property
-    def exclude_bos(self) -> bool:
-        """Were BOS positions left out of the training rows?"""
+    def include_bos(self) -> bool:
+        """Are the BOS positions among the training rows?"""
         if self.streaming:
-            return bool(self.cache_config.exclude_bos)
-        return bool(self.cache.manifest.get("exclude_bos", True))
+            return bool(self.cache_config.include_bos)
+        return self.cache.include_bos
+
+    @property
+    def exclude_bos(self) -> bool:
+        """Deprecated: `not include_bos`."""
+        deprecated("ActivationDataModule.exclude_bos", "include_bos (its negation)")
+        return not self.include_bos
+
+    @property
+    def batch_size(self) -> int:
+        """Deprecated: `batch_tokens`."""
+        deprecated("ActivationDataModule.batch_size", "batch_tokens")
+        return self.batch_tokens
 
     # -- Lightning hooks ------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -362,10 +388,10 @@ class ActivationDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.trainer is not None:
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
-        if self.batch_size % self.world_size:
+        if self.batch_tokens % self.world_size:
             raise WiremapError(
-                f"data.batch_size={self.batch_size} is the global batch and must divide evenly "
-                f"over {self.world_size} processes"
+                f"data.batch_tokens={self.batch_tokens} is the global batch and must divide "
+                f"evenly over {self.world_size} processes"
             )
         if not self.streaming:
             self.cache  # noqa: B018
@@ -377,7 +403,7 @@ class ActivationDataModule(L.LightningDataModule):
     def plan(self) -> BatchPlan:
         """The cache's batch order: window order, or stream order (one chunk, no permutation)."""
         chunk_rows = self.n_train if self.order == "stream" else self.chunk_rows
-        return BatchPlan(self.n_train, self.batch_size, self.buffer_size, chunk_rows, self.seed)
+        return BatchPlan(self.n_train, self.batch_tokens, self.buffer_size, chunk_rows, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         if self.streaming:
@@ -389,7 +415,7 @@ class ActivationDataModule(L.LightningDataModule):
         return self._loader(stream)
 
     def _stream_train(self) -> StreamTrain:
-        local = self.batch_size // self.world_size
+        local = self.batch_tokens // self.world_size
         window = max(local, self.buffer_size // local * local)
         return StreamTrain(
             self.stream, self._start_cursor(), self.batches_consumed, local, window, self._record
@@ -416,9 +442,10 @@ class ActivationDataModule(L.LightningDataModule):
         if self.n_val == 0:
             return []
         if self.streaming:
-            return self._loader(StreamVal(self.stream, self.batch_size, self.rank, self.world_size))
+            val = StreamVal(self.stream, self.batch_tokens, self.rank, self.world_size)
+            return self._loader(val)
         lo, hi = (0, self.n_val) if self.order == "stream" else (self.n_train, self.cache.n_tokens)
-        val = _ValSet(str(self.path), lo, hi, self.batch_size, self.rank, self.world_size)
+        val = _ValSet(str(self.path), lo, hi, self.batch_tokens, self.rank, self.world_size)
         return self._loader(val, workers=min(self.num_workers, len(val)))
 
     def _loader(self, dataset: IterableDataset, workers: int | None = None) -> DataLoader:
@@ -444,7 +471,7 @@ class ActivationDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         state = {
             "batches_consumed": self.batches_consumed,
-            "batch_size": self.batch_size,
+            "batch_tokens": self.batch_tokens,
             "seed": self.seed,
             "source": self.source,
             "order": self.order,
@@ -454,10 +481,10 @@ class ActivationDataModule(L.LightningDataModule):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = (state["batch_size"], state["seed"])
-        if saved != (self.batch_size, self.seed):
+        batch_tokens = state.get("batch_tokens", state.get("batch_size"))  # older checkpoints
+        if (batch_tokens, state["seed"]) != (self.batch_tokens, self.seed):
             raise WiremapError(
-                f"this checkpoint was trained with data.batch_size={state['batch_size']} and "
+                f"this checkpoint was trained with data.batch_tokens={batch_tokens} and "
                 f"data.seed={state['seed']}; resume with the same values to continue the same "
                 "data order (or start a new run without --ckpt_path)"
             )

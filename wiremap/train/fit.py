@@ -223,7 +223,7 @@ def _setting_levels() -> list[dict[tuple[str, ...], set[str]]]:
     """Setting names by section, outermost sections first."""
     import lightning as L
 
-    from wiremap.train.cache import CacheConfig
+    from wiremap.cache import CacheConfig
     from wiremap.train.data import ActivationDataModule
     from wiremap.train.module import LossConfig, OptimConfig, TranscoderModule
     from wiremap.train.train_cmd import RunConfig

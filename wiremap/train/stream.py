@@ -1,7 +1,7 @@
 """Activations streamed from the language model: text, contexts, LM, shuffle buffer, batches.
 
     dm = ActivationDataModule(CacheConfig(model="gpt2", dataset="..."), source="stream",
-                              batch_size=4096, buffer_size=65536)
+                              batch_tokens=4096, buffer_size=65536)
     trainer.fit(module, datamodule=dm)       # nothing is written to disk but checkpoints
 
 The stream reads the text the cache would read (the `data.cache` section), packs it the
@@ -14,15 +14,15 @@ thread builds the next window while the training loop draws batches from the cur
 Stream order (shared with `ActivationDataModule(order="stream")` on a cache):
 
 1. Held-out text. The first `val_contexts` contexts of the text (rounded up to whole forward
-   batches of `cache.batch_size` contexts) are never trained on: they are the validation
+   batches of `cache.batch_contexts` contexts) are never trained on: they are the validation
    set, in order, and the contexts `ReplacementQuality` splices the transcoders into.
 2. Training text. Packing continues right after them. Documents are dealt to processes by
    index: with `world_size` processes, process `rank` packs the documents `d` with
    `(d - k) % world_size == rank`, where `k` is the document the held-out part ends in (its
    rest counts as the first training document). No two processes see the same tokens; with
    one process the training contexts are the cache's contexts after the held-out ones.
-3. Rows. Each context gives its positions (BOS left out by default) as rows, contexts in
-   order, the model run on forward batches of `cache.batch_size` contexts.
+3. Rows. Each context gives its positions (BOS left out unless `cache.include_bos`) as rows,
+   contexts in order, the model run on forward batches of `cache.batch_contexts` contexts.
 4. Shuffle buffer. Rows fill a window of `buffer_size` rows (rounded down to whole batches);
    the window is permuted with `window_permutation(seed, epoch, window)` and cut into
    batches (row ids sorted within a batch); then the next window fills. When the text ends,
@@ -60,25 +60,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from wiremap.errors import WiremapError
-from wiremap.train.cache import (
-    CacheConfig,
-    Plan,
-    activation_rows,
-    capturing,
-    check_model,
-    make_plan,
-    model_config,
-    norm_stats,
-    shard_sums,
-)
-from wiremap.train.text import (
+from wiremap.cache.build import capturing
+from wiremap.cache.config import CacheConfig, Plan, check_model, make_plan, model_config
+from wiremap.cache.manifest import norm_stats
+from wiremap.cache.text import (
     TextPosition,
     boundary_tokens,
     iter_texts,
     pack_positions,
     tokenize_indexed,
 )
+from wiremap.cache.writer import activation_rows, shard_sums
+from wiremap.errors import WiremapError
 
 Rows = tuple[Tensor, Tensor]  # x, y: [n, L, d] in the storage dtype, on CPU
 
@@ -116,7 +109,7 @@ class ActivationStream:
         self.config = model_config(cfg)
         self.layers = check_model(cfg, self.config)
         self.plan: Plan = make_plan(cfg, self.layers)
-        self.val_contexts = round_up(max(0, val_contexts), self.plan.batch_size)
+        self.val_contexts = round_up(max(0, val_contexts), self.plan.batch_contexts)
         self.rank, self.world_size = 0, 1
         self.device: str | torch.device = lm_device(cfg.device)
 
@@ -190,12 +183,12 @@ class ActivationStream:
     def groups(
         self, contexts: Iterator[tuple[list[int], TextPosition]]
     ) -> Iterator[tuple[TextPosition, Tensor, Rows]]:
-        """(position, ids [n, C], rows) per forward batch of `cache.batch_size` contexts."""
+        """(position, ids [n, C], rows) per forward batch of `cache.batch_contexts` contexts."""
         while True:
             if _exiting.is_set():  # the interpreter is going: stop between forward passes
                 raise SystemExit
             with self.lock:  # tokenizer and model: one thread at a time (see `prefetched`)
-                batch = list(islice(contexts, self.plan.batch_size))
+                batch = list(islice(contexts, self.plan.batch_contexts))
                 if not batch:
                     return
                 ids = torch.tensor([c for c, _ in batch], dtype=torch.long)
@@ -285,7 +278,7 @@ class ActivationStream:
             if epoch_batches == 0:
                 raise WiremapError(
                     f"process {self.rank} of {self.world_size} gets less than one batch of "
-                    f"{batch} rows from the text; give more text, lower data.batch_size or use "
+                    f"{batch} rows from the text; give more text, lower data.batch_tokens or use "
                     "fewer processes"
                 )
             start = self.first_cursor()
@@ -345,9 +338,9 @@ class StreamTrain(IterableDataset):
 class StreamVal(IterableDataset):
     """The held-out rows in order, in global batches split across processes (as `_ValSet`)."""
 
-    def __init__(self, stream: ActivationStream, batch_size: int, rank: int, world_size: int):
+    def __init__(self, stream: ActivationStream, batch_tokens: int, rank: int, world_size: int):
         self.stream, self.rank, self.world_size = stream, rank, world_size
-        self.size = min(batch_size, stream.n_val_rows)
+        self.size = min(batch_tokens, stream.n_val_rows)
 
     def __len__(self) -> int:
         return self.stream.n_val_rows // self.size if self.size else 0
