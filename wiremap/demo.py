@@ -90,7 +90,7 @@ class DemoConfig:
     (antonyms) to the last position, and the QK pairs that make them attend there."""
 
     def __post_init__(self) -> None:
-        from wiremap.cache.config import require_positive
+        from wiremap.errors import require_positive
 
         positive = ("n_tokens", "d_transcoder", "steps", "batch_size", "n_paths", "threads")
         require_positive(self, *positive)

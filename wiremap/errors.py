@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -89,3 +90,21 @@ def disk_error(err: BaseException) -> WiremapError | None:
 def _words_errno(text: str) -> int | None:
     low = text.lower()
     return next((code for words, code in _DISK_WORDS.items() if words in low), None)
+
+
+# -- settings -------------------------------------------------------------------------------
+def deprecated(old: str, new: str, depth: int = 1) -> None:
+    """One DeprecationWarning for a setting still accepted under its old name, blamed on the
+    code `depth` frames above the caller."""
+    warnings.warn(
+        f"{old} is deprecated and goes away in the next version; use {new}",
+        DeprecationWarning,
+        stacklevel=2 + depth,
+    )
+
+
+def require_positive(cfg, *names: str) -> None:
+    """WiremapError unless each named setting of `cfg` is a positive integer."""
+    for name in names:
+        if int(getattr(cfg, name)) < 1:
+            raise WiremapError(f"{name} must be a positive integer, got {getattr(cfg, name)}")

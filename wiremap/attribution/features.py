@@ -81,7 +81,7 @@ class FeatureCardConfig:
     """Show progress bars."""
 
     def __post_init__(self) -> None:
-        from wiremap.cache.config import require_positive
+        from wiremap.errors import require_positive
 
         require_positive(self, "top_k", "n_samples", "n_quantiles", "context", "n_logits")
 

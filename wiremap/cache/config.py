@@ -7,7 +7,6 @@ plan = make_plan(cfg, layers)                    # rows per context, per batch, 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Literal
@@ -15,7 +14,7 @@ from typing import Literal
 import torch
 
 from wiremap.cache.text import TextSpec
-from wiremap.errors import WiremapError
+from wiremap.errors import WiremapError, deprecated, require_positive
 from wiremap.models.adapters import check_layers, get_adapter
 from wiremap.models.loading import load_config, model_max_length
 
@@ -96,23 +95,6 @@ class CacheConfig:
         return TextSpec(
             self.dataset, self.dataset_config, self.split, self.text_column, self.streaming
         )
-
-
-def deprecated(old: str, new: str, depth: int = 1) -> None:
-    """One DeprecationWarning for a setting still accepted under its old name, blamed on the
-    code `depth` frames above the caller."""
-    warnings.warn(
-        f"{old} is deprecated and goes away in the next version; use {new}",
-        DeprecationWarning,
-        stacklevel=2 + depth,
-    )
-
-
-def require_positive(cfg, *names: str) -> None:
-    """WiremapError unless each named setting of `cfg` is a positive integer."""
-    for name in names:
-        if int(getattr(cfg, name)) < 1:
-            raise WiremapError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

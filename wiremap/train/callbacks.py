@@ -41,8 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wiremap.cache.config import deprecated
-from wiremap.errors import WiremapError
+from wiremap.errors import WiremapError, deprecated
 from wiremap.train.host_memory import reuse_freed_memory
 
 

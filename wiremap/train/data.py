@@ -56,8 +56,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from wiremap.cache import ActivationCache, CacheConfig, build_cache
-from wiremap.cache.config import deprecated
-from wiremap.errors import WiremapError
+from wiremap.errors import WiremapError, deprecated
 from wiremap.train.stream import (
     ActivationStream,
     Cursor,
