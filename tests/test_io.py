@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from wiremap.errors import WiremapError
-from wiremap.models.io import (
+from wiremap.models.formats import (
     import_gemma_scope,
     import_sparsify,
     load_transcoders,
@@ -53,7 +53,7 @@ def test_export_then_load_gives_identical_outputs(tmp_path, arch, activation, k,
     torch.testing.assert_close(loaded.decoder_norms(), tc.decoder_norms())
     torch.testing.assert_close(loaded.decoder(1, torch.tensor([4, 0])), tc.decoder(1)[[4, 0]])
     if lazy and tc.cross_layer:
-        assert loaded.decoder_weight is None
+        assert loaded.W_dec is None
         assert not any(k.startswith("decoder_weight") for k in loaded.state_dict())
 
 
@@ -82,7 +82,7 @@ def test_plt_files_follow_the_circuit_tracer_layout(tmp_path):
         "W_skip": [D, D],
     }
     torch.testing.assert_close(layer["activation_function.threshold"], tc.threshold(1).detach())
-    torch.testing.assert_close(layer["W_skip"], tc.W_skip(1).detach())
+    torch.testing.assert_close(layer["W_skip"], tc.W_skip[1].detach())
 
 
 @pytest.mark.filterwarnings("ignore:.*circuit-tracer")
@@ -103,7 +103,7 @@ def test_clt_files_follow_the_circuit_tracer_layout(tmp_path):
     # circuit-tracer's CLT computes x @ W_skip_i
     x = torch.randn(5, D)
     torch.testing.assert_close(
-        x @ enc["W_skip_1"].float(), tc.skip_layer(x, 1).detach(), rtol=2e-2, atol=2e-2
+        x @ enc["W_skip_1"].float(), tc.skip(x, 1).detach(), rtol=2e-2, atol=2e-2
     )
     for i in range(L):
         dec = load_file(str(tmp_path / f"W_dec_{i}.safetensors"))
@@ -643,7 +643,7 @@ def test_import_sparsify_accepts_gpt2_style_mlp_hookpoints(tmp_path):
 @pytest.mark.parametrize("arch", ["plt", "skip_plt"])
 @pytest.mark.parametrize("activation", ["relu", "jumprelu"])
 def test_sae_lens_folders_round_trip(tmp_path, arch, activation):
-    from wiremap.models.peer_formats import export_sae_lens, import_sae_lens
+    from wiremap.models.formats import export_sae_lens, import_sae_lens
 
     tc = make(arch, activation)
     tc.layers = [2, 4, 9]
@@ -665,7 +665,7 @@ def test_sae_lens_folders_round_trip(tmp_path, arch, activation):
 
 
 def test_sae_lens_refuses_what_it_cannot_hold(tmp_path):
-    from wiremap.models.peer_formats import export_sae_lens, import_sae_lens
+    from wiremap.models.formats import export_sae_lens, import_sae_lens
 
     with pytest.raises(WiremapError, match="ReLU or JumpReLU only, not topk"):
         export_sae_lens(make("plt", "topk", 3), tmp_path)
@@ -687,7 +687,7 @@ def test_sae_lens_refuses_what_it_cannot_hold(tmp_path):
 
 @pytest.mark.parametrize("arch", ["plt", "skip_plt"])
 def test_sparsify_folders_round_trip(tmp_path, arch):
-    from wiremap.models.peer_formats import export_sparsify
+    from wiremap.models.formats import export_sparsify
 
     tc = make(arch, "topk", 3)
     tc.layers = [1, 3, 5]

@@ -51,11 +51,11 @@ def test_shapes_and_forward_is_decode_of_encode_plus_skip(arch, activation, k):
     torch.testing.assert_close(y_hat, tc.decode(a) + tc.skip(x))
     assert tc.decoder_norms().shape == (L, F)
     assert tc.has_skip == arch.startswith("skip")
-    assert (tc.W_skip(0) is not None) == tc.has_skip
+    assert (tc.W_skip is not None) == tc.has_skip
     for layer in range(L):
         assert tc.decoder(layer).shape == (F, tc.n_out(layer), D)
-        assert tc.W_enc(layer).shape == (F, D) and tc.b_enc(layer).shape == (F,)
-        assert tc.b_dec(layer).shape == (D,)
+        assert tc.W_enc[layer].shape == (F, D) and tc.b_enc[layer].shape == (F,)
+        assert tc.b_dec[layer].shape == (D,)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -67,10 +67,10 @@ def test_per_layer_calls_match_the_batched_ones(arch, activation, k):
     pre = tc.pre_activations(x)
     skip = tc.skip(x)
     for layer in range(L):
-        torch.testing.assert_close(tc.pre_activation(x[:, layer], layer), pre[:, layer])
-        torch.testing.assert_close(tc.encode_layer(x[:, layer], layer), a[:, layer])
-        torch.testing.assert_close(tc.skip_layer(x[:, layer], layer), skip[:, layer])
-        manual = x[:, layer] @ tc.W_enc(layer).T + tc.b_enc(layer)
+        torch.testing.assert_close(tc.pre_activations(x[:, layer], layer), pre[:, layer])
+        torch.testing.assert_close(tc.encode(x[:, layer], layer), a[:, layer])
+        torch.testing.assert_close(tc.skip(x[:, layer], layer), skip[:, layer])
+        manual = x[:, layer] @ tc.W_enc[layer].T + tc.b_enc[layer]
         torch.testing.assert_close(pre[:, layer], manual)
 
 
@@ -82,7 +82,7 @@ def test_decoding_a_one_hot_activation_gives_b_dec_plus_the_decoder_vectors(arch
             a = torch.zeros(L, F)
             a[layer, feature] = 2.0
             out = tc.decode(a)
-            expected = tc.decoder_bias.detach().clone()
+            expected = tc.b_dec.detach().clone()
             vecs = tc.decoder(layer)[feature]  # [n_out, D]
             expected[layer : layer + tc.n_out(layer)] += 2.0 * vecs
             torch.testing.assert_close(out, expected)
@@ -107,19 +107,19 @@ def test_skip_is_a_linear_map_with_d_out_d_in_layout(arch):
         assert torch.equal(tc.skip(x), torch.zeros_like(x))
         return
     for layer in range(L):
-        torch.testing.assert_close(tc.skip(x)[:, layer], x[:, layer] @ tc.W_skip(layer).T)
+        torch.testing.assert_close(tc.skip(x)[:, layer], x[:, layer] @ tc.W_skip[layer].T)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_initialisation_follows_the_design(arch):
     tc = build_transcoder(arch, L, D, F, "jumprelu")
-    assert tc.encoder_weight.abs().max() <= 1 / math.sqrt(F)
+    assert tc.W_enc.abs().max() <= 1 / math.sqrt(F)
     bound = 1 / math.sqrt(L * D)
     assert all(tc.decoder(i).abs().max() <= bound for i in range(L))
-    assert tc.encoder_weight.std() > 0.5 / math.sqrt(3 * F)  # not all zeros
-    assert not tc.encoder_bias.any() and not tc.decoder_bias.any()
+    assert tc.W_enc.std() > 0.5 / math.sqrt(3 * F)  # not all zeros
+    assert not tc.b_enc.any() and not tc.b_dec.any()
     if tc.has_skip:
-        assert not tc.skip_weight.any()
+        assert not tc.W_skip.any()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
