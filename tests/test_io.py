@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import random_transcoder
 from safetensors.torch import load_file, save_file
 
 from wiremap.errors import WiremapError
@@ -19,21 +20,13 @@ from wiremap.models.formats import (
     load_transcoders,
     save_transcoders,
 )
-from wiremap.models.transcoders import build_transcoder
 
 L, D, F = 3, 8, 12
 ARCHS = ["plt", "skip_plt", "clt", "skip_clt"]
 
 
 def make(arch: str, activation: str = "relu", k: int | None = None, seed: int = 0):
-    torch.manual_seed(seed)
-    tc = build_transcoder(arch, L, D, F, activation, k, model_name="tiny/model")
-    with torch.no_grad():
-        for p in tc.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-        if activation == "jumprelu":
-            tc.activation.set_threshold(torch.rand(L, F) * 0.3)
-    return tc
+    return random_transcoder(arch, L, D, F, activation, k, seed, model_name="tiny/model")
 
 
 @pytest.mark.filterwarnings("ignore:.*circuit-tracer")
@@ -760,3 +753,49 @@ def test_an_existing_export_can_be_padded_again(tmp_path):
     save_transcoders(load_transcoders(tmp_path / "a"), tmp_path / "b", pad_layers=True)
     assert (tmp_path / "b" / "W_enc_4.safetensors").is_file()
     _outputs_equal(load_transcoders(tmp_path / "b", lazy=True), tc)
+
+
+# -- the format registry and the old import paths ---------------------------------------------
+def test_formats_are_registered_once_and_dispatch_by_name(tmp_path):
+    from wiremap.models import formats
+    from wiremap.models.formats import FORMATS, Format, register_format
+
+    assert {"wiremap", "circuit_tracer", "gemma_scope", "sparsify", "sae_lens"} <= set(FORMATS)
+    with pytest.raises(WiremapError, match="file format 'sae_lens' is already registered"):
+        register_format(Format("sae_lens", "a clash"))
+    assert FORMATS["sae_lens"].write is formats.export_sae_lens
+    tc = make("skip_plt", "jumprelu")
+    formats.export_transcoders(tc, tmp_path / "sl", format="sae_lens")
+    _outputs_equal(formats.import_transcoders(tmp_path / "sl", format="sae_lens"), tc)
+    with pytest.raises(WiremapError, match="cannot write them"):
+        formats.export_transcoders(tc, tmp_path / "gs", format="gemma_scope")
+    with pytest.raises(WiremapError, match="unknown transcoder file format 'onnx'"):
+        formats.import_transcoders(tmp_path, format="onnx")
+    try:
+        mine = register_format(Format("test_format", "x", read=lambda path: tc))
+        assert formats.import_transcoders(tmp_path, format="test_format") is tc
+        with pytest.raises(WiremapError, match="reads test_format files but cannot write"):
+            formats.export_transcoders(tc, tmp_path, format="test_format")
+        assert register_format(Format("test_format", "y"), replace=True) is not mine
+    finally:
+        del FORMATS["test_format"]
+
+
+def test_old_io_paths_still_import_with_a_warning():
+    import wiremap
+    from wiremap.models import formats
+
+    old = {
+        "wiremap.models.io": ["save_transcoders", "load_transcoders", "import_gemma_scope",
+                              "import_sparsify", "ct_hook_names", "circuit_tracer_limits"],
+        "wiremap.models.peer_formats": ["export_sae_lens", "import_sae_lens", "export_sparsify"],
+    }  # fmt: skip
+    for module, names in old.items():
+        for name in names:
+            with pytest.warns(DeprecationWarning, match=f"{module}.{name} is deprecated"):
+                value = getattr(__import__(module, fromlist=[name]), name)
+            assert value is getattr(formats, name, None) or value.__module__.startswith(
+                "wiremap.models.formats."
+            )
+    assert wiremap.save_transcoders is formats.save_transcoders
+    assert wiremap.load_transcoders is formats.load_transcoders

@@ -38,22 +38,22 @@ _MOVED = {
 }
 
 
-def moved(old_module: str, name: str, new_module: str):
-    """`name` from `new_module`, warning that `old_module` (a shim) goes away."""
-    warnings.warn(
-        f"{old_module}.{name} is deprecated and goes away in the next version; import it from "
-        f"{new_module} (from wiremap.models.formats import ... has the public names)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return getattr(import_module(new_module), name)
+def moved_names(module: str, moved: dict[str, str]):
+    """`__getattr__` and `__dir__` for a shim `module` whose names now live in `moved[name]`:
+    each name still resolves, with a DeprecationWarning that names its new module."""
+
+    def getattr_(name: str):
+        if name not in moved:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        warnings.warn(
+            f"{module}.{name} is deprecated and goes away in the next version; import it from "
+            f"{moved[name]}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(import_module(moved[name]), name)
+
+    return getattr_, lambda: sorted(moved)
 
 
-def __getattr__(name: str):
-    if name in _MOVED:
-        return moved(__name__, name, _MOVED[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_MOVED])
+__getattr__, __dir__ = moved_names(__name__, _MOVED)

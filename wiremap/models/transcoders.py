@@ -167,7 +167,7 @@ class Transcoder(nn.Module):
         return torch.einsum("...ld,lfd->...lf", x, self.W_enc) + self.b_enc
 
     def encode(self, x: Tensor, layer: int | None = None) -> Tensor:
-        """Feature activations: x [..., L, d] -> a [..., L, F]; with `layer`, [..., d] -> [..., F]."""
+        """Activations: x [..., L, d] -> a [..., L, F]; with `layer`, x [..., d] -> a [..., F]."""
         return self.activation(self.pre_activations(x, layer), layer)
 
     # -- skip ------------------------------------------------------------------------
