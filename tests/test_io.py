@@ -47,7 +47,7 @@ def test_export_then_load_gives_identical_outputs(tmp_path, arch, activation, k,
     torch.testing.assert_close(loaded.decoder(1, torch.tensor([4, 0])), tc.decoder(1)[[4, 0]])
     if lazy and tc.cross_layer:
         assert loaded.W_dec is None
-        assert not any(k.startswith("decoder_weight") for k in loaded.state_dict())
+        assert not any(k.startswith("W_dec") for k in loaded.state_dict())
 
 
 def test_plt_files_follow_the_circuit_tracer_layout(tmp_path):
