@@ -232,7 +232,8 @@ class ReplacementModel(nn.Module):
     @contextmanager
     def frozen(self, input_ids: Tensor) -> Iterator[FrozenModel]:
         """Freeze the model around `input_ids` (DESIGN.md §5); see `wiremap.models.frozen`."""
-        skip = self.skip if self.transcoders.has_skip else None
+        # frozen's SkipFn takes (layer, x)
+        skip = (lambda layer, x: self.skip(x, layer)) if self.transcoders.has_skip else None
         with freeze(
             self.model,
             _as_batch(input_ids),
