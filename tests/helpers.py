@@ -54,3 +54,19 @@ def tiny_cache(model_dir, root, n_docs: int, seed: int, **settings):
     )
     ActivationDataModule(cfg, build_missing=True).cache  # noqa: B018 (builds it)
     return cfg
+
+
+def random_transcoder(arch, n_layers, d_model, d_transcoder, activation="relu", k=None, seed=0,
+                      **build):  # fmt: skip
+    """A transcoder with every parameter random (skip and biases included, JumpReLU
+    thresholds in [0, 0.3)), so that a test compares every tensor that matters."""
+    from wiremap.models.transcoders import build_transcoder
+
+    torch.manual_seed(seed)
+    tc = build_transcoder(arch, n_layers, d_model, d_transcoder, activation, k, **build)
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        if activation == "jumprelu":
+            tc.activation.set_threshold(torch.rand(n_layers, d_transcoder) * 0.3)
+    return tc

@@ -12,7 +12,9 @@ from wiremap.models.activations import (
     ACTIVATIONS,
     BatchTopK,
     JumpReLU,
+    ReLU,
     build_activation,
+    register_activation,
     smoothed_jumprelu,
 )
 
@@ -33,6 +35,31 @@ def test_registry_has_the_four_activations_and_rejects_unknown_names():
         build_activation("topk", L, F)  # k missing
     with pytest.raises(WiremapError, match="k"):
         build_activation("batchtopk", L, F, k=F + 1)
+
+
+def test_registering_a_taken_activation_name_raises():
+    with pytest.raises(WiremapError, match="activation 'relu' is already registered"):
+
+        @register_activation("relu")
+        class Clash(ReLU):
+            pass
+
+    assert ACTIVATIONS["relu"] is ReLU and ReLU.name == "relu"
+
+    @register_activation("test_relu_copy")
+    class Copy(ReLU):
+        pass
+
+    try:
+
+        @register_activation("test_relu_copy", replace=True)
+        class Replacement(ReLU):
+            pass
+
+        act = build_activation("test_relu_copy", L, F)
+        assert type(act) is Replacement and act.config()["activation"] == "test_relu_copy"
+    finally:
+        del ACTIVATIONS["test_relu_copy"]
 
 
 @pytest.mark.parametrize("name,kw", [("relu", {}), ("jumprelu", {}), ("topk", {"k": 3})])

@@ -1,10 +1,12 @@
 """Hook points are the right tensors for every supported architecture."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from wiremap.errors import WiremapError
-from wiremap.models.adapters import ADAPTERS, get_adapter
+from wiremap.models.adapters import ADAPTERS, get_adapter, register_adapter
 from wiremap.models.hooks import capture, remaining_hooks, replace_mlp_out
 from wiremap.models.loading import load_model
 from wiremap.models.tiny import ARCHITECTURES
@@ -102,3 +104,22 @@ def test_missing_model_path(tmp_path):
         load_model(str(tmp_path / "nope"))
     with pytest.raises(WiremapError, match="config.json"):
         load_model(str(tmp_path))
+
+
+def test_registering_a_taken_adapter_raises_unless_replaced():
+    llama = ADAPTERS["llama"]
+    with pytest.raises(WiremapError, match="language-model adapter 'llama' is already registered"):
+        register_adapter(dataclasses.replace(llama, model_types=("llama_copy",)))
+    with pytest.raises(WiremapError, match=r"model types \['llama'\] already have an adapter"):
+        register_adapter(dataclasses.replace(llama, name="other_llama"))
+    assert get_adapter("llama") is llama and "other_llama" not in ADAPTERS
+    assert "llama_copy" not in ADAPTERS and get_adapter("mistral").name == "mistral"
+    moved = dataclasses.replace(llama, model_types=("llama", "test_llama_alias"))
+    try:
+        assert register_adapter(moved, replace=True) is moved
+        assert get_adapter("test_llama_alias") is moved and get_adapter("llama") is moved
+    finally:
+        register_adapter(llama, replace=True)
+    assert get_adapter("llama") is llama
+    with pytest.raises(WiremapError, match="unsupported architecture 'test_llama_alias'"):
+        get_adapter("test_llama_alias")

@@ -90,7 +90,7 @@ def test_head_loadings_one_head_by_hand(tiny_model_dir):
         kv = h // group
         v = attn.v_proj.weight[kv * dh : (kv + 1) * dh] @ (w_in * x0[p_s])
         o = attn.o_proj.weight[:, h * dh : (h + 1) * dh] @ v * pattern[h, p_t, p_s]
-        expected.append(rm.transcoders.W_enc(0)[f] @ (w_mid * o))
+        expected.append(rm.transcoders.W_enc[0][f] @ (w_mid * o))
     assert load.layers == [0]
     torch.testing.assert_close(load.heads[0].float(), torch.stack(expected), atol=1e-6, rtol=1e-4)
     assert load.heads.abs().max() > 1e-4

@@ -32,7 +32,7 @@ def make_rm(tiny_model_dir, arch="llama", tc_arch="plt", no_bias=False, n_feat=4
             # every constant of the frozen model but the sources: biases of the model
             # (attention, LayerNorm) and of the transcoders
             for name, p in [*model.named_parameters(), *tc.named_parameters()]:
-                if name.endswith("bias"):
+                if name.endswith("bias") or name in ("b_enc", "b_dec"):
                     p.zero_()
     return ReplacementModel(model, tokenizer, tc)
 

@@ -12,8 +12,14 @@ import pytest
 import torch
 import yaml
 
-from wiremap.models.io import import_sparsify, load_transcoders, save_transcoders
-from wiremap.models.peer_formats import export_sae_lens, export_sparsify, import_sae_lens
+from wiremap.models.formats import (
+    export_sae_lens,
+    export_sparsify,
+    import_sae_lens,
+    import_sparsify,
+    load_transcoders,
+    save_transcoders,
+)
 from wiremap.models.transcoders import build_transcoder
 
 pytestmark = pytest.mark.interop
@@ -28,7 +34,7 @@ def make(arch, activation="relu", k=None, layers=None, seed=0):
     with torch.no_grad():
         for p in tc.parameters():
             p.add_(0.3 * torch.randn_like(p))
-        tc.encoder_bias.add_(2.0)  # TopK: at least k positive pre-activations per token
+        tc.b_enc.add_(2.0)  # TopK: at least k positive pre-activations per token
         if activation == "jumprelu":
             tc.activation.set_threshold(torch.rand(n, F) * 0.5)
     return tc
@@ -110,7 +116,7 @@ def test_skip_clt_export_warns_and_circuit_tracer_drops_the_skip(tmp_path):
                       lazy_decoder=False)  # fmt: skip
     x = torch.randn(4, L, D)
     y, a = ours(tc, x)
-    skip = torch.stack([tc.skip_layer(x[:, i], i) for i in range(L)]).detach()
+    skip = torch.stack([tc.skip(x[:, i], i) for i in range(L)]).detach()
     with torch.no_grad():
         y_ct = clt.decode(clt.encode(x.transpose(0, 1)).to_sparse(), x.transpose(0, 1))
     torch.testing.assert_close(y_ct, y - skip, **TOL)  # exactly the documented limit
@@ -243,7 +249,7 @@ def test_our_hook_names_exist_in_circuit_tracers_model_mapping(
     architecture, model_name, input_hook
 ):
     mapping = pytest.importorskip("circuit_tracer.utils.tl_nnsight_mapping")
-    from wiremap.models.io import ct_hook_names
+    from wiremap.models.formats import ct_hook_names
 
     tc = make("plt")
     tc.model_name, tc.input_hook = model_name, input_hook

@@ -10,30 +10,23 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import random_transcoder
 from safetensors.torch import load_file, save_file
 
 from wiremap.errors import WiremapError
-from wiremap.models.io import (
+from wiremap.models.formats import (
     import_gemma_scope,
     import_sparsify,
     load_transcoders,
     save_transcoders,
 )
-from wiremap.models.transcoders import build_transcoder
 
 L, D, F = 3, 8, 12
 ARCHS = ["plt", "skip_plt", "clt", "skip_clt"]
 
 
 def make(arch: str, activation: str = "relu", k: int | None = None, seed: int = 0):
-    torch.manual_seed(seed)
-    tc = build_transcoder(arch, L, D, F, activation, k, model_name="tiny/model")
-    with torch.no_grad():
-        for p in tc.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-        if activation == "jumprelu":
-            tc.activation.set_threshold(torch.rand(L, F) * 0.3)
-    return tc
+    return random_transcoder(arch, L, D, F, activation, k, seed, model_name="tiny/model")
 
 
 @pytest.mark.filterwarnings("ignore:.*circuit-tracer")
@@ -53,8 +46,8 @@ def test_export_then_load_gives_identical_outputs(tmp_path, arch, activation, k,
     torch.testing.assert_close(loaded.decoder_norms(), tc.decoder_norms())
     torch.testing.assert_close(loaded.decoder(1, torch.tensor([4, 0])), tc.decoder(1)[[4, 0]])
     if lazy and tc.cross_layer:
-        assert loaded.decoder_weight is None
-        assert not any(k.startswith("decoder_weight") for k in loaded.state_dict())
+        assert loaded.W_dec is None
+        assert not any(k.startswith("W_dec") for k in loaded.state_dict())
 
 
 def test_plt_files_follow_the_circuit_tracer_layout(tmp_path):
@@ -82,7 +75,7 @@ def test_plt_files_follow_the_circuit_tracer_layout(tmp_path):
         "W_skip": [D, D],
     }
     torch.testing.assert_close(layer["activation_function.threshold"], tc.threshold(1).detach())
-    torch.testing.assert_close(layer["W_skip"], tc.W_skip(1).detach())
+    torch.testing.assert_close(layer["W_skip"], tc.W_skip[1].detach())
 
 
 @pytest.mark.filterwarnings("ignore:.*circuit-tracer")
@@ -103,7 +96,7 @@ def test_clt_files_follow_the_circuit_tracer_layout(tmp_path):
     # circuit-tracer's CLT computes x @ W_skip_i
     x = torch.randn(5, D)
     torch.testing.assert_close(
-        x @ enc["W_skip_1"].float(), tc.skip_layer(x, 1).detach(), rtol=2e-2, atol=2e-2
+        x @ enc["W_skip_1"].float(), tc.skip(x, 1).detach(), rtol=2e-2, atol=2e-2
     )
     for i in range(L):
         dec = load_file(str(tmp_path / f"W_dec_{i}.safetensors"))
@@ -643,7 +636,7 @@ def test_import_sparsify_accepts_gpt2_style_mlp_hookpoints(tmp_path):
 @pytest.mark.parametrize("arch", ["plt", "skip_plt"])
 @pytest.mark.parametrize("activation", ["relu", "jumprelu"])
 def test_sae_lens_folders_round_trip(tmp_path, arch, activation):
-    from wiremap.models.peer_formats import export_sae_lens, import_sae_lens
+    from wiremap.models.formats import export_sae_lens, import_sae_lens
 
     tc = make(arch, activation)
     tc.layers = [2, 4, 9]
@@ -665,7 +658,7 @@ def test_sae_lens_folders_round_trip(tmp_path, arch, activation):
 
 
 def test_sae_lens_refuses_what_it_cannot_hold(tmp_path):
-    from wiremap.models.peer_formats import export_sae_lens, import_sae_lens
+    from wiremap.models.formats import export_sae_lens, import_sae_lens
 
     with pytest.raises(WiremapError, match="ReLU or JumpReLU only, not topk"):
         export_sae_lens(make("plt", "topk", 3), tmp_path)
@@ -687,7 +680,7 @@ def test_sae_lens_refuses_what_it_cannot_hold(tmp_path):
 
 @pytest.mark.parametrize("arch", ["plt", "skip_plt"])
 def test_sparsify_folders_round_trip(tmp_path, arch):
-    from wiremap.models.peer_formats import export_sparsify
+    from wiremap.models.formats import export_sparsify
 
     tc = make(arch, "topk", 3)
     tc.layers = [1, 3, 5]
@@ -760,3 +753,49 @@ def test_an_existing_export_can_be_padded_again(tmp_path):
     save_transcoders(load_transcoders(tmp_path / "a"), tmp_path / "b", pad_layers=True)
     assert (tmp_path / "b" / "W_enc_4.safetensors").is_file()
     _outputs_equal(load_transcoders(tmp_path / "b", lazy=True), tc)
+
+
+# -- the format registry and the old import paths ---------------------------------------------
+def test_formats_are_registered_once_and_dispatch_by_name(tmp_path):
+    from wiremap.models import formats
+    from wiremap.models.formats import FORMATS, Format, register_format
+
+    assert {"wiremap", "circuit_tracer", "gemma_scope", "sparsify", "sae_lens"} <= set(FORMATS)
+    with pytest.raises(WiremapError, match="file format 'sae_lens' is already registered"):
+        register_format(Format("sae_lens", "a clash"))
+    assert FORMATS["sae_lens"].write is formats.export_sae_lens
+    tc = make("skip_plt", "jumprelu")
+    formats.export_transcoders(tc, tmp_path / "sl", format="sae_lens")
+    _outputs_equal(formats.import_transcoders(tmp_path / "sl", format="sae_lens"), tc)
+    with pytest.raises(WiremapError, match="cannot write them"):
+        formats.export_transcoders(tc, tmp_path / "gs", format="gemma_scope")
+    with pytest.raises(WiremapError, match="unknown transcoder file format 'onnx'"):
+        formats.import_transcoders(tmp_path, format="onnx")
+    try:
+        mine = register_format(Format("test_format", "x", read=lambda path: tc))
+        assert formats.import_transcoders(tmp_path, format="test_format") is tc
+        with pytest.raises(WiremapError, match="reads test_format files but cannot write"):
+            formats.export_transcoders(tc, tmp_path, format="test_format")
+        assert register_format(Format("test_format", "y"), replace=True) is not mine
+    finally:
+        del FORMATS["test_format"]
+
+
+def test_old_io_paths_still_import_with_a_warning():
+    import wiremap
+    from wiremap.models import formats
+
+    old = {
+        "wiremap.models.io": ["save_transcoders", "load_transcoders", "import_gemma_scope",
+                              "import_sparsify", "ct_hook_names", "circuit_tracer_limits"],
+        "wiremap.models.peer_formats": ["export_sae_lens", "import_sae_lens", "export_sparsify"],
+    }  # fmt: skip
+    for module, names in old.items():
+        for name in names:
+            with pytest.warns(DeprecationWarning, match=f"{module}.{name} is deprecated"):
+                value = getattr(__import__(module, fromlist=[name]), name)
+            assert value is getattr(formats, name, None) or value.__module__.startswith(
+                "wiremap.models.formats."
+            )
+    assert wiremap.save_transcoders is formats.save_transcoders
+    assert wiremap.load_transcoders is formats.load_transcoders

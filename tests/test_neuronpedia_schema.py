@@ -372,7 +372,7 @@ def test_feature_jsons_for_a_graph(tmp_path):
 
 def test_attribute_cli_writes_a_viewer_folder(tiny_model_dir, tmp_path, capsys):
     from wiremap.cli import main
-    from wiremap.models.io import save_transcoders
+    from wiremap.models.formats import save_transcoders
     from wiremap.models.transcoders import build_transcoder
 
     path = tiny_model_dir("llama", n_layers=3)

@@ -140,9 +140,9 @@ def test_sparse_auxk_equals_the_dense_auxk():
     pre = tc.pre_activations(x)
     dead = module.dead_mask()
     want = losses.auxk_loss(tc, pre, dead, residual, k_aux=5)
-    (w_want,) = torch.autograd.grad(want, [tc.encoder_weight])
+    (w_want,) = torch.autograd.grad(want, [tc.W_enc])
     got = sparse.auxk_loss(tc, x, pre.detach(), dead, residual, k_aux=5)
-    (w_got,) = torch.autograd.grad(got, [tc.encoder_weight])
+    (w_got,) = torch.autograd.grad(got, [tc.W_enc])
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(w_got, w_want)
     assert float(sparse.auxk_loss(tc, x, pre.detach(), dead & False, residual, 5)) == 0
@@ -154,4 +154,4 @@ def test_empty_batch_decodes_to_the_bias():
     bags = sparse.Bags(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
                        L * N, L * F)  # fmt: skip
     y = sparse.decode(tc, bags, torch.zeros(0), N)
-    torch.testing.assert_close(y, tc.decoder_bias.expand(N, L, D))
+    torch.testing.assert_close(y, tc.b_dec.expand(N, L, D))

@@ -6,13 +6,19 @@ import math
 
 import pytest
 import torch
+from helpers import random_transcoder
 
 from wiremap.errors import WiremapError
+from wiremap.models.registry import Registry
 from wiremap.models.transcoders import (
+    OLD_PARAMETER_NAMES,
     TRANSCODERS,
+    PerLayerTranscoder,
     Transcoder,
     build_transcoder,
     fold_normalisation,
+    register_transcoder,
+    x_then_layer,
 )
 
 L, D, F = 3, 8, 12
@@ -21,15 +27,7 @@ ACTS = [("relu", None), ("jumprelu", None), ("topk", 3), ("batchtopk", 3)]
 
 
 def make(arch: str, activation: str = "relu", k: int | None = None, seed: int = 0) -> Transcoder:
-    """A transcoder with every parameter random (skip and biases included)."""
-    torch.manual_seed(seed)
-    tc = build_transcoder(arch, L, D, F, activation, k)
-    with torch.no_grad():
-        for p in tc.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-        if activation == "jumprelu":
-            tc.activation.set_threshold(torch.rand(L, F) * 0.3)
-    return tc
+    return random_transcoder(arch, L, D, F, activation, k, seed)
 
 
 def test_registry_holds_the_four_architectures():
@@ -51,11 +49,11 @@ def test_shapes_and_forward_is_decode_of_encode_plus_skip(arch, activation, k):
     torch.testing.assert_close(y_hat, tc.decode(a) + tc.skip(x))
     assert tc.decoder_norms().shape == (L, F)
     assert tc.has_skip == arch.startswith("skip")
-    assert (tc.W_skip(0) is not None) == tc.has_skip
+    assert (tc.W_skip is not None) == tc.has_skip
     for layer in range(L):
         assert tc.decoder(layer).shape == (F, tc.n_out(layer), D)
-        assert tc.W_enc(layer).shape == (F, D) and tc.b_enc(layer).shape == (F,)
-        assert tc.b_dec(layer).shape == (D,)
+        assert tc.W_enc[layer].shape == (F, D) and tc.b_enc[layer].shape == (F,)
+        assert tc.b_dec[layer].shape == (D,)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -67,10 +65,10 @@ def test_per_layer_calls_match_the_batched_ones(arch, activation, k):
     pre = tc.pre_activations(x)
     skip = tc.skip(x)
     for layer in range(L):
-        torch.testing.assert_close(tc.pre_activation(x[:, layer], layer), pre[:, layer])
-        torch.testing.assert_close(tc.encode_layer(x[:, layer], layer), a[:, layer])
-        torch.testing.assert_close(tc.skip_layer(x[:, layer], layer), skip[:, layer])
-        manual = x[:, layer] @ tc.W_enc(layer).T + tc.b_enc(layer)
+        torch.testing.assert_close(tc.pre_activations(x[:, layer], layer), pre[:, layer])
+        torch.testing.assert_close(tc.encode(x[:, layer], layer), a[:, layer])
+        torch.testing.assert_close(tc.skip(x[:, layer], layer), skip[:, layer])
+        manual = x[:, layer] @ tc.W_enc[layer].T + tc.b_enc[layer]
         torch.testing.assert_close(pre[:, layer], manual)
 
 
@@ -82,7 +80,7 @@ def test_decoding_a_one_hot_activation_gives_b_dec_plus_the_decoder_vectors(arch
             a = torch.zeros(L, F)
             a[layer, feature] = 2.0
             out = tc.decode(a)
-            expected = tc.decoder_bias.detach().clone()
+            expected = tc.b_dec.detach().clone()
             vecs = tc.decoder(layer)[feature]  # [n_out, D]
             expected[layer : layer + tc.n_out(layer)] += 2.0 * vecs
             torch.testing.assert_close(out, expected)
@@ -107,19 +105,19 @@ def test_skip_is_a_linear_map_with_d_out_d_in_layout(arch):
         assert torch.equal(tc.skip(x), torch.zeros_like(x))
         return
     for layer in range(L):
-        torch.testing.assert_close(tc.skip(x)[:, layer], x[:, layer] @ tc.W_skip(layer).T)
+        torch.testing.assert_close(tc.skip(x)[:, layer], x[:, layer] @ tc.W_skip[layer].T)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_initialisation_follows_the_design(arch):
     tc = build_transcoder(arch, L, D, F, "jumprelu")
-    assert tc.encoder_weight.abs().max() <= 1 / math.sqrt(F)
+    assert tc.W_enc.abs().max() <= 1 / math.sqrt(F)
     bound = 1 / math.sqrt(L * D)
     assert all(tc.decoder(i).abs().max() <= bound for i in range(L))
-    assert tc.encoder_weight.std() > 0.5 / math.sqrt(3 * F)  # not all zeros
-    assert not tc.encoder_bias.any() and not tc.decoder_bias.any()
+    assert tc.W_enc.std() > 0.5 / math.sqrt(3 * F)  # not all zeros
+    assert not tc.b_enc.any() and not tc.b_dec.any()
     if tc.has_skip:
-        assert not tc.skip_weight.any()
+        assert not tc.W_skip.any()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -186,3 +184,116 @@ def test_batchtopk_transcoder_records_thresholds_while_training():
     jump = tc.activation.to_jumprelu()
     tc.set_activation(jump)
     assert tc.threshold(0).shape == (F,)
+
+
+# -- parameter names until 0.1: old checkpoints and exports still load -------------------------
+def _old_keys(state: dict, prefix: str = "") -> dict:
+    """`state` as written before the rename (encoder_weight, decoder_weight.3, ...)."""
+    new_to_old = {v: k for k, v in OLD_PARAMETER_NAMES.items()}
+    out = {}
+    for key, value in state.items():
+        head, dot, tail = key[len(prefix) :].partition(".")
+        if key.startswith(prefix) and head in new_to_old:
+            key = f"{prefix}{new_to_old[head]}{dot}{tail}"
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_old_state_dict_and_safetensors_load(arch, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tc = make(arch, "jumprelu")
+    old = _old_keys(tc.state_dict())
+    assert "encoder_weight" in old and not any(k.startswith("W_") for k in old)
+    fresh = build_transcoder(arch, L, D, F, "jumprelu")
+    fresh.load_state_dict(old)  # strict: every key renamed, none left over
+    save_file({k: v.contiguous() for k, v in old.items()}, str(tmp_path / "old.safetensors"))
+    from_file = build_transcoder(arch, L, D, F, "jumprelu")
+    from_file.load_state_dict(load_file(str(tmp_path / "old.safetensors")))
+    x = torch.randn(5, L, D)
+    for loaded in (fresh, from_file):
+        for (name, p), (_, q) in zip(tc.named_parameters(), loaded.named_parameters(), strict=True):
+            assert torch.equal(p, q), name
+        torch.testing.assert_close(loaded(x)[0], tc(x)[0])
+
+
+def test_old_lightning_checkpoint_loads(tmp_path):
+    from wiremap.train.export_cmd import load_checkpoint
+    from wiremap.train.module import TranscoderModule
+
+    module = TranscoderModule(L, D, arch="skip_clt", d_transcoder=F, activation="relu")
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p))
+    old = _old_keys(module.state_dict(), prefix="transcoder.")
+    assert "transcoder.decoder_weight.2" in old and "transcoder.skip_weight" in old
+    ckpt = tmp_path / "step=3.ckpt"
+    saved = {"hyper_parameters": dict(module.hparams), "state_dict": old, "global_step": 3}
+    torch.save(saved, ckpt)
+    loaded, step = load_checkpoint(ckpt)
+    assert step == 3
+    for (name, p), (_, q) in zip(module.named_parameters(), loaded.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_old_names_warn_and_alias_the_new_ones():
+    tc = make("skip_plt")
+    x = torch.randn(4, D)
+    for old, new in OLD_PARAMETER_NAMES.items():
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated.*use {new}"):
+            assert getattr(tc, old) is getattr(tc, new)
+    calls = {
+        "encode_layer": lambda: tc.encode_layer(x, 1),
+        "pre_activation": lambda: tc.pre_activation(x, 1),
+        "skip_layer": lambda: tc.skip_layer(x, 1),
+    }
+    wanted = [tc.encode(x, 1), tc.pre_activations(x, 1), tc.skip(x, 1)]
+    for (name, call), want in zip(calls.items(), wanted, strict=True):
+        with pytest.warns(DeprecationWarning, match=name):
+            torch.testing.assert_close(call(), want)
+    assert tc.skip(x, 1).abs().sum() > 0  # the skip path is random here, not zeros
+
+
+def test_layer_then_x_order_warns_and_is_swapped():
+    x = torch.randn(2, D)
+    assert x_then_layer(x, 3, "m") == (x, 3)
+    with pytest.warns(DeprecationWarning, match=r"m\(layer, x\) is deprecated"):
+        got_x, got_layer = x_then_layer(3, x, "m")
+    assert got_x is x and got_layer == 3
+
+
+# -- registries refuse a second registration ---------------------------------------------------
+def test_registering_a_taken_architecture_name_raises():
+    with pytest.raises(WiremapError, match="transcoder architecture 'plt' is already registered"):
+
+        @register_transcoder("plt")
+        class Clash(PerLayerTranscoder):
+            pass
+
+    assert TRANSCODERS["plt"] is PerLayerTranscoder
+
+    @register_transcoder("test_plt_copy")
+    class Copy(PerLayerTranscoder):
+        pass
+
+    try:
+        assert build_transcoder("test_plt_copy", L, D, F).arch == "test_plt_copy"
+
+        @register_transcoder("test_plt_copy", replace=True)
+        class Replacement(PerLayerTranscoder):
+            pass
+
+        assert type(build_transcoder("test_plt_copy", L, D, F)) is Replacement
+    finally:
+        del TRANSCODERS["test_plt_copy"]
+
+
+def test_registry_lookup_names_the_choices():
+    reg = Registry("widget")
+    reg.add("a", 1)
+    with pytest.raises(WiremapError, match="widget 'a' is already registered"):
+        reg.add("a", 2)
+    assert reg.add("a", 3, replace=True) == 3 and reg.lookup("a") == 3
+    with pytest.raises(WiremapError, match="unknown widget 'b'; choose one of a"):
+        reg.lookup("b")

@@ -34,8 +34,8 @@ _LAZY = {
     # models: language models, transcoders, the replacement model
     "load_model": "wiremap.models.loading",
     "build_transcoder": "wiremap.models.transcoders",
-    "save_transcoders": "wiremap.models.io",
-    "load_transcoders": "wiremap.models.io",
+    "save_transcoders": "wiremap.models.formats",
+    "load_transcoders": "wiremap.models.formats",
     "ReplacementModel": "wiremap.models.replacement",
     # training: the activation cache and fit
     "ActivationCache": "wiremap.cache",

@@ -316,7 +316,7 @@ def _targets(rm, graph: Graph, nodes: list[int]) -> _Targets:
             layer, p, f = graph.active_features[t].tolist()
             sites.append(layer)
             pos.append(p)
-            vectors.append(rm.transcoders.W_enc(layer)[f].float())
+            vectors.append(rm.transcoders.W_enc[layer][f].float())
         else:
             j = t - graph.logit_slice.start
             token = int(graph.logit_tokens[j])

@@ -310,7 +310,7 @@ def _feature_targets(rm, table: SourceTable, which: Tensor) -> _Targets:
     vectors = feats.new_zeros(feats.shape[0], rm.d_model, dtype=table.tokens.dtype)
     for layer in torch.unique(feats[:, 0]).tolist():
         mine = feats[:, 0] == layer
-        vectors[mine] = rm.transcoders.W_enc(layer)[feats[mine, 2]].to(vectors.dtype)
+        vectors[mine] = rm.transcoders.W_enc[layer][feats[mine, 2]].to(vectors.dtype)
     return _Targets(site=feats[:, 0].cpu(), pos=feats[:, 1].cpu(), vectors=vectors)
 
 

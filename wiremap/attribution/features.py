@@ -165,7 +165,7 @@ def scan_cache(cache, tc, cfg: FeatureCardConfig) -> list[LayerStats]:
             x = x_all[r0 : r0 + chunk].to(tc.device, torch.float32)
             rows = torch.arange(start + r0, start + r0 + x.shape[0])
             for i, col in enumerate(columns):
-                stats[i].update(tc.encode_layer(x[:, col].to(tc.dtype), i).float().cpu(), rows)
+                stats[i].update(tc.encode(x[:, col].to(tc.dtype), i).float().cpu(), rows)
             bar.update(x.shape[0])
         start += x_all.shape[0]
     bar.close()
@@ -199,7 +199,7 @@ def window_activations(
     out = torch.empty(inverse.shape[0])
     step = max(1, chunk_elements // tc.d_transcoder)
     for s in range(0, unique.shape[0], step):  # encode in slices: bounded memory
-        acts = tc.encode_layer(x[s : s + step], layer).float().cpu()
+        acts = tc.encode(x[s : s + step], layer).float().cpu()
         sel = (inverse >= s) & (inverse < s + step)
         out[sel] = acts[inverse[sel] - s, per_row[sel]]
     return out.reshape(win.shape)

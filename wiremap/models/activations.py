@@ -36,30 +36,24 @@ import torch
 from torch import Tensor, nn
 
 from wiremap.errors import WiremapError
+from wiremap.models.registry import Registry
 
-ACTIVATIONS: dict[str, type[Activation]] = {}
+ACTIVATIONS: Registry[type[Activation]] = Registry("activation")
 
 
-def register_activation(name: str) -> Callable[[type[Activation]], type[Activation]]:
-    """Class decorator: make an `Activation` subclass buildable by `name`."""
-
-    def add(cls: type[Activation]) -> type[Activation]:
-        cls.name = name
-        ACTIVATIONS[name] = cls
-        return cls
-
-    return add
+def register_activation(
+    name: str, *, replace: bool = False
+) -> Callable[[type[Activation]], type[Activation]]:
+    """Class decorator: make an `Activation` subclass buildable by `name` (a taken name
+    raises a WiremapError unless `replace=True`)."""
+    return ACTIVATIONS.register_class(name, attr="name", replace=replace)
 
 
 def build_activation(
     name: str, n_layers: int, d_transcoder: int, k: int | None = None, **kwargs: Any
 ) -> Activation:
     """Build a registered activation for `n_layers` layers of `d_transcoder` features."""
-    if name not in ACTIVATIONS:
-        raise WiremapError(
-            f"unknown activation {name!r}; choose one of {', '.join(sorted(ACTIVATIONS))}"
-        )
-    return ACTIVATIONS[name](n_layers, d_transcoder, k=k, **kwargs)
+    return ACTIVATIONS.lookup(name)(n_layers, d_transcoder, k=k, **kwargs)
 
 
 class Activation(nn.Module):

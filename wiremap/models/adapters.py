@@ -1,7 +1,9 @@
 """Language-model adapters: where each architecture keeps its layers, norms and MLPs.
 
 Every supported Hugging Face architecture is one `Adapter` entry in `ADAPTERS`, written
-as data. Code elsewhere asks the adapter ("which module produces `mlp_out` at layer 3?")
+as data (how it differs from Llama's layout); `register_adapter` adds one, and refuses a
+name or `model_type` that already has an adapter unless `replace=True`. Code elsewhere
+asks the adapter ("which module produces `mlp_out` at layer 3?")
 instead of branching on the architecture.
 
     adapter = get_adapter(model)
@@ -23,6 +25,7 @@ from typing import Literal
 from torch import nn
 
 from wiremap.errors import WiremapError
+from wiremap.models.registry import Registry
 
 HOOKS = ("resid_pre", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 Side = Literal["input", "output"]
@@ -133,22 +136,27 @@ def check_layers(layers, n_layers: int) -> list[int]:
     return out
 
 
-def _llama_like(name: str, *model_types: str, **overrides) -> Adapter:
-    spec = dict(
-        name=name,
-        model_types=model_types or (name,),
-        layers="model.layers",
-        embed="model.embed_tokens",
-        final_norm="model.norm",
-        unembed="lm_head",
-        attn="self_attn",
-        mlp="mlp",
-        norm_kind="rmsnorm",
-        attn_norm="input_layernorm",
-        mlp_norm="post_attention_layernorm",
-    )
-    spec.update(overrides)
-    return Adapter(**spec)
+# The Llama layout; every other adapter states only how it differs.
+_LLAMA = dict(
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    unembed="lm_head",
+    attn="self_attn",
+    mlp="mlp",
+    norm_kind="rmsnorm",
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
+)
+
+
+def _like_llama(name: str, *model_types: str, **overrides) -> Adapter:
+    return Adapter(**{**_LLAMA, "name": name, "model_types": model_types or (name,), **overrides})
+
+
+def _under(root: str, **paths: str) -> dict[str, str]:
+    """Model-level paths below one root module (`transformer.h`, `gpt_neox.layers`)."""
+    return {key: f"{root}.{path}" for key, path in paths.items()}
 
 
 _QK = ("self_attn.q_norm", "self_attn.k_norm")
@@ -158,57 +166,59 @@ _GEMMA = dict(
     post_attn_norm="post_attention_layernorm",
     post_mlp_norm="post_feedforward_layernorm",
 )
+_GPT2 = _under("transformer", layers="h", embed="wte", pos_embed="wpe", final_norm="ln_f")
+_NEOX = _under("gpt_neox", layers="layers", embed="embed_in", final_norm="final_layer_norm")
 
-ADAPTERS: dict[str, Adapter] = {
-    a.name: a
-    for a in [
-        Adapter(
-            name="gpt2",
-            model_types=("gpt2",),
-            layers="transformer.h",
-            embed="transformer.wte",
-            pos_embed="transformer.wpe",
-            final_norm="transformer.ln_f",
-            unembed="lm_head",
-            attn="attn",
-            mlp="mlp",
-            norm_kind="layernorm",
-            attn_norm="ln_1",
-            mlp_norm="ln_2",
-        ),
-        _llama_like("llama"),
-        _llama_like("mistral"),
-        _llama_like("qwen2"),
-        _llama_like("qwen3", extra_norms=_QK),
-        _llama_like("gemma2", **_GEMMA),
-        _llama_like("gemma3", "gemma3_text", extra_norms=_QK, **_GEMMA),
-        Adapter(
-            name="gpt_neox",
-            model_types=("gpt_neox",),
-            layers="gpt_neox.layers",
-            embed="gpt_neox.embed_in",
-            final_norm="gpt_neox.final_layer_norm",
-            unembed="lm_head",
-            attn="attention",
-            mlp="mlp",
-            norm_kind="layernorm",
-            attn_norm="input_layernorm",
-            mlp_norm="post_attention_layernorm",
-            parallel_flag="use_parallel_residual",
-        ),
-        _llama_like("phi3"),
-        _llama_like(
-            "olmo2",
-            attn_norm=None,
-            mlp_norm=None,
-            post_attn_norm="post_attention_layernorm",
-            post_mlp_norm="post_feedforward_layernorm",
-            extra_norms=_QK,
-        ),
-    ]
-}
+ADAPTERS: Registry[Adapter] = Registry("language-model adapter")
+_BY_MODEL_TYPE: dict[str, Adapter] = {}
 
-_BY_MODEL_TYPE = {mt: a for a in ADAPTERS.values() for mt in a.model_types}
+
+def register_adapter(adapter: Adapter, *, replace: bool = False) -> Adapter:
+    """Add an architecture; a taken name or `model_type` raises unless `replace=True`."""
+    taken = [mt for mt in adapter.model_types if mt in _BY_MODEL_TYPE]
+    if taken and not replace:
+        raise WiremapError(
+            f"model types {taken} already have an adapter "
+            f"({', '.join(sorted({_BY_MODEL_TYPE[mt].name for mt in taken}))}); pass "
+            "replace=True to override it on purpose"
+        )
+    replaced = ADAPTERS.get(adapter.name)
+    ADAPTERS.add(adapter.name, adapter, replace=replace)
+    for mt in replaced.model_types if replaced else ():
+        del _BY_MODEL_TYPE[mt]
+    _BY_MODEL_TYPE.update(dict.fromkeys(adapter.model_types, adapter))
+    return adapter
+
+
+_BUILT_IN = [
+    _like_llama(
+        "gpt2", **_GPT2, attn="attn", norm_kind="layernorm", attn_norm="ln_1", mlp_norm="ln_2"
+    ),
+    _like_llama("llama"),
+    _like_llama("mistral"),
+    _like_llama("qwen2"),
+    _like_llama("qwen3", extra_norms=_QK),
+    _like_llama("gemma2", **_GEMMA),
+    _like_llama("gemma3", "gemma3_text", extra_norms=_QK, **_GEMMA),
+    _like_llama(
+        "gpt_neox",
+        **_NEOX,
+        attn="attention",
+        norm_kind="layernorm",
+        parallel_flag="use_parallel_residual",
+    ),
+    _like_llama("phi3"),
+    _like_llama(
+        "olmo2",
+        attn_norm=None,
+        mlp_norm=None,
+        post_attn_norm="post_attention_layernorm",
+        post_mlp_norm="post_feedforward_layernorm",
+        extra_norms=_QK,
+    ),
+]
+for _adapter in _BUILT_IN:
+    register_adapter(_adapter)
 
 
 def supported_model_types() -> list[str]:
@@ -225,8 +235,8 @@ def get_adapter(model_or_type: nn.Module | str) -> Adapter:
     if adapter is None:
         raise WiremapError(
             f"unsupported architecture {model_type!r}; wiremap supports "
-            f"{', '.join(supported_model_types())}. Add an `Adapter` entry to "
-            "wiremap/models/adapters.py to describe a new one."
+            f"{', '.join(supported_model_types())}. Describe a new one with an `Adapter` "
+            "and `register_adapter` (wiremap.models.adapters)"
         )
     if not isinstance(model_or_type, str):
         # Fail early and clearly when a checkpoint's module names differ from the table.

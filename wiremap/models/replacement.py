@@ -31,6 +31,7 @@ from wiremap.models.adapters import Adapter, get_adapter, get_module
 from wiremap.models.frozen import FrozenModel, freeze
 from wiremap.models.hooks import capture, splice_mlp_out
 from wiremap.models.loading import model_max_length
+from wiremap.models.transcoders import x_then_layer
 
 # (layer, activations [batch, pos, F]) -> edited activations
 FeatureEdit = Callable[[int, Tensor], Tensor]
@@ -149,19 +150,21 @@ class ReplacementModel(nn.Module):
         return [self.tokenizer.decode([int(i)]) for i in ids.reshape(-1)]
 
     # -- transcoder math (per layer) -------------------------------------------------
-    def skip(self, layer: int, x: Tensor) -> Tensor:
+    def skip(self, x: Tensor, layer: int) -> Tensor:
         """The transcoder's skip path at `layer` (zeros without one)."""
+        x, layer = x_then_layer(x, layer, "ReplacementModel.skip")
         tc = self.transcoders
-        return tc.skip_layer(x.to(tc.dtype), layer).to(x.dtype)
+        return tc.skip(x.to(tc.dtype), layer).to(x.dtype)
 
-    def encode(self, layer: int, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor, layer: int) -> Tensor:
+        x, layer = x_then_layer(x, layer, "ReplacementModel.encode")
         tc = self.transcoders
-        return tc.encode_layer(x.to(tc.dtype), layer)
+        return tc.encode(x.to(tc.dtype), layer)
 
     def decode_layer(self, acts: dict[int, Tensor], layer: int) -> Tensor:
         """Σ_{i ≤ layer} W_dec^{i→layer} a^i + b_dec^layer from activations `acts[i] [..., F]`."""
         tc = self.transcoders
-        out = tc.b_dec(layer)
+        out = tc.b_dec[layer]
         for src, a in acts.items():
             offset = layer - src
             if 0 <= offset < tc.n_out(src):
@@ -179,9 +182,9 @@ class ReplacementModel(nn.Module):
             logits = self.model(input_ids=ids).logits[0]
         reads = torch.stack([c[self.input_hook][i][0] for i in range(self.n_layers)])
         outs = torch.stack([c["mlp_out"][i][0] for i in range(self.n_layers)])
-        acts = {i: self.encode(i, reads[i]) for i in range(self.n_layers)}
+        acts = {i: self.encode(reads[i], i) for i in range(self.n_layers)}
         recon = torch.stack([self.decode_layer(acts, i) for i in range(self.n_layers)])
-        recon = recon + torch.stack([self.skip(i, reads[i]) for i in range(self.n_layers)])
+        recon = recon + torch.stack([self.skip(reads[i], i) for i in range(self.n_layers)])
         return ReplacementRun(
             input_ids=ids[0],
             logits=logits,
@@ -217,10 +220,10 @@ class ReplacementModel(nn.Module):
         raw: dict[int, Tensor] = {}  # unedited activations (for live errors)
 
         def splice(layer: int, x: Tensor, out: Tensor) -> Tensor:
-            raw[layer] = a = self.encode(layer, x)
+            raw[layer] = a = self.encode(x, layer)
             live = _live_errors(self, layer, out, x, raw, errors)
             store[layer] = edit(layer, a) if edit is not None else a
-            return (self.decode_layer(store, layer) + self.skip(layer, x)).to(out.dtype) + live
+            return (self.decode_layer(store, layer) + self.skip(x, layer)).to(out.dtype) + live
 
         return splice_mlp_out(self.model, splice, self.input_hook, adapter=self.adapter)
 
@@ -228,7 +231,8 @@ class ReplacementModel(nn.Module):
     @contextmanager
     def frozen(self, input_ids: Tensor) -> Iterator[FrozenModel]:
         """Freeze the model around `input_ids` (DESIGN.md §5); see `wiremap.models.frozen`."""
-        skip = self.skip if self.transcoders.has_skip else None
+        # frozen's SkipFn takes (layer, x)
+        skip = (lambda layer, x: self.skip(x, layer)) if self.transcoders.has_skip else None
         with freeze(
             self.model,
             _as_batch(input_ids),
@@ -268,7 +272,7 @@ def _live_errors(rm, layer, out, x, raw, errors) -> Tensor:
     if out.shape[-2] <= n_known:
         return err
     # generation: error of the live MLP at new positions, from unedited activations
-    recon = (rm.decode_layer(raw, layer) + rm.skip(layer, x)).to(out.dtype)
+    recon = (rm.decode_layer(raw, layer) + rm.skip(x, layer)).to(out.dtype)
     tail = (out - recon)[..., n_known:, :]
     return torch.cat([err.expand(out.shape[0], -1, -1), tail], dim=-2)
 

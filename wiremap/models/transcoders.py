@@ -2,20 +2,28 @@
 
     tc = build_transcoder("clt", n_layers=4, d_model=64, d_transcoder=256, activation="topk", k=8)
     y_hat, a = tc(x)                  # x [..., L, d] -> y_hat [..., L, d], a [..., L, F]
-    a3 = tc.encode_layer(x[..., 3, :], 3)
+    a3 = tc.encode(x[..., 3, :], 3)   # one layer: x [..., d] -> a [..., F]
     vecs = tc.decoder(3)              # [F, n_out, d]: what features of layer 3 write
 
 Architectures: `plt` (one transcoder per layer), `skip_plt`, `clt` (features of layer i
 write to every layer j >= i), `skip_clt`. A new one is one subclass with
 `@register_transcoder("name")`.
 
-Parameters are stacked over layers so the math is batched:
-`encoder_weight [L, F, d]`, `encoder_bias [L, F]`, `decoder_bias [L, d]`,
-`skip_weight [L, d_out, d_in]` (skip(x) = W_skip @ x, initialised to zero); PLT
-`decoder_weight [L, F, d]`; CLT `decoder_weight` = ParameterList of `[F, L - i, d]`
-(grouped by source layer, the export layout). The interface of INTERFACES.md reads them
-per layer: `W_enc(layer) [F, d]`, `b_enc(layer) [F]`, `b_dec(layer) [d]`,
-`W_skip(layer) [d, d] | None`, `decoder(layer) [F, n_out, d]`, `threshold(layer) [F] | None`.
+Parameters carry the field's names (SAELens, circuit-tracer) and are stacked over layers so
+the math is batched: `W_enc [L, F, d]`, `b_enc [L, F]`, `b_dec [L, d]`, `W_skip [L, d_out,
+d_in]` or None (skip(x) = W_skip @ x, initialised to zero); PLT `W_dec [L, F, d]`; CLT
+`W_dec` = ParameterList of `[F, L - i, d]` (grouped by source layer, the export layout; None
+when lazily loaded). One layer is an index: `W_enc[layer] [F, d]`, `b_enc[layer] [F]`,
+`b_dec[layer] [d]`, `W_skip[layer] [d, d]`; the decoders through `decoder(layer) [F, n_out, d]`
+(lazy CLTs read it from disk), thresholds through `threshold(layer) [F] | None`.
+Every per-layer method takes `(x, layer)`, and without `layer` works on all layers at once:
+`pre_activations`, `encode`, `skip`.
+
+Until 0.1 the parameters were `encoder_weight`, `encoder_bias`, `decoder_weight`,
+`decoder_bias`, `skip_weight`: state dicts, Lightning checkpoints and safetensors files with
+those keys still load (a load_state_dict pre-hook renames them), and the old attribute names
+and the methods `encode_layer`, `pre_activation`, `skip_layer` still work for this version,
+with a DeprecationWarning.
 
 Layer index `i` means the i-th covered layer; `config["layers"][i]` is the model layer.
 Normalisation lives outside the module; `fold_normalisation` makes the raw-activation
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -35,8 +44,17 @@ from torch.nn import functional as F
 
 from wiremap.errors import WiremapError
 from wiremap.models.activations import Activation, build_activation
+from wiremap.models.registry import Registry
 
-TRANSCODERS: dict[str, type[Transcoder]] = {}
+TRANSCODERS: Registry[type[Transcoder]] = Registry("transcoder architecture")
+# parameter names until 0.1 -> the field's names (old checkpoints are renamed on load)
+OLD_PARAMETER_NAMES = {
+    "encoder_weight": "W_enc",
+    "encoder_bias": "b_enc",
+    "decoder_weight": "W_dec",
+    "decoder_bias": "b_dec",
+    "skip_weight": "W_skip",
+}
 INPUT_HOOKS = ("mlp_in", "resid_mid")
 OUTPUT_HOOKS = ("mlp_out",)
 
@@ -44,15 +62,12 @@ OUTPUT_HOOKS = ("mlp_out",)
 DecoderLoader = Callable[[int, "Tensor | None"], Tensor]
 
 
-def register_transcoder(name: str) -> Callable[[type[Transcoder]], type[Transcoder]]:
-    """Class decorator: make a `Transcoder` subclass buildable by `name`."""
-
-    def add(cls: type[Transcoder]) -> type[Transcoder]:
-        cls.arch = name
-        TRANSCODERS[name] = cls
-        return cls
-
-    return add
+def register_transcoder(
+    name: str, *, replace: bool = False
+) -> Callable[[type[Transcoder]], type[Transcoder]]:
+    """Class decorator: make a `Transcoder` subclass buildable by `name` (a taken name raises
+    a WiremapError unless `replace=True`)."""
+    return TRANSCODERS.register_class(name, attr="arch", replace=replace)
 
 
 def build_transcoder(
@@ -72,12 +87,9 @@ def build_transcoder(
     **act_kwargs: Any,
 ) -> Transcoder:
     """Build a registered transcoder; `build_transcoder(**tc.config)` rebuilds `tc`'s shape."""
-    if arch not in TRANSCODERS:
-        raise WiremapError(
-            f"unknown transcoder architecture {arch!r}; choose one of {', '.join(TRANSCODERS)}"
-        )
+    cls = TRANSCODERS.lookup(arch)
     act = build_activation(activation, n_layers, d_transcoder, k=k, **act_kwargs)
-    tc = TRANSCODERS[arch](
+    tc = cls(
         n_layers,
         d_model,
         d_transcoder,
@@ -117,13 +129,15 @@ class Transcoder(nn.Module):
         if len(self.layers) != n_layers:
             raise WiremapError(f"`layers` lists {len(self.layers)} layers but n_layers={n_layers}")
         self.activation = activation
-        self.encoder_weight = nn.Parameter(torch.empty(n_layers, d_transcoder, d_model))
-        self.encoder_bias = nn.Parameter(torch.zeros(n_layers, d_transcoder))
-        self.decoder_bias = nn.Parameter(torch.zeros(n_layers, d_model))
+        # (registration order fixes the optimiser's parameter order: keep it for resuming)
+        self.W_enc = nn.Parameter(torch.empty(n_layers, d_transcoder, d_model))
+        self.b_enc = nn.Parameter(torch.zeros(n_layers, d_transcoder))
+        self.b_dec = nn.Parameter(torch.zeros(n_layers, d_model))
         skip = torch.zeros(n_layers, d_model, d_model) if self.has_skip else None
-        self.skip_weight = nn.Parameter(skip) if skip is not None else None
+        self.W_skip = nn.Parameter(skip) if skip is not None else None
         bound = 1.0 / math.sqrt(d_transcoder)
-        nn.init.uniform_(self.encoder_weight, -bound, bound)
+        nn.init.uniform_(self.W_enc, -bound, bound)
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     @property
     def decoder_init_bound(self) -> float:
@@ -146,42 +160,31 @@ class Transcoder(nn.Module):
         }
 
     # -- encoder ---------------------------------------------------------------------
-    def pre_activation(self, x: Tensor, layer: int) -> Tensor:
-        """x [..., d] -> W_enc[layer] x + b_enc[layer]  [..., F]."""
-        return x @ self.encoder_weight[layer].T + self.encoder_bias[layer]
+    def pre_activations(self, x: Tensor, layer: int | None = None) -> Tensor:
+        """W_enc x + b_enc: x [..., L, d] -> [..., L, F]; with `layer`, x [..., d] -> [..., F]."""
+        if layer is not None:
+            return x @ self.W_enc[layer].T + self.b_enc[layer]
+        return torch.einsum("...ld,lfd->...lf", x, self.W_enc) + self.b_enc
 
-    def pre_activations(self, x: Tensor) -> Tensor:
-        """x [..., L, d] -> pre-activations of every layer [..., L, F] (one batched matmul)."""
-        pre = torch.einsum("...ld,lfd->...lf", x, self.encoder_weight)
-        return pre + self.encoder_bias
-
-    def encode(self, x: Tensor) -> Tensor:
-        """x [..., L, d] -> feature activations a [..., L, F]."""
-        return self.activation(self.pre_activations(x))
-
-    def encode_layer(self, x: Tensor, layer: int) -> Tensor:
-        """x [..., d] at one layer -> a [..., F]."""
-        return self.activation(self.pre_activation(x, layer), layer)
+    def encode(self, x: Tensor, layer: int | None = None) -> Tensor:
+        """Activations: x [..., L, d] -> a [..., L, F]; with `layer`, x [..., d] -> a [..., F]."""
+        return self.activation(self.pre_activations(x, layer), layer)
 
     # -- skip ------------------------------------------------------------------------
-    def skip(self, x: Tensor) -> Tensor:
-        """x [..., L, d] -> W_skip x [..., L, d] (zeros without a skip connection)."""
-        if self.skip_weight is None:
+    def skip(self, x: Tensor, layer: int | None = None) -> Tensor:
+        """W_skip x: x [..., L, d] -> [..., L, d], or one `layer` (zeros without a skip path)."""
+        if self.W_skip is None:
             return torch.zeros_like(x)
-        return torch.einsum("...li,loi->...lo", x, self.skip_weight)
-
-    def skip_layer(self, x: Tensor, layer: int) -> Tensor:
-        """x [..., d] -> W_skip[layer] x [..., d] (zeros without a skip connection)."""
-        if self.skip_weight is None:
-            return torch.zeros_like(x)
-        return x @ self.skip_weight[layer].T
+        if layer is not None:
+            return x @ self.W_skip[layer].T
+        return torch.einsum("...li,loi->...lo", x, self.W_skip)
 
     # -- full pass -------------------------------------------------------------------
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [..., L, d] -> (y_hat [..., L, d], a [..., L, F])."""
         a = self.encode(x)
         y_hat = self.decode(a)
-        if self.skip_weight is not None:
+        if self.W_skip is not None:
             y_hat = y_hat + self.skip(x)
         return y_hat, a
 
@@ -201,20 +204,6 @@ class Transcoder(nn.Module):
         """How many output layers a feature of `layer` writes to."""
         return self.n_layers - layer if self.cross_layer else 1
 
-    # -- per-layer accessors (INTERFACES.md) -----------------------------------------
-    def W_enc(self, layer: int) -> Tensor:
-        return self.encoder_weight[layer]
-
-    def b_enc(self, layer: int) -> Tensor:
-        return self.encoder_bias[layer]
-
-    def b_dec(self, layer: int) -> Tensor:
-        return self.decoder_bias[layer]
-
-    def W_skip(self, layer: int) -> Tensor | None:
-        """[d_out, d_in]: skip_layer(x) = W_skip @ x; None without a skip connection."""
-        return None if self.skip_weight is None else self.skip_weight[layer]
-
     def threshold(self, layer: int) -> Tensor | None:
         """JumpReLU threshold [F] (in pre-activation units); None for other activations."""
         return self.activation.threshold(layer)
@@ -225,15 +214,76 @@ class Transcoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.encoder_weight.device
+        return self.W_enc.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.encoder_weight.dtype
+        return self.W_enc.dtype
 
     def _scale_decoders_(self, out_scale: Tensor) -> None:
         """Divide every decoder vector writing to layer l by out_scale[l] (in place)."""
         raise NotImplementedError
+
+    # -- names until 0.1 (one more version, with a DeprecationWarning) ----------------
+    def encode_layer(self, x: Tensor, layer: int) -> Tensor:
+        _deprecated("encode_layer(x, layer)", "encode(x, layer)")
+        return self.encode(x, layer)
+
+    def pre_activation(self, x: Tensor, layer: int) -> Tensor:
+        _deprecated("pre_activation(x, layer)", "pre_activations(x, layer)")
+        return self.pre_activations(x, layer)
+
+    def skip_layer(self, x: Tensor, layer: int) -> Tensor:
+        _deprecated("skip_layer(x, layer)", "skip(x, layer)")
+        return self.skip(x, layer)
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"Transcoder.{old} is deprecated and goes away in the next version; use {new}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def x_then_layer(x: Any, layer: Any, method: str) -> tuple[Tensor, int]:
+    """`(x, layer)` for a `method(x, layer)` that took `(layer, x)` until 0.1 (then warns)."""
+    if isinstance(x, int) and isinstance(layer, Tensor):
+        warnings.warn(
+            f"{method}(layer, x) is deprecated and goes away in the next version; pass "
+            f"{method}(x, layer), the order of every per-layer method",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return layer, x
+    return x, layer
+
+
+def _old_name_alias(old: str, new: str) -> property:
+    def get(self: Transcoder):
+        _deprecated(old, new)
+        return getattr(self, new)
+
+    return property(get, doc=f"Deprecated alias of `{new}` (the parameter's name until 0.1).")
+
+
+for _old, _new in OLD_PARAMETER_NAMES.items():
+    setattr(Transcoder, _old, _old_name_alias(_old, _new))
+
+
+def rename_old_keys(state_dict: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+    """Rename (in place) a transcoder state dict's keys from the names used until 0.1
+    (`{prefix}encoder_weight`, `{prefix}decoder_weight.3`, ...) to the field's names."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        head, dot, tail = key[len(prefix) :].partition(".")
+        if head in OLD_PARAMETER_NAMES:
+            state_dict[f"{prefix}{OLD_PARAMETER_NAMES[head]}{dot}{tail}"] = state_dict.pop(key)
+    return state_dict
+
+
+def _rename_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    # load_state_dict pre-hook: also runs for a transcoder inside a LightningModule checkpoint
+    rename_old_keys(state_dict, prefix)
 
 
 def _check_hooks(input_hook: str, output_hook: str) -> None:
@@ -255,22 +305,22 @@ class PerLayerTranscoder(Transcoder):
         super().__init__(n_layers, d_model, d_transcoder, activation, **kw)
         bound = self.decoder_init_bound
         w = torch.empty(n_layers, d_transcoder, d_model).uniform_(-bound, bound)
-        self.decoder_weight = nn.Parameter(w)
+        self.W_dec = nn.Parameter(w)
 
     def decode(self, a: Tensor) -> Tensor:
-        y = torch.einsum("...lf,lfd->...ld", a, self.decoder_weight)
-        return y + self.decoder_bias
+        y = torch.einsum("...lf,lfd->...ld", a, self.W_dec)
+        return y + self.b_dec
 
     def decoder(self, layer: int, features: Tensor | None = None) -> Tensor:
-        w = self.decoder_weight[layer]
+        w = self.W_dec[layer]
         w = w if features is None else w[features]
         return w.unsqueeze(1)
 
     def decoder_norms(self) -> Tensor:
-        return self.decoder_weight.norm(dim=-1)
+        return self.W_dec.norm(dim=-1)
 
     def _scale_decoders_(self, out_scale: Tensor) -> None:
-        _div_(self.decoder_weight, out_scale[:, None, None])
+        _div_(self.W_dec, out_scale[:, None, None])
 
 
 @register_transcoder("skip_plt")
@@ -301,30 +351,30 @@ class CrossLayerTranscoder(Transcoder):
         super().__init__(n_layers, d_model, d_transcoder, activation, **kw)
         self.decoder_loader = decoder_loader
         if decoder_loader is not None:
-            self.decoder_weight = None
+            self.W_dec = None
             return
         bound = self.decoder_init_bound
-        self.decoder_weight = nn.ParameterList(
+        self.W_dec = nn.ParameterList(
             nn.Parameter(torch.empty(d_transcoder, n_layers - i, d_model).uniform_(-bound, bound))
             for i in range(n_layers)
         )
 
     @property
     def lazy(self) -> bool:
-        return self.decoder_weight is None
+        return self.W_dec is None
 
     def decoder(self, layer: int, features: Tensor | None = None) -> Tensor:
-        if self.decoder_weight is None:
+        if self.W_dec is None:
             w = self.decoder_loader(layer, features)
             return w.to(device=self.device, dtype=self.dtype)
-        w = self.decoder_weight[layer]
+        w = self.W_dec[layer]
         return w if features is None else w[features]
 
     def decode(self, a: Tensor) -> Tensor:
         # One matmul per source layer: a^i [..., F] @ W_dec_i [F, (L-i)·d], left-padded to
         # [..., L·d] and summed. Out-of-place adds keep backward cheap (no zero-filled slice
         # gradients); starting from the fp32 bias accumulates in fp32 under bf16 autocast.
-        out = self.decoder_bias.reshape(-1)
+        out = self.b_dec.reshape(-1)
         for i, a_i in enumerate(a.unbind(-2)):
             part = a_i @ self.decoder(i).reshape(self.d_transcoder, -1)
             out = out + F.pad(part, (i * self.d_model, 0))
@@ -336,11 +386,11 @@ class CrossLayerTranscoder(Transcoder):
         )
 
     def _scale_decoders_(self, out_scale: Tensor) -> None:
-        if self.decoder_weight is None:
+        if self.W_dec is None:
             raise WiremapError(
                 "cannot fold normalisation into lazily loaded decoders; load with lazy=False"
             )
-        for i, w in enumerate(self.decoder_weight):
+        for i, w in enumerate(self.W_dec):
             _div_(w, out_scale[i:][None, :, None])
 
 
@@ -390,8 +440,8 @@ def _div_(p: Tensor, divisor: Tensor) -> None:
 
 
 def _fold_(tc: Transcoder, s_in: Tensor, s_out: Tensor) -> None:
-    _div_(tc.encoder_weight, 1 / s_in[:, None, None])
-    _div_(tc.decoder_bias, s_out[:, None])
-    if tc.skip_weight is not None:
-        _div_(tc.skip_weight, (s_out / s_in)[:, None, None])
+    _div_(tc.W_enc, 1 / s_in[:, None, None])
+    _div_(tc.b_dec, s_out[:, None])
+    if tc.W_skip is not None:
+        _div_(tc.W_skip, (s_out / s_in)[:, None, None])
     tc._scale_decoders_(s_out)

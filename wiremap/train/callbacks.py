@@ -499,11 +499,11 @@ def spliced_transcoders(
     def splice(layer: int, x: Tensor, out: Tensor) -> Tensor:
         i = index[layer]
         x = x.float() * in_scale[i]
-        a = tc.encode_layer(x, i)
+        a = tc.encode(x, i)
         dec = tc.decoder(i)  # [F, n_out, d]: writes to layers i .. i + n_out - 1
         for j in range(dec.shape[1]):
-            partial[i + j] = partial.get(i + j, tc.b_dec(i + j).float()) + a @ dec[:, j, :]
-        y = (partial.pop(i) + tc.skip_layer(x, i)) / out_scale[i]
+            partial[i + j] = partial.get(i + j, tc.b_dec[i + j].float()) + a @ dec[:, j, :]
+        y = (partial.pop(i) + tc.skip(x, i)) / out_scale[i]
         if not include_bos:
             y[:, 0] = out[:, 0]
         recon[layer] = y

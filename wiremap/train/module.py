@@ -286,7 +286,7 @@ class TranscoderModule(L.LightningModule):
         theta = tc.activation.threshold()
         bandwidth = getattr(tc.activation, "bandwidth", 1.0)
         out = fused_encode(
-            x, tc.encoder_weight, tc.encoder_bias, theta, cfg.sparsity_c * norms,
+            x, tc.W_enc, tc.b_enc, theta, cfg.sparsity_c * norms,
             bandwidth=bandwidth, mm_dtype=_autocast_dtype(x.device),
         )  # fmt: skip
         n = x.shape[0]

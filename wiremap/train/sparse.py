@@ -257,7 +257,7 @@ def encode(tc, x: Tensor, pre: Tensor) -> tuple[Bags, Tensor]:
 
 def _gather_layers(tc, values: Tensor, x: Tensor, bags: Bags) -> Tensor:
     """`gather_pre` against every layer's encoder at once (x [N, L, d])."""
-    w_enc, b_enc = tc.encoder_weight.flatten(0, 1), tc.encoder_bias.flatten()
+    w_enc, b_enc = tc.W_enc.flatten(0, 1), tc.b_enc.flatten()
     return gather_pre(values, layer_major(x), w_enc, b_enc, bags)
 
 
@@ -265,7 +265,7 @@ def decoder_writes(tc, bags: Bags, values: Tensor, n_tokens: int) -> Tensor:
     """Σ over active features of a_i W_dec[i], without b_dec: [N, L, d]."""
     n_layers, d = tc.n_layers, tc.d_model
     if not tc.cross_layer:
-        y = sparse_decode(values, tc.decoder_weight.flatten(0, 1), bags)
+        y = sparse_decode(values, tc.W_dec.flatten(0, 1), bags)
         return y.view(n_layers, n_tokens, d).transpose(0, 1)
     out = None
     for i in range(n_layers):
@@ -278,7 +278,7 @@ def decoder_writes(tc, bags: Bags, values: Tensor, n_tokens: int) -> Tensor:
 
 def decode(tc, bags: Bags, values: Tensor, n_tokens: int) -> Tensor:
     """Σ over active features of a_i W_dec[i] + b_dec: [N, L, d] in float32."""
-    return decoder_writes(tc, bags, values, n_tokens) + tc.decoder_bias
+    return decoder_writes(tc, bags, values, n_tokens) + tc.b_dec
 
 
 def auxk_loss(tc, x: Tensor, pre: Tensor, dead: Tensor, residual: Tensor, k_aux: int) -> Tensor:
