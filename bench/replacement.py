@@ -33,7 +33,7 @@ def contexts(tokenizer, texts: list[str], context_length: int, n: int) -> torch.
 
 
 def evaluate(model_path: str, tc_path: Path, ids: torch.Tensor) -> dict[str, float]:
-    from wiremap.models.io import load_transcoders
+    from wiremap.models.formats import load_transcoders
     from wiremap.models.loading import load_model
     from wiremap.train.callbacks import replacement_metrics
 

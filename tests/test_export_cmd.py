@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from test_train import cache_cfg, make_dm, make_module, trainer  # noqa: F401 (fixture)
 
 from wiremap.cli import main as wiremap
-from wiremap.models.io import load_transcoders
+from wiremap.models.formats import load_transcoders
 from wiremap.train.export_cmd import load_checkpoint
 
 

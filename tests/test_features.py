@@ -9,9 +9,6 @@ import helpers
 import pytest
 import torch
 
-pytest.importorskip("wiremap.cache", reason="needs the activation cache (cache workstream)")
-pytest.importorskip("wiremap.models.io", reason="needs transcoder I/O (transcoder workstream)")
-
 from wiremap.attribution.features import (  # noqa: E402
     FeatureCardConfig,
     FeatureStore,
@@ -19,7 +16,7 @@ from wiremap.attribution.features import (  # noqa: E402
     hist_bin,
 )
 from wiremap.cache import ActivationCache  # noqa: E402
-from wiremap.models.io import load_transcoders, save_transcoders  # noqa: E402
+from wiremap.models.formats import load_transcoders, save_transcoders  # noqa: E402
 from wiremap.models.loading import load_model  # noqa: E402
 from wiremap.models.transcoders import build_transcoder  # noqa: E402
 
@@ -44,7 +41,7 @@ def cards(request, tiny_cache):
         request.param, n_layers=2, d_model=32, d_transcoder=40, model_name=str(model)
     )
     with torch.no_grad():  # biases that leave some features rare and some common
-        tc.encoder_bias.copy_(torch.linspace(-1.5, 0.3, 40).expand(2, 40))
+        tc.b_enc.copy_(torch.linspace(-1.5, 0.3, 40).expand(2, 40))
     tc_dir = save_transcoders(tc, root / f"tc_{request.param}")
     cfg = FeatureCardConfig(
         cache=str(cache_dir),
@@ -63,7 +60,7 @@ def cards(request, tiny_cache):
 def _brute_force(cache, tc, layer):
     x, _ = cache.get(slice(0, cache.n_tokens))
     with torch.no_grad():
-        return tc.encode_layer(x[:, cache.layers.index(tc.layers[layer])], layer)  # [N, F]
+        return tc.encode(x[:, cache.layers.index(tc.layers[layer])], layer)  # [N, F]
 
 
 def test_top_contexts_match_a_brute_force_scan(cards):

@@ -22,9 +22,9 @@ def make_rm(tiny_model_dir, arch="llama", tc_arch="plt"):
     model, tokenizer = load_model(str(tiny_model_dir(arch, n_layers=3)))
     torch.manual_seed(3)
     tc = build_transcoder(tc_arch, 3, 32, 48, activation="relu")
-    if tc.skip_weight is not None:
+    if tc.W_skip is not None:
         with torch.no_grad():
-            tc.skip_weight.normal_(0, 0.05)
+            tc.W_skip.normal_(0, 0.05)
     return ReplacementModel(model, tokenizer, tc)
 
 
@@ -126,7 +126,7 @@ def test_bad_interventions(tiny_model_dir):
 
 def test_steer_cli(tiny_model_dir, tmp_path, capsys):
     from wiremap.cli import main
-    from wiremap.models.io import save_transcoders
+    from wiremap.models.formats import save_transcoders
 
     path = tiny_model_dir("llama", n_layers=3)
     save_transcoders(build_transcoder("plt", 3, 32, 48, model_name=str(path)), tmp_path / "tc")

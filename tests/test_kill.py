@@ -217,7 +217,7 @@ def test_train_killed_then_resumed_exports_what_the_uninterrupted_run_does(
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)  # bitwise
     assert not leftovers(tmp_path)
-    from wiremap.models.io import load_transcoders
+    from wiremap.models.formats import load_transcoders
 
     load_transcoders(export)  # checksums.json matches what was written
 
@@ -225,14 +225,14 @@ def test_train_killed_then_resumed_exports_what_the_uninterrupted_run_does(
 # -- wiremap features ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def export(setup):
-    from wiremap.models.io import save_transcoders
+    from wiremap.models.formats import save_transcoders
     from wiremap.models.transcoders import build_transcoder
 
     cfg, root = setup
     torch.manual_seed(0)
     tc = build_transcoder("plt", n_layers=2, d_model=16, d_transcoder=12, model_name=cfg.model)
     with torch.no_grad():
-        tc.encoder_bias.copy_(torch.linspace(-1.0, 0.3, 12).expand(2, 12))
+        tc.b_enc.copy_(torch.linspace(-1.0, 0.3, 12).expand(2, 12))
     folder = save_transcoders(tc, root / "tc")
     out = root / "features_ref"
     assert wiremap_main(features_argv(cfg, folder, out)) == 0

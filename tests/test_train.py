@@ -146,7 +146,7 @@ def test_nan_loss_stops_with_step_and_cause(cache_cfg, tmp_path):
     dm = make_dm(cache_cfg)
     module = make_module(dm)
     with torch.no_grad():
-        module.transcoder.encoder_weight[0, 0, 0] = float("nan")
+        module.transcoder.W_enc[0, 0, 0] = float("nan")
     with pytest.raises(WiremapError, match=r"NaN at step 0.*learning rate too high"):
         trainer(tmp_path, 3, [NanGuard()]).fit(module, datamodule=dm)
 
@@ -198,9 +198,9 @@ def test_export_works_on_raw_activations(cache_cfg, arch, activation):
     dm.setup("fit")
     module = make_module(dm, arch=arch, activation=activation, k=6)
     with torch.no_grad():  # non-trivial thresholds, skip weights and decoder bias
-        module.transcoder.decoder_bias.normal_()
-        if module.transcoder.skip_weight is not None:
-            module.transcoder.skip_weight.normal_(std=0.1)
+        module.transcoder.b_dec.normal_()
+        if module.transcoder.W_skip is not None:
+            module.transcoder.W_skip.normal_(std=0.1)
     it = iter(dm.train_dataloader())
     module.train()
     module(module.normalised(*dm.on_after_batch_transfer(next(it), 0))[0])  # calibrates BatchTopK

@@ -518,14 +518,14 @@ def test_steer_with_a_tiny_replacement_model(served, tiny_model_dir, tmp_path):
     pytest.importorskip("wiremap.attribution.interventions", reason="needs the intervention API")
     import torch
 
-    from wiremap.models.io import save_transcoders
+    from wiremap.models.formats import save_transcoders
     from wiremap.models.transcoders import build_transcoder
 
     folder, request = served
     model_dir = tiny_model_dir("llama")
     tc = build_transcoder("plt", n_layers=2, d_model=32, d_transcoder=16, model_name=str(model_dir))
     with torch.no_grad():
-        tc.encoder_bias.fill_(1.0)  # every feature fires, so scaling one moves the logits
+        tc.b_enc.fill_(1.0)  # every feature fires, so scaling one moves the logits
     tc_dir = save_transcoders(tc, tmp_path / "tc")
     steerer = Steerer()
     srv = request.start(steerer=steerer)

@@ -260,7 +260,7 @@ def demo_prompts() -> dict[str, str]:
 
 def replacement_model(model, tokenizer, organism: str, transcoders: Path):
     """The organism with the transcoders exported in `transcoders` spliced in."""
-    from wiremap.models.io import load_transcoders
+    from wiremap.models.formats import load_transcoders
     from wiremap.models.replacement import ReplacementModel
 
     return ReplacementModel(

@@ -453,7 +453,7 @@ def write_feature_jsons(graph_obj: dict, store: FeatureStore, folder: str | Path
 def build_feature_cards(cfg: FeatureCardConfig, model=None, tokenizer=None) -> Path:
     """Compute and store the cards of every feature; returns the output folder."""
     from wiremap.cache import ActivationCache
-    from wiremap.models.io import load_transcoders
+    from wiremap.models.formats import load_transcoders
 
     cache = ActivationCache(cfg.cache)
     tc = load_transcoders(cfg.transcoders, device=cfg.device)

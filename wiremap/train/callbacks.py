@@ -304,7 +304,7 @@ def export_module(
     """Write a TranscoderModule's transcoders to `folder` with `io.save_transcoders`
     (normalisation folded in, BatchTopK made per-token; `summary` under `training` in its
     config.yaml) and copy the run's resolved config beside it as `training_config.yaml`."""
-    from wiremap.models.io import save_transcoders
+    from wiremap.models.formats import save_transcoders
 
     folder = Path(folder)
     save_transcoders(pl_module.export_transcoder(), folder, extra_config={"training": summary})
