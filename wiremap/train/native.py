@@ -104,6 +104,15 @@ def backward(a: Tensor, grad_a: Tensor | None, window: Tensor | None, pre: Tenso
     return acc.sum(0)
 
 
+def run(forward_pass: bool, a: Tensor, *args) -> Tensor:
+    """`fused._forward_pass` / `fused._backward_pass` (same arguments) through the kernels."""
+    if forward_pass:
+        window, b, theta, cn2, half_bw = args
+        return forward(a, window, b, theta, cn2 / 2, 2 * half_bw)
+    grad_a, window, pre, cn2, k, below = args
+    return backward(a, grad_a, window, pre, cn2 / 2, k, below)
+
+
 def _check(a: Tensor, window: Tensor | None, *same: Tensor | None) -> None:
     """The C code trusts raw pointers: every block must have a's shape, layout and dtype."""
     blocks = [(t, a.dtype) for t in same if t is not None]
