@@ -9,8 +9,10 @@ with the fused encoder's elementwise passes (`wiremap/train/fused.py`) run by ea
 
 - unfused: the reference path (`forward` + `loss_terms`, one op at a time, dense decode);
 - eager: the fused path's passes op by op over cache-sized row chunks;
-- compiled: `torch.compile` of the same passes (Inductor's C++/OpenMP kernels on CPU);
-- native: the C kernel, where `wiremap.train.native` still exists.
+- compiled: `torch.compile` of the same passes (Inductor's C++/OpenMP kernels on CPU).
+
+Until commit 0d2e43e it also timed a hand-written C kernel for the passes, which that run
+showed no faster on whole steps; README "Speed" gives the numbers and why it went.
 
 The thresholds are set so that `--l0` features fire per token, as in a trained transcoder
 (the decode is then sparse). The backends take turns within each repeat (the machine may be
@@ -22,7 +24,6 @@ compile (a fresh Inductor cache folder) a short run pays once per process.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import tempfile
@@ -92,13 +93,17 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--backends", nargs="+", default=["unfused", "eager", "compiled"],
+                   choices=["unfused", "eager", "compiled"])  # fmt: skip
+    p.add_argument("--no-reuse-memory", action="store_true",
+                   help="leave glibc's malloc as it is (to time run.reuse_host_memory)")  # fmt: skip
     args = p.parse_args()
-    backends = ["unfused", "eager", "compiled"]
-    if importlib.util.find_spec("wiremap.train.native") is not None:
-        backends.append("native")
-    reuse_freed_memory()  # as `wiremap train` on CPU: no page faults in any timing
+    backends = list(dict.fromkeys(args.backends + ["compiled"]))  # the ratios' reference
+    if not args.no_reuse_memory:
+        reuse_freed_memory()  # as `wiremap train` on CPU: no page faults in any timing
     print(f"PLT jumprelu, L={args.layers}, d_model={args.d_model}, {args.tokens} tokens, "
-          f"{torch.get_num_threads()} threads; median of {args.repeats}, ratio to compiled")  # fmt: skip
+          f"{torch.get_num_threads()} threads; median of {args.repeats}, "
+          "ratio to compiled")  # fmt: skip
     for dtype in args.dtypes:
         for f in args.features:
             for l0 in args.l0:

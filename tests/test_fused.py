@@ -256,6 +256,7 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch, cap
         return raise_
 
     monkeypatch.setattr(fused, "_compiled", broken)
+    monkeypatch.setattr(fused, "MIN_COMPILE_ELEMENTS", 0)
     monkeypatch.setattr(fused, "_compile_failed", False)
     monkeypatch.setattr(fused, "_compile_works", lambda device_type: not fused._compile_failed)
     x, w = torch.randn(N, L, D), torch.randn(L, F, D)

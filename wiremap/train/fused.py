@@ -15,10 +15,15 @@ gradients of pre-activations, θ and ‖W_dec‖) is one function per direction,
 `use()` picks one):
 
 - "compiled": `torch.compile` of those two functions, one generated kernel per pass (Triton
-  on CUDA, C++/OpenMP on CPU). The default wherever it works.
-- "eager": the same functions op by op (on CPU over row chunks that stay in cache), where
-  compiling is off or unavailable: `WIREMAP_COMPILE=0`, `TORCHDYNAMO_DISABLE=1`, Windows,
-  no Triton on CUDA, or a first compile that failed (no C++ compiler on CPU; one warning).
+  on CUDA, C++/OpenMP on CPU). The default wherever it works, for layer blocks of at least
+  `MIN_COMPILE_ELEMENTS`. The first step compiles (seconds; Inductor caches the result on
+  disk for later processes); tokens per step can change without compiling again.
+- "eager": the same functions op by op (on CPU over row chunks that stay in cache), for
+  small blocks and where compiling is off or unavailable: `WIREMAP_COMPILE=0`,
+  `TORCHDYNAMO_DISABLE=1`, Windows, no Triton on CUDA, or a first compile that failed (no
+  C++ compiler on CPU; one warning says so).
+
+`bench/fused_kernels.py` times both, and the unfused reference, on whole training steps.
 
 Saved for backward: `a` itself and a 2-byte mask of the JumpReLU threshold window. Fired is
 `a != 0` (θ ≥ 0, so pre > θ gives a > 0); below-threshold is its complement, which differs
@@ -43,10 +48,14 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["compiled", "eager", "native"]
+Backend = Literal["compiled", "eager"]
 CHUNK_ELEMENTS = 1 << 18
 """Elements per eager chunk on CPU: 1 MiB of float32, so its temporaries stay in cache.
 Elsewhere a chunk is a whole layer (small chunks would only multiply kernel launches)."""
+MIN_COMPILE_ELEMENTS = 1 << 20
+"""Smaller layer blocks [N, F] run eagerly unless `use("compiled")` says otherwise: there the
+eager passes take a millisecond or less, and a first compile takes seconds (debug runs and
+tests: 512 tokens × 256 features)."""
 RECOMPILE_LIMIT = 32
 """Compiled variants allowed per pass (dtype × ReLU / fixed / learned θ × which gradients
 arrive), above torch's default of 8 so a process that trains several kinds never falls back."""
@@ -133,11 +142,8 @@ def _compiled(fn):
 def _run(fn, a: Tensor, *args) -> Tensor:
     """`fn` (a pass over one layer's [N, F] block) on the backend for `a`'s device."""
     global _compile_failed
-    if _chosen == "native":
-        from wiremap.train import native
-
-        return native.run(fn is _forward_pass, a, *args)
-    if backend(a.device) == "compiled":
+    big = a.numel() >= MIN_COMPILE_ELEMENTS or _chosen == "compiled"
+    if big and backend(a.device) == "compiled":
         rows = [t for t in (a, *args) if isinstance(t, Tensor) and t.dim() == 2]
         for t in rows:
             torch._dynamo.maybe_mark_dynamic(t, 0)
