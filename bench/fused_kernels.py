@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--backends", nargs="+", default=["unfused", "eager", "compiled"],
                    choices=["unfused", "eager", "compiled"])  # fmt: skip
     p.add_argument("--no-reuse-memory", action="store_true",
-                   help="leave glibc's malloc as it is (to time run.reuse_host_memory)")  # fmt: skip
+                   help="leave malloc as it is (to time run.reuse_host_memory)")  # fmt: skip
     args = p.parse_args()
     backends = list(dict.fromkeys(args.backends + ["compiled"]))  # the ratios' reference
     if not args.no_reuse_memory:
