@@ -103,7 +103,8 @@ def fused_encode(
 
 
 def backend(device: torch.device | str) -> Backend:
-    """The backend the elementwise passes take on `device` (see the module docstring)."""
+    """The backend the passes take on `device` for blocks of `MIN_COMPILE_ELEMENTS` or more
+    (smaller ones run eagerly unless `use("compiled")`); see the module docstring."""
     if _chosen is not None:
         return _chosen
     return "compiled" if _compile_works(torch.device(device).type) else "eager"
