@@ -136,7 +136,9 @@ def _compile_works(device_type: str) -> bool:
 @functools.cache
 def _compiled(fn):
     # One graph per variant; N is marked dynamic on each call, so a smaller last batch or a
-    # validation batch reuses it instead of compiling again.
+    # validation batch reuses it instead of compiling again. The default mode: these are
+    # pointwise + reduction kernels with nothing for max-autotune to tune, and
+    # reduce-overhead's CUDA graphs would need static copies of the blocks they write in place.
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
