@@ -37,7 +37,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from wiremap.train import fused, sparse
+from wiremap.train import fused as fused_passes
+from wiremap.train import sparse
 from wiremap.train.callbacks import ReuseHostMemory
 from wiremap.train.module import TranscoderModule
 
@@ -124,7 +125,7 @@ def tokens_per_s(
     cls=None, **kw,
 ) -> float:  # fmt: skip
     cls = cls or (UnfusedModule if unfused else TranscoderModule)
-    with fused.use(None if compiled else "eager"):
+    with fused_passes.use(None if compiled else "eager"):
         return _tokens_per_s(arch, precision, args, device, cls, reuse, **kw)
 
 
@@ -170,7 +171,7 @@ def throughput(args, device: str) -> None:
                 print(f"      host-memory reuse: x{rate / fused:.2f} tokens/s")
             if device == "cpu" and (arch, precision) == ("plt", "bf16-mixed"):
                 loop = tokens_per_s(arch, precision, args, device, compiled=False)
-                print(f"      compiled passes ({fused.backend(device)}) / eager passes: "
+                print(f"      compiled passes ({fused_passes.backend(device)}) / eager passes: "
                       f"x{rate / loop:.2f} tokens/s")  # fmt: skip
 
 
