@@ -8,8 +8,8 @@ Synthetic random activations (no language model), the real TranscoderModule and 
 Trainer with `wiremap train`'s ReuseHostMemory callback, so the figures include the loss
 terms, AdamW, gradient clipping and Lightning's loop. Before that callback is on (it is
 process-wide), the PLT in float32 is also timed unfused (the dense reference path) and
-without host-memory reuse; the PLT in bf16 is timed again with the PyTorch loop in place of
-the compiled kernels (wiremap/train/native.py). The speed-ups are printed.
+without host-memory reuse; the PLT in bf16 is timed again with the eager passes in place of
+the compiled passes (wiremap/train/fused.py, torch.compile). The speed-ups are printed.
 
 Sparse path (`--only sparse`): TopK PLT and CLT at k = 16, 32, 64, 128 active features per
 token and layer, trained through wiremap/train/sparse.py (decode, decoder and encoder weight
@@ -37,7 +37,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from wiremap.train import native, sparse
+from wiremap.train import fused as fused_passes
+from wiremap.train import sparse
 from wiremap.train.callbacks import ReuseHostMemory
 from wiremap.train.module import TranscoderModule
 
@@ -124,7 +125,7 @@ def tokens_per_s(
     cls=None, **kw,
 ) -> float:  # fmt: skip
     cls = cls or (UnfusedModule if unfused else TranscoderModule)
-    with contextlib.nullcontext() if compiled else native.disabled():
+    with fused_passes.use(None if compiled else "eager"):
         return _tokens_per_s(arch, precision, args, device, cls, reuse, **kw)
 
 
@@ -170,7 +171,7 @@ def throughput(args, device: str) -> None:
                 print(f"      host-memory reuse: x{rate / fused:.2f} tokens/s")
             if device == "cpu" and (arch, precision) == ("plt", "bf16-mixed"):
                 loop = tokens_per_s(arch, precision, args, device, compiled=False)
-                print(f"      compiled kernels (native: {native.available()}) / PyTorch loop: "
+                print(f"      compiled passes ({fused_passes.backend(device)}) / eager passes: "
                       f"x{rate / loop:.2f} tokens/s")  # fmt: skip
 
 

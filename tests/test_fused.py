@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import logging
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import torch
 from helpers import reference_outputs, run
 
 from wiremap.models.activations import _JumpReLUFn
-from wiremap.train import fused, native
+from wiremap.train import fused
 from wiremap.train.module import TranscoderModule
 
 N, L, D, F = 37, 3, 8, 24  # 37 tokens: chunks of 4 rows leave a ragged last chunk
@@ -23,12 +24,12 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 4 * F)
 
 
-@pytest.fixture(params=["native", "pytorch"])
+@pytest.fixture(params=["compiled", "eager"])
 def backend(request):
-    """Run a test with the compiled kernels and again with the PyTorch loop."""
-    if request.param == "native" and not native.available():
-        pytest.skip("no C compiler on this machine")
-    with contextlib.nullcontext() if request.param == "native" else native.disabled():
+    """Run a test with the passes compiled (torch.compile) and again op by op."""
+    if request.param == "compiled" and fused.backend("cpu") != "compiled":
+        pytest.skip("torch.compile is off or unavailable here")
+    with fused.use(request.param):
         yield request.param
 
 
@@ -161,7 +162,111 @@ print(min(plain), reused[4])
 """
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc only")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    env = {**os.environ, "WIREMAP_COMPILE": "0"}  # the allocator alone, no compile
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     plain, reused = map(int, out.stdout.split())
     assert plain > 10_000 and reused < plain / 10, (plain, reused)
+
+
+needs_compile = pytest.mark.skipif(
+    fused.backend("cpu") != "compiled", reason="torch.compile is off or unavailable here"
+)
+
+
+def pass_inputs(n: int, dtype: torch.dtype, theta_mode: str):
+    a = (2 * torch.randn(n, F)).to(dtype)
+    window = torch.zeros(n, F, dtype=torch.bfloat16) if theta_mode == "learned" else None
+    theta = None if theta_mode == "relu" else torch.rand(F)
+    return a, window, 0.3 * torch.randn(F), theta, 2 * torch.rand(F), 0.2
+
+
+@needs_compile
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("theta_mode", ["relu", "fixed", "learned"])
+def test_compiled_passes_equal_the_eager_ones(dtype, theta_mode):
+    from torch._dynamo.utils import counters
+
+    a, window, *rest = pass_inputs(23, dtype, theta_mode)
+    grad_a, k, below = torch.randn(23, F).to(dtype), torch.randn(F), torch.randn(F)
+    outs = {}
+    for name in ("eager", "compiled"):
+        got_a, got_w = a.clone(), None if window is None else window.clone()
+        with fused.use(name):
+            sums = fused._run(fused._forward_pass, got_a, got_w, *rest)
+            pre = torch.empty(23, F, dtype=dtype)
+            bwd = fused._run(fused._backward_pass, got_a, grad_a, got_w, pre, rest[2], k, below)
+        if name == "compiled":  # it went through Dynamo, not an eager fallback
+            assert not fused._compile_failed and counters["stats"]["unique_graphs"] > 0
+        outs[name] = got_a, got_w, sums, pre, bwd
+    (ea, ew, es, ep, eb), (ca, cw, cs, cp, cb) = outs["eager"], outs["compiled"]
+    assert torch.equal(ca, ea)  # bias, threshold and rounding to the storage dtype exactly
+    assert (cw is None and ew is None) or (torch.equal(cw, ew) and 0 < cw.sum() < cw.numel())
+    torch.testing.assert_close(cs, es, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cp, ep, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cb, eb, rtol=1e-5, atol=1e-5)
+
+
+@needs_compile
+def test_another_batch_size_does_not_compile_again():
+    from torch._dynamo.utils import counters
+
+    w = torch.randn(L, F, D, requires_grad=True)
+    b, theta, cn = torch.zeros(L, F), torch.rand(L, F, requires_grad=True), torch.rand(L, F)
+    graphs = []
+    with fused.use("compiled"):
+        for n in (N, 29, 61):  # a smaller last batch, a larger validation batch
+            out = fused.fused_encode(torch.randn(n, L, D), w, b, theta, cn, bandwidth=0.5)
+            (out.a.square().sum() + out.tanh_sum + out.gap_sum.sum()).backward()
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[0] == graphs[2]
+
+
+@pytest.mark.parametrize(
+    "env, device, triton, want",
+    [
+        ({}, "cpu", False, "compiled"),
+        ({"WIREMAP_COMPILE": "0"}, "cpu", False, "eager"),
+        ({"TORCHDYNAMO_DISABLE": "1"}, "cpu", False, "eager"),
+        ({}, "cuda", True, "compiled"),
+        ({}, "cuda", False, "eager"),
+        ({}, "mps", False, "eager"),
+    ],
+)
+def test_backend_choice(monkeypatch, env, device, triton, want):
+    import torch.utils._triton
+
+    monkeypatch.delenv("WIREMAP_COMPILE", raising=False)
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: triton)
+    monkeypatch.setattr(fused, "_compile_failed", False)
+    assert fused.backend(device) == want
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert fused.backend(device) == "eager"
+    with fused.use("eager"):
+        assert fused.backend("cpu") == "eager"
+
+
+def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    def broken(fn):
+        def raise_(*args):
+            raise torch._dynamo.exc.BackendCompilerFailed(broken, RuntimeError("no cl.exe"), None)
+
+        return raise_
+
+    monkeypatch.setattr(fused, "_compiled", broken)
+    monkeypatch.setattr(fused, "MIN_COMPILE_ELEMENTS", 0)
+    monkeypatch.setattr(fused, "_compile_failed", False)
+    monkeypatch.setattr(fused, "_compile_works", lambda device_type: not fused._compile_failed)
+    x, w = torch.randn(N, L, D), torch.randn(L, F, D)
+    b, cn = torch.zeros(L, F), torch.rand(L, F)
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        out = fused.fused_encode(x, w, b, None, cn)
+        again = fused.fused_encode(x, w, b, None, cn)
+    assert len(caplog.records) == 1 and "WIREMAP_COMPILE=0" in caplog.text
+    assert fused.backend("cpu") == "eager"
+    want = torch.relu(torch.einsum("nld,lfd->nlf", x, w))
+    assert torch.equal(out.a, want) and torch.equal(again.a, want)
