@@ -1,6 +1,6 @@
 """The encoder, the ReLU / JumpReLU and the sparsity penalties as one cache-friendly pass.
 
-    out = fused_encode(x, tc.encoder_weight, tc.encoder_bias, theta, c * tc.decoder_norms())
+    out = fused_encode(x, tc.W_enc, tc.b_enc, theta, c * tc.decoder_norms())
     sparsity = lam * out.tanh_sum / n_tokens                  # Σ tanh(c·‖W_dec‖·a) per token
     preact = lam_p * (out.gap_sum * norms).sum() / n_tokens   # Σ ReLU(θ − h)·‖W_dec‖ per token
     y_hat = tc.decode(out.a)                                  # a in the matmul dtype
