@@ -23,8 +23,9 @@ wandb or transformers until a name that needs them is used). The low-level hooks
 DeprecationWarning.
 """
 
-import warnings
 from importlib import import_module
+
+from wiremap.compat import moved_names
 
 __version__ = "0.1.0"
 
@@ -70,21 +71,16 @@ _DEPRECATED = {
 }
 
 
+_deprecated_getattr, _ = moved_names(__name__, _DEPRECATED)
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
     if name in _RENAMED:
         module, attr = _RENAMED[name]
         return getattr(import_module(module), attr)
-    if name in _DEPRECATED:
-        warnings.warn(
-            f"wiremap.{name} is deprecated and goes away in the next version; import it from "
-            f"{_DEPRECATED[name]} (from {_DEPRECATED[name]} import {name})",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(import_module(_DEPRECATED[name]), name)
-    raise AttributeError(f"module 'wiremap' has no attribute {name!r}")
+    return _deprecated_getattr(name)
 
 
 def __dir__() -> list[str]:

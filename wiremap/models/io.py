@@ -8,8 +8,7 @@ DeprecationWarning naming its new module.
 
 from __future__ import annotations
 
-import warnings
-from importlib import import_module
+from wiremap.compat import moved_names
 
 _MOVED = {
     "save_transcoders": "wiremap.models.formats.wiremap",
@@ -36,24 +35,6 @@ _MOVED = {
         "wiremap.models.formats.circuit_tracer",
     ),
 }
-
-
-def moved_names(module: str, moved: dict[str, str]):
-    """`__getattr__` and `__dir__` for a shim `module` whose names now live in `moved[name]`:
-    each name still resolves, with a DeprecationWarning that names its new module."""
-
-    def getattr_(name: str):
-        if name not in moved:
-            raise AttributeError(f"module {module!r} has no attribute {name!r}")
-        warnings.warn(
-            f"{module}.{name} is deprecated and goes away in the next version; import it from "
-            f"{moved[name]}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(import_module(moved[name]), name)
-
-    return getattr_, lambda: sorted(moved)
 
 
 __getattr__, __dir__ = moved_names(__name__, _MOVED)

@@ -5,7 +5,7 @@ with a DeprecationWarning.
 
 from __future__ import annotations
 
-from wiremap.models.io import moved_names
+from wiremap.compat import moved_names
 
 __getattr__, __dir__ = moved_names(
     __name__,

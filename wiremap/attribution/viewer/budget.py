@@ -1,13 +1,6 @@
-"""Deprecated: moved to `wiremap.attribution.budget` (graph-JSON logic the viewer, the PNG and the
-export share); this alias is that module and goes away in the next version."""
+"""Deprecated alias of `wiremap.attribution.budget` (moved out of the viewer: the export and
+the PNG use it too); goes away in the next version."""
 
-import importlib
-import sys
-import warnings
+from wiremap.compat import alias_module
 
-warnings.warn(
-    "wiremap.attribution.viewer.budget moved to wiremap.attribution.budget",
-    DeprecationWarning,
-    stacklevel=2,
-)
-sys.modules[__name__] = importlib.import_module("wiremap.attribution.budget")
+alias_module(__name__, "wiremap.attribution.budget")

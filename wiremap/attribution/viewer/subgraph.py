@@ -1,13 +1,6 @@
-"""Deprecated: moved to `wiremap.attribution.subgraph` (graph-JSON logic the viewer, the PNG and the
-export share); this alias is that module and goes away in the next version."""
+"""Deprecated alias of `wiremap.attribution.subgraph` (moved out of the viewer: the export and
+the PNG use it too); goes away in the next version."""
 
-import importlib
-import sys
-import warnings
+from wiremap.compat import alias_module
 
-warnings.warn(
-    "wiremap.attribution.viewer.subgraph moved to wiremap.attribution.subgraph",
-    DeprecationWarning,
-    stacklevel=2,
-)
-sys.modules[__name__] = importlib.import_module("wiremap.attribution.subgraph")
+alias_module(__name__, "wiremap.attribution.subgraph")
