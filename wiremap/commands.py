@@ -79,6 +79,7 @@ def parser(
     skip: Iterable[str] = (),
     custom: Mapping[str, Mapping[str, Any]] | None = None,
     defaults: Mapping[str, Any] | None = None,
+    epilog: str | None = None,
 ) -> ArgumentParser:
     """An ArgumentParser with the parameters of `sources` (functions, dataclasses) as options.
 
@@ -91,6 +92,7 @@ def parser(
     p = ArgumentParser(
         prog=prog,
         description=description if description is not None else _summary(sources[-1]),
+        epilog=epilog,
         exit_on_error=False,
         formatter_class=_Help,
     )
@@ -151,12 +153,34 @@ def parse(
     `deprecated`: the same, with a DeprecationWarning; `bare`: the value an option takes
     when given without one (`{"heads": "1000"}`). Raises UsageError.
     """
+    if not isinstance(prog, ArgumentParser):
+        settings.setdefault("epilog", _other_spellings(aliases or {}, deprecated or {}))
     p = prog if isinstance(prog, ArgumentParser) else parser(prog, *sources, **settings)
     args = normalise(argv, p, aliases or {}, deprecated or {}, bare or {})
     try:
         return p.parse_args(args).as_dict()
     except argparse.ArgumentError as err:
         raise UsageError(p.prog, one_line(str(err), p)) from None
+
+
+def _other_spellings(aliases: Mapping[str, str], deprecated: Mapping[str, str]) -> str | None:
+    """The help's last line: what each alias stands for."""
+    pairs = [f"{dashed(a)} = {dashed(b)}" for a, b in aliases.items()]
+    pairs += [f"{dashed(a)} = {dashed(b)} (deprecated)" for a, b in deprecated.items()]
+    return f"Also accepted: {'; '.join(pairs)}." if pairs else None
+
+
+def underscored(argv: list[str]) -> list[str]:
+    """`argv` with option names underscored (`--ckpt-path x` -> `--ckpt_path x`)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    return [_underscored(t) for t in argv[:end]] + argv[end:]
+
+
+def _underscored(token: str) -> str:
+    if not token.startswith("--"):
+        return token
+    name, eq, value = token.partition("=")
+    return "--" + name[2:].replace("-", "_") + eq + value
 
 
 def normalise(
@@ -177,8 +201,7 @@ def normalise(
         if not token.startswith("--"):
             out.append(token)
             continue
-        name, eq, value = token.partition("=")
-        name = "--" + name[2:].replace("-", "_")
+        name, eq, value = _underscored(token).partition("=")
         if name in deprecated:
             _warn_deprecated(name, deprecated[name])
             name, eq, value = (deprecated[name] + eq + value).partition("=")
@@ -224,15 +247,16 @@ def _warn_deprecated(old: str, new: str) -> None:
         )
 
 
-def one_line(text: str, p: ArgumentParser) -> str:
+def one_line(text: str, p: ArgumentParser | None = None) -> str:
     """jsonargparse's (often multi-line) refusal as one line naming the option and value."""
     key = re.match(r'Parser key "([^"]+)":', text)
     if key:
         given = re.search(r"(?:Given|Got) value: (.*)", text)
         value = given[1].strip() if given else "?"
-        hint = next(
-            (str(a._typehint) for a in p._actions if getattr(a, "dest", None) == key[1]), ""
-        )
+        expected = re.search(r"Expected an? (<class '\w+'>)", text)
+        actions = p._actions if p is not None else []
+        hints = [str(a._typehint) for a in actions if getattr(a, "dest", None) == key[1]]
+        hint = hints[0] if hints else expected[1] if expected else ""
         kind = re.sub(r"<class '(\w+)'>", r"\1", hint.replace("typing.", ""))
         return f"--{key[1].replace('_', '-')} {value}: expected {kind or 'another value'}"
     required = re.match(r"the following arguments are required: (.*)", text)
@@ -242,8 +266,8 @@ def one_line(text: str, p: ArgumentParser) -> str:
     return dashed(" ".join(text.split()))
 
 
-def _flag(p: ArgumentParser, dest: str) -> str:
-    for action in p._actions:
+def _flag(p: ArgumentParser | None, dest: str) -> str:
+    for action in p._actions if p is not None else []:
         if action.dest == dest and action.option_strings:
             return dashed(action.option_strings[0])
     return dest  # a positional argument

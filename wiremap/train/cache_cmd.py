@@ -33,7 +33,7 @@ CUSTOM = {
     "layers": {"nargs": "+", "metavar": "L"},
 }
 # `--include-bos` until CacheConfig itself has `include_bos` (issue 15: one name for BOS)
-ALIASES = {} if "include_bos" in FIELDS else {"--include_bos": "--exclude_bos=false"}
+ALIASES = {} if "include_bos" in FIELDS else {"--include_bos": "--no_exclude_bos"}
 
 
 def options(config: str | None = None, quiet: bool = False) -> None:

@@ -26,12 +26,14 @@ import dataclasses
 import os
 import sys
 import warnings
+from argparse import ArgumentError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from wiremap.commands import one_line, underscored
 from wiremap.errors import WiremapError, oom_to_error
 from wiremap.train.callbacks import (
     ExportTranscoders,
@@ -240,8 +242,19 @@ def make_logger(run: RunConfig):
     )
 
 
-def build_cli(argv: list[str], **kwargs: Any) -> WiremapCLI:
-    """Parse `argv` and instantiate everything (no training); used by `main` and tests."""
+def build_cli(argv: list[str] | dict, **kwargs: Any) -> WiremapCLI:
+    """Parse `argv` and instantiate everything (no training); used by `main` and tests.
+
+    Option names may be dashed (`--ckpt-path`, `--trainer.max-steps`); a refusal is one
+    line (`ArgumentError`), which `wiremap.fit` reports with the pointer to `--help`.
+    """
+    try:
+        return _cli(underscored(argv) if isinstance(argv, list) else argv, **kwargs)
+    except ArgumentError as err:
+        raise ArgumentError(None, one_line(str(err))) from None
+
+
+def _cli(argv: list[str] | dict, **kwargs: Any) -> WiremapCLI:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         return WiremapCLI(
