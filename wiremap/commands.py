@@ -79,7 +79,9 @@ def parser(
     skip: Iterable[str] = (),
     custom: Mapping[str, Mapping[str, Any]] | None = None,
     defaults: Mapping[str, Any] | None = None,
-    epilog: str | None = None,
+    aliases: Mapping[str, str] | None = None,
+    deprecated: Mapping[str, str] | None = None,
+    bare: Mapping[str, str] | None = None,
 ) -> ArgumentParser:
     """An ArgumentParser with the parameters of `sources` (functions, dataclasses) as options.
 
@@ -87,12 +89,16 @@ def parser(
     `custom`: name -> `add_argument` settings for an option whose type a signature cannot
     say (`20k` tokens, `0-3` layers); its help text and default still come from the source.
     `defaults`: other defaults than the sources' (a required option then is not).
+    `aliases`: another spelling -> what it stands for (`{"--quiet": "--no_progress"}`);
+    `deprecated`: the same, with a DeprecationWarning; `bare`: the value an option takes
+    when given without one (`{"heads": "1000"}`). The help's last line lists them.
     """
     custom = dict(custom or {})
+    spellings = Spellings(dict(aliases or {}), dict(deprecated or {}), dict(bare or {}))
     p = ArgumentParser(
         prog=prog,
         description=description if description is not None else _summary(sources[-1]),
-        epilog=epilog,
+        epilog=spellings.epilog(),
         exit_on_error=False,
         formatter_class=_Help,
     )
@@ -109,6 +115,7 @@ def parser(
         p.set_defaults(dict(defaults))
         for action in p._actions:
             action.required = action.required and action.dest not in defaults
+    p.spellings = spellings
     return p
 
 
@@ -138,36 +145,30 @@ def _summary(source: Source) -> str:
     return (source.__doc__ or "").strip().split("\n\n")[0]
 
 
-def parse(
-    argv: list[str],
-    prog: str | ArgumentParser,
-    *sources: Source,
-    aliases: Mapping[str, str] | None = None,
-    deprecated: Mapping[str, str] | None = None,
-    bare: Mapping[str, str] | None = None,
-    **settings: Any,
-) -> dict[str, Any]:
-    """The options in `argv` of `parser(prog, *sources, **settings)`, as a flat mapping.
+@dataclasses.dataclass
+class Spellings:
+    """What a command accepts besides its options' own names (see `parser`)."""
 
-    `aliases`: another spelling -> what it stands for (`{"--quiet": "--progress=false"}`);
-    `deprecated`: the same, with a DeprecationWarning; `bare`: the value an option takes
-    when given without one (`{"heads": "1000"}`). Raises UsageError.
-    """
-    if not isinstance(prog, ArgumentParser):
-        settings.setdefault("epilog", _other_spellings(aliases or {}, deprecated or {}))
+    aliases: dict[str, str]
+    deprecated: dict[str, str]
+    bare: dict[str, str]
+
+    def epilog(self) -> str | None:
+        pairs = [f"{dashed(a)} = {dashed(b)}" for a, b in self.aliases.items()]
+        pairs += [f"{dashed(a)} = {dashed(b)} (deprecated)" for a, b in self.deprecated.items()]
+        return f"Also accepted: {'; '.join(pairs)}." if pairs else None
+
+
+def parse(
+    argv: list[str], prog: str | ArgumentParser, *sources: Source, **settings: Any
+) -> dict[str, Any]:
+    """The options in `argv` of `parser(prog, *sources, **settings)` (or of the parser
+    `prog`), as a flat mapping. Raises UsageError."""
     p = prog if isinstance(prog, ArgumentParser) else parser(prog, *sources, **settings)
-    args = normalise(argv, p, aliases or {}, deprecated or {}, bare or {})
     try:
-        return p.parse_args(args).as_dict()
+        return p.parse_args(normalise(argv, p)).as_dict()
     except argparse.ArgumentError as err:
         raise UsageError(p.prog, one_line(str(err), p)) from None
-
-
-def _other_spellings(aliases: Mapping[str, str], deprecated: Mapping[str, str]) -> str | None:
-    """The help's last line: what each alias stands for."""
-    pairs = [f"{dashed(a)} = {dashed(b)}" for a, b in aliases.items()]
-    pairs += [f"{dashed(a)} = {dashed(b)} (deprecated)" for a, b in deprecated.items()]
-    return f"Also accepted: {'; '.join(pairs)}." if pairs else None
 
 
 def underscored(argv: list[str]) -> list[str]:
@@ -183,15 +184,11 @@ def _underscored(token: str) -> str:
     return "--" + name[2:].replace("-", "_") + eq + value
 
 
-def normalise(
-    argv: list[str],
-    p: ArgumentParser,
-    aliases: Mapping[str, str],
-    deprecated: Mapping[str, str],
-    bare: Mapping[str, str],
-) -> list[str]:
+def normalise(argv: list[str], p: ArgumentParser) -> list[str]:
     """`argv` as jsonargparse reads it: underscored names, yes/no and list options spelled out."""
     kinds = _option_kinds(p)
+    spellings = getattr(p, "spellings", Spellings({}, {}, {}))
+    aliases, deprecated, bare = spellings.aliases, spellings.deprecated, spellings.bare
     out: list[str] = []
     rest = list(argv)
     while rest:
@@ -287,3 +284,10 @@ def split(values: Mapping[str, Any], cls: type) -> tuple[Any, dict[str, Any]]:
     names = {f.name for f in dataclasses.fields(cls)}
     rest = {k: v for k, v in values.items() if k not in names}
     return cls(**{k: v for k, v in values.items() if k in names}), rest
+
+
+def renamed(source: Source, names: Mapping[str, str]) -> dict[str, str]:
+    """`deprecated` spellings of renamed options: `--old` -> `--new` for each old -> new in
+    `names` once `source` has the new name and not the old one (issue 15's renames)."""
+    params = set(_defaults(source))
+    return {f"--{old}": f"--{new}" for old, new in names.items() if new in params - {old}}

@@ -20,9 +20,12 @@ ALIASES = {"--features_per_layer": "--d_transcoder", "--quiet": "--no_progress"}
 
 
 def main(argv: list[str]) -> int:
-    from wiremap.commands import parse
+    from wiremap.commands import parse, renamed
     from wiremap.demo import DemoConfig, run_demo
 
-    values = parse(argv, "wiremap demo", DemoConfig, description=DESCRIPTION, aliases=ALIASES)
+    values = parse(
+        argv, "wiremap demo", DemoConfig, description=DESCRIPTION, aliases=ALIASES,
+        deprecated=renamed(DemoConfig, {"batch_size": "batch_tokens"}),
+    )  # fmt: skip
     report = run_demo(DemoConfig(**values))
     return 0 if report.swap is not None else 1

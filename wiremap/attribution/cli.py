@@ -67,14 +67,19 @@ def _load(args: ModelArgs):
 
 
 def attribute_main(argv: list[str]) -> int:
+    source, options = attribute_args(argv)
+    return attribute_graph(source, **options)
+
+
+def attribute_args(argv: list[str]) -> tuple[ModelArgs, dict]:
+    """(model and prompt, the other options of `attribute_graph`) from the command line."""
     values = parse(
         argv, ATTRIBUTE, ModelArgs, attribute_graph,
         skip={"source"}, custom={"memory_limit": {"type": parse_bytes}},
         bare={"heads": "1000"},
         deprecated={"--keep_bos": "--include_bos", "--batch_size": "--target_batch"},
     )  # fmt: skip
-    source, options = split(values, ModelArgs)
-    return attribute_graph(source, **options)
+    return split(values, ModelArgs)
 
 
 def attribute_graph(
@@ -323,8 +328,7 @@ def parse_feature(spec: str) -> tuple[int, int | None, int, float | None]:
 
 
 def steer_main(argv: list[str]) -> int:
-    values = parse(argv, STEER, ModelArgs, steer, skip={"source"})
-    source, options = split(values, ModelArgs)
+    source, options = split(parse(argv, STEER, ModelArgs, steer, skip={"source"}), ModelArgs)
     return steer(source, **options)
 
 

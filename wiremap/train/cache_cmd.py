@@ -16,7 +16,7 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from wiremap.commands import UsageError, parse, parser
+from wiremap.commands import UsageError, parse, parser, renamed
 from wiremap.errors import WiremapError
 from wiremap.fileio import atomic_write
 from wiremap.train.cache import CacheConfig, build_cache, read_manifest
@@ -80,7 +80,11 @@ def layer_list(items: list[str | int] | str | int) -> list[int]:
 def build_parser():
     custom = {k: {**v, "type": count} if v.get("type") == "count" else v for k, v in CUSTOM.items()}
     # neither --model nor --dataset: the built-in default
-    return parser(PROG, CacheConfig, options, custom=custom, defaults={"model": "", "dataset": ""})
+    defaults = {"model": "", "dataset": ""}
+    return parser(
+        PROG, CacheConfig, options, custom=custom, defaults=defaults, aliases=ALIASES,
+        deprecated=renamed(CacheConfig, {"batch_size": "batch_contexts"}),
+    )  # fmt: skip
 
 
 def read_preset(path: str) -> dict:
@@ -149,24 +153,30 @@ def summary(path: Path) -> str:
 
 
 def main(argv: list[str]) -> int:
+    values, quiet = settings(argv)
+    path = build_cache(CacheConfig(**values), progress=not quiet)
+    print(summary(path))
+    return 0
+
+
+def settings(argv: list[str]) -> tuple[dict, bool]:
+    """(CacheConfig settings, --quiet): the options, over a preset's, over the defaults."""
     p = build_parser()
-    values = parse(argv, p, aliases=ALIASES)
+    values = parse(argv, p)
     if values["config"]:  # the preset's settings, then the options given as well
         p.set_defaults(read_preset(values["config"]))
     elif not values["model"] and not values["dataset"]:
         p.set_defaults(n_tokens=BUILTIN_TOKENS)  # the built-in default is small
-    values = parse(argv, p, aliases=ALIASES)
+    values = parse(argv, p)
     quiet, config = values.pop("quiet"), values.pop("config")
     if values["layers"] is not None:
         values["layers"] = layer_list(values["layers"])
     if not config and not values["model"] and not values["dataset"]:
-        values = builtin_default(values)
-    elif not values["model"] or not values["dataset"]:
+        return builtin_default(values), quiet
+    if not values["model"] or not values["dataset"]:
         raise UsageError(
             PROG,
             "give both --model and --dataset (or a --config preset naming them), or neither "
             "to run the built-in default",
         )
-    path = build_cache(CacheConfig(**values), progress=not quiet)
-    print(summary(path))
-    return 0
+    return values, quiet
