@@ -244,6 +244,10 @@ def test_attribute_on_a_full_disk_writes_nothing_that_looks_whole(
         (["attribute", "--node-threshold", "5"], r"node_threshold=5.0 is outside \(0, 1\]"),
         (["attribute", "--edge-threshold", "0"], r"edge_threshold=0.0 is outside \(0, 1\]"),
         (["attribute", "--max-n-logits", "0"], "--max-n-logits 0"),
+        (["attribute", "--heads", "0"], "--heads 0: give a whole number of at least 1"),
+        (["attribute", "--memory-limit", "lots"], "'lots': write a size such as 8GB"),
+        (["steer", "--top", "x"], "--top x: expected int"),
+        (["steer", "--ablate", "--add", "1"], "give one of --scale, --ablate and --add"),
     ],
 )
 def test_bad_cli_values_are_refused_before_loading_anything(argv, message, tmp_path, capsys):
@@ -254,6 +258,7 @@ def test_bad_cli_values_are_refused_before_loading_anything(argv, message, tmp_p
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert re.search(message, err), err
+    assert err.endswith(f"Run `wiremap {argv[0]} --help` for the options"), err
 
 
 def test_missing_or_odd_model_file_says_what_is_supported(tmp_path):
@@ -309,6 +314,18 @@ def test_unknown_preset_key_prints_the_error_first_and_briefly(cache_cfg, tmp_pa
     assert len(err) == 1, err
     assert err[0].startswith("wiremap train: error: ") and "'dir'" in err[0]
     assert err[0].endswith("Run `wiremap train --help` for the options")
+
+
+def test_train_takes_dashed_names_and_refuses_a_bad_value_in_one_line(cache_cfg, tmp_path, capsys):
+    argv = [
+        a.replace("_", "-") if a.startswith("--") else a for a in _train_argv(cache_cfg, tmp_path)
+    ]
+    assert wiremap_main(["train", *argv, "--trainer.max-steps", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "wiremap train: error: --trainer.max-steps x: expected int. "
+        "Run `wiremap train --help` for the options"
+    ]
 
 
 def test_negative_learning_rate_is_refused(cache_cfg, tmp_path):

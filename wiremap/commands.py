@@ -100,6 +100,7 @@ def parser(
         description=description if description is not None else _summary(sources[-1]),
         epilog=spellings.epilog(),
         exit_on_error=False,
+        allow_abbrev=False,  # an option added later must not change what `--node-t` means
         formatter_class=_Help,
     )
     for source in sources:

@@ -254,7 +254,10 @@ def _check_attribute_args(
     """Refuse bad settings before the model is loaded and the attribution runs."""
     from wiremap.attribution.prune import check_thresholds
 
-    check_thresholds(node_threshold, edge_threshold)
+    try:
+        check_thresholds(node_threshold, edge_threshold)
+    except WiremapError as err:  # a bad value given on the command line
+        raise UsageError(ATTRIBUTE, str(err)) from None
     at_least(ATTRIBUTE, 1, max_n_logits=counts.pop("max_n_logits"))
     at_least(ATTRIBUTE, 0, **counts)
     if heads is not None:
