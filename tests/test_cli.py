@@ -169,3 +169,13 @@ def test_cache_preset_then_options(tmp_path):
     assert message.startswith(f"preset {preset}: unknown cache settings n_token; valid ones")
     assert message.endswith("Run `wiremap cache --help` for the options")
     assert "\n" not in message
+
+
+def test_demo_options_are_demo_config_fields_with_their_old_names():
+    from wiremap.demo_cmd import config
+
+    cfg = config(["--features-per-layer", "8", "--quiet", "--no-plt", "--attention", "--steps=3"])
+    assert (cfg.d_transcoder, cfg.progress, cfg.plt, cfg.attention, cfg.steps) == (
+        8, False, False, True, 3,
+    )  # fmt: skip
+    assert config([]).progress is True

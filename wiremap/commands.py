@@ -29,11 +29,16 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from jsonargparse import ArgumentParser, DefaultHelpFormatter, set_parsing_settings
+import jsonargparse
+from jsonargparse import ArgumentParser, DefaultHelpFormatter
 
 from wiremap.errors import WiremapError
 
-set_parsing_settings(docstring_parse_attribute_docstrings=True)  # a field's docstring = its help
+# a dataclass field's docstring is its option's help (the setting's name before 4.35: below)
+if hasattr(jsonargparse, "set_parsing_settings"):
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+else:  # pragma: no cover - older jsonargparse
+    jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
 
 _BOOLEAN = ("true", "false", "yes", "no")
 Source = Callable[..., Any] | type
@@ -255,13 +260,21 @@ def one_line(text: str, p: ArgumentParser | None = None) -> str:
         actions = p._actions if p is not None else []
         hints = [str(a._typehint) for a in actions if getattr(a, "dest", None) == key[1]]
         hint = hints[0] if hints else expected[1] if expected else ""
-        kind = re.sub(r"<class '(\w+)'>", r"\1", hint.replace("typing.", ""))
-        return f"--{key[1].replace('_', '-')} {value}: expected {kind or 'another value'}"
+        return f"--{key[1].replace('_', '-')} {value}: expected {_kind(hint)}"
     required = re.match(r"the following arguments are required: (.*)", text)
     if required:
         names = ", ".join(_flag(p, n.strip()) for n in required[1].split(","))
         return f"missing {names}"
     return dashed(" ".join(text.split()))
+
+
+def _kind(hint: str) -> str:
+    """A type hint as a reader says it: `int`, `one of all, features`, `list of str`."""
+    kind = re.sub(r"<class '(\w+)'>", r"\1", hint.replace("typing.", ""))
+    kind = re.sub(r"^Optional\[(.*)\]$|^(.*) \| None$", r"\1\2", kind)
+    if literal := re.fullmatch(r"Literal\[(.*)\]", kind):
+        return "one of " + literal[1].replace("'", "")
+    return re.sub(r"^list\[(.*)\]$", r"list of \1", kind) or "another value"
 
 
 def _flag(p: ArgumentParser | None, dest: str) -> str:

@@ -10,6 +10,11 @@ The options are the fields of `wiremap.demo.DemoConfig`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wiremap.demo import DemoConfig
+
 DESCRIPTION = (
     "Cache the built-in organism's activations, train a CLT and a PLT, attribute the Dallas "
     "two-hop prompt and antonym prompts, write graph JSON + HTML, and swap the Texas features "
@@ -20,12 +25,19 @@ ALIASES = {"--features_per_layer": "--d_transcoder", "--quiet": "--no_progress"}
 
 
 def main(argv: list[str]) -> int:
+    from wiremap.demo import run_demo
+
+    report = run_demo(config(argv))
+    return 0 if report.swap is not None else 1
+
+
+def config(argv: list[str]) -> DemoConfig:
+    """The DemoConfig of the command line."""
     from wiremap.commands import parse, renamed
-    from wiremap.demo import DemoConfig, run_demo
+    from wiremap.demo import DemoConfig
 
     values = parse(
         argv, "wiremap demo", DemoConfig, description=DESCRIPTION, aliases=ALIASES,
         deprecated=renamed(DemoConfig, {"batch_size": "batch_tokens"}),
     )  # fmt: skip
-    report = run_demo(DemoConfig(**values))
-    return 0 if report.swap is not None else 1
+    return DemoConfig(**values)

@@ -164,17 +164,10 @@ def attribute_graph(
     )  # fmt: skip
     rm = _load(source)
     graph = attribute(
-        source.prompt,
-        rm,
-        max_n_logits=max_n_logits,
-        desired_logit_prob=desired_logit_prob,
-        target_tokens=target,
-        max_feature_nodes=max_feature_nodes,
-        batch_size=target_batch,
-        zero_bos=not include_bos,
-        memory_limit=memory_limit,
-        verbose=not quiet,
-    )
+        source.prompt, rm, max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob,
+        target_tokens=target, max_feature_nodes=max_feature_nodes, batch_size=target_batch,
+        zero_bos=not include_bos, memory_limit=memory_limit, verbose=not quiet,
+    )  # fmt: skip
     note = graph.settings["memory"]["note"]
     if note and quiet:  # otherwise attribute() has said it
         print(note)
@@ -183,17 +176,10 @@ def attribute_graph(
     store = _feature_store(features, source.transcoders)
     base_url = feature_json_base_url or (f"features/{scan}" if store else None)
     result = write_graph_json(
-        graph,
-        path,
-        slug=slug,
-        scan=scan,
-        feature_json_base_url=base_url,
-        node_threshold=node_threshold,
-        edge_threshold=edge_threshold,
-        node_pool=node_pool,
-        edges_per_node=edges_per_node or None,
-        max_edges=max_edges or None,
-    )
+        graph, path, slug=slug, scan=scan, feature_json_base_url=base_url,
+        node_threshold=node_threshold, edge_threshold=edge_threshold, node_pool=node_pool,
+        edges_per_node=edges_per_node or None, max_edges=max_edges or None,
+    )  # fmt: skip
     if heads:
         _write_heads(rm, graph, path, heads)
     print(summarize_paths(graph, k=paths, result=result))
