@@ -328,6 +328,14 @@ def test_train_takes_dashed_names_and_refuses_a_bad_value_in_one_line(cache_cfg,
     ]
 
 
+@pytest.mark.parametrize("key", ["--model.d_transcoder", "--data.batch_size"])
+def test_train_refuses_a_count_below_one_before_building_anything(key, cache_cfg, tmp_path):
+    from wiremap.train.train_cmd import main
+
+    with pytest.raises(WiremapError, match=rf"^{key[2:]} -3: give a whole number of at least 1"):
+        main(_train_argv(cache_cfg, tmp_path, key, "-3"))
+
+
 def test_negative_learning_rate_is_refused(cache_cfg, tmp_path):
     from wiremap.train.train_cmd import main
 

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from wiremap.commands import one_line, underscored
+from wiremap.commands import UsageError, one_line, underscored
 from wiremap.errors import WiremapError, oom_to_error
 from wiremap.train.callbacks import (
     ExportTranscoders,
@@ -121,6 +121,10 @@ def wandb_has_credentials() -> bool:
         return False
 
 
+# settings that count something: a whole number of at least 1 (the batch size under either name)
+COUNTS = ("model.d_transcoder", "model.k", "data.batch_size", "data.batch_tokens")
+
+
 class WiremapCLI(LightningCLI):
     """LightningCLI with a `run` section, cache-linked dimensions and wiremap's callbacks."""
 
@@ -137,6 +141,11 @@ class WiremapCLI(LightningCLI):
             raise WiremapError(
                 "set trainer.max_steps (the data stream is endless), e.g. --trainer.max_steps 10000"
             )
+        for key in COUNTS:  # refused here, not as a negative tensor size deep in torch
+            value = self.config.get(key)
+            if isinstance(value, int) and value < 1:
+                problem = f"{key} {value}: give a whole number of at least 1"
+                raise UsageError("wiremap train", problem)
 
     def instantiate_trainer(self, **kwargs: Any):
         run = as_run(self.config_init.run)
