@@ -6,6 +6,8 @@ have left there: `wiremap cache`'s built-in default (a tiny llama, its corpus an
 demo's shape: the examples only need them to run) and `wiremap/data` (the shipped organism).
 Tiny settings replace long ones (`TINY`). A block whose first comment line is
 `# not run in tests: <why>` is skipped with that reason (it needs a hub model or a GPU).
+And every `wiremap ...` command line of its bash blocks parses: each option it gives is one
+that command takes.
 """
 
 from __future__ import annotations
