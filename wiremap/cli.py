@@ -4,7 +4,9 @@
     wiremap cache --help
 
 Each subcommand lives in its own module as `main(argv: list[str]) -> int` and is
-imported only when it runs, so `wiremap --help` is instant.
+imported only when it runs, so `wiremap --help` is instant. Its options come from a config
+dataclass or a function signature through `wiremap.commands` (jsonargparse; `train` is
+LightningCLI); a refusal is one `WiremapError` line, printed here.
 """
 
 from __future__ import annotations
