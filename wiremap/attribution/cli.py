@@ -310,9 +310,10 @@ def parse_feature(spec: str) -> tuple[int, int | None, int, float | None]:
             float(value) if value else None,
         )
     except ValueError:
-        raise WiremapError(
+        raise UsageError(
+            STEER,
             f"--feature {spec!r}: write LAYER:POS:FEATURE or LAYER:POS:FEATURE=VALUE, "
-            "e.g. 5:3:1234 or 5:*:1234=2.0"
+            "e.g. 5:3:1234 or 5:*:1234=2.0",
         ) from None
 
 
@@ -385,5 +386,5 @@ def _edits(
         mode, value = next(iter(given.items()))
         return [(layer, pos, f, value) for layer, pos, f, _ in specs], mode
     if any(v is None for *_, v in specs):
-        raise WiremapError("give --scale X, --ablate, --add X, or a =VALUE for every --feature")
+        raise UsageError(STEER, "give --scale X, --ablate, --add X or a =VALUE for every --feature")
     return [(layer, pos, f, v) for layer, pos, f, v in specs], "set"
