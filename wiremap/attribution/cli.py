@@ -16,8 +16,11 @@ QK pairs that made those heads attend (wiremap/attribution/attention.py).
 
 `steer` edits features given as `LAYER:POS:FEATURE[=VALUE]` (POS `*` = every position,
 including generated ones): with --scale X they are multiplied by X, with --ablate set to
-zero, with --set they are set to VALUE (default mode when a VALUE is given: set). It
-prints the top next tokens before and after, and with --generate N a continuation.
+zero, with --add X shifted by X, and with none of these set to their VALUE. It prints the
+top next tokens before and after, and with --generate N a continuation.
+
+The options are the fields of `ModelArgs` and the parameters of `attribute_graph` / `steer`
+(`wiremap.commands`).
 """
 
 from __future__ import annotations
