@@ -167,7 +167,7 @@ def _argv(cfg: CacheConfig) -> list[str]:
     return [
         *("--model", cfg.model, "--dataset", cfg.dataset, "--out", cfg.out, "--device", "cpu"),
         *("--n-tokens", str(cfg.n_tokens), "--context-length", str(cfg.context_length)),
-        *("--batch-size", str(cfg.batch_contexts), "--shard-tokens", str(cfg.shard_tokens)),
+        *("--batch-contexts", str(cfg.batch_contexts), "--shard-tokens", str(cfg.shard_tokens)),
         "--quiet",
     ]
 

@@ -34,7 +34,7 @@ def cache_cfg(tiny_model_dir, tmp_path_factory) -> CacheConfig:
         60,
         3,
         n_tokens=600,
-        batch_size=4,
+        batch_contexts=4,
         shard_tokens=256,
     )
 
@@ -77,7 +77,7 @@ def test_training_on_a_corrupt_shard_stops_with_the_shard_named(cache_cfg, tmp_p
     shutil.copytree(cache_cfg.out, copy)
     _flip(copy / "shard_00000.safetensors", at=0.9)
     cfg = CacheConfig(**{**cache_cfg.__dict__, "out": str(copy)})
-    dm = ActivationDataModule(cfg, batch_size=64, buffer_size=256)
+    dm = ActivationDataModule(cfg, batch_tokens=64, buffer_size=256)
     with pytest.raises(WiremapError, match="shard_00000.safetensors is corrupt"):
         dm.setup("fit")
         next(iter(dm.train_dataloader()))
@@ -134,7 +134,9 @@ def test_out_of_memory_while_caching_names_the_batch_and_the_flags(
 
     monkeypatch.setattr(cache_mod, "_forward", no_memory)
     cfg = CacheConfig(**{**cache_cfg.__dict__, "out": str(tmp_path / "c")})
-    with pytest.raises(WiremapError, match=r"caching ran out of memory.*4 contexts.*--batch-size"):
+    with pytest.raises(
+        WiremapError, match=r"caching ran out of memory.*4 contexts.*--batch-contexts"
+    ):
         build_cache(cfg, progress=False)
 
 
@@ -149,7 +151,7 @@ def test_out_of_memory_while_training_names_the_sizes_and_the_flags(
 
     monkeypatch.setattr(TranscoderModule, "training_step", no_memory)
     with pytest.raises(
-        WiremapError, match=r"training ran out of memory.*--data.batch_size \(now 64"
+        WiremapError, match=r"training ran out of memory.*--data.batch_tokens \(now 64"
     ):
         main(_train_argv(cache_cfg, tmp_path))
 
@@ -183,7 +185,7 @@ def test_cache_on_a_full_disk_is_one_clear_error_and_nothing_partial(
     _full_disk(monkeypatch)
     out = tmp_path / "c"
     argv = ["cache", "--model", cache_cfg.model, "--dataset", cache_cfg.dataset, "--out", str(out),
-            "--n-tokens", "600", "--context-length", "32", "--batch-size", "4",
+            "--n-tokens", "600", "--context-length", "32", "--batch-contexts", "4",
             "--shard-tokens", "256", "--device", "cpu", "--quiet"]  # fmt: skip
     assert wiremap_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -244,6 +246,10 @@ def test_attribute_on_a_full_disk_writes_nothing_that_looks_whole(
         (["attribute", "--node-threshold", "5"], r"node_threshold=5.0 is outside \(0, 1\]"),
         (["attribute", "--edge-threshold", "0"], r"edge_threshold=0.0 is outside \(0, 1\]"),
         (["attribute", "--max-n-logits", "0"], "--max-n-logits 0"),
+        (["attribute", "--heads", "0"], "--heads 0: give a whole number of at least 1"),
+        (["attribute", "--memory-limit", "lots"], "'lots': write a size such as 8GB"),
+        (["steer", "--top", "x"], "--top x: expected int"),
+        (["steer", "--ablate", "--add", "1"], "give one of --scale, --ablate and --add"),
     ],
 )
 def test_bad_cli_values_are_refused_before_loading_anything(argv, message, tmp_path, capsys):
@@ -254,6 +260,7 @@ def test_bad_cli_values_are_refused_before_loading_anything(argv, message, tmp_p
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert re.search(message, err), err
+    assert err.endswith(f"Run `wiremap {argv[0]} --help` for the options"), err
 
 
 def test_missing_or_odd_model_file_says_what_is_supported(tmp_path):
@@ -292,10 +299,10 @@ def _train_argv(cfg: CacheConfig, root: Path, *extra: str) -> list[str]:
         "--run.checkpoint_every", "2", "--run.replacement_every", "0",
         "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "false",
         "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-        "--model.arch", "plt", "--model.d_transcoder", "16", "--data.batch_size", "64",
+        "--model.arch", "plt", "--model.d_transcoder", "16", "--data.batch_tokens", "64",
         "--data.buffer_size", "256", "--data.cache.model", cfg.model,
         "--data.cache.dataset", cfg.dataset, "--data.cache.n_tokens", str(cfg.n_tokens),
-        "--data.cache.context_length", "32", "--data.cache.batch_size", "4",
+        "--data.cache.context_length", "32", "--data.cache.batch_contexts", "4",
         "--data.cache.shard_tokens", "256", "--data.cache.out", cfg.out, *extra,
     ]  # fmt: skip
 
@@ -309,6 +316,28 @@ def test_unknown_preset_key_prints_the_error_first_and_briefly(cache_cfg, tmp_pa
     assert len(err) == 1, err
     assert err[0].startswith("wiremap train: error: ") and "'dir'" in err[0]
     assert err[0].endswith("Run `wiremap train --help` for the options")
+
+
+def test_train_takes_dashed_names_and_refuses_a_bad_value_in_one_line(cache_cfg, tmp_path, capsys):
+    argv = [
+        a.replace("_", "-") if a.startswith("--") else a for a in _train_argv(cache_cfg, tmp_path)
+    ]
+    assert wiremap_main(["train", *argv, "--trainer.max-steps", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "wiremap train: error: --trainer.max-steps x: expected int. "
+        "Run `wiremap train --help` for the options"
+    ]
+
+
+@pytest.mark.parametrize(
+    "key", ["--model.d_transcoder", "--data.batch_tokens", "--data.batch_size"]
+)
+def test_train_refuses_a_count_below_one_before_building_anything(key, cache_cfg, tmp_path):
+    from wiremap.train.train_cmd import main
+
+    with pytest.raises(WiremapError, match=rf"^{key[2:]} -3: give a whole number of at least 1"):
+        main(_train_argv(cache_cfg, tmp_path, key, "-3"))
 
 
 def test_negative_learning_rate_is_refused(cache_cfg, tmp_path):

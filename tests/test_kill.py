@@ -123,7 +123,7 @@ def setup(tiny_model_dir, tmp_path_factory):
 
 def cache_argv(cfg: CacheConfig, out: Path) -> list[str]:
     return ["cache", "--model", cfg.model, "--dataset", cfg.dataset, "--out", str(out),
-            "--n-tokens", str(cfg.n_tokens), "--context-length", "32", "--batch-size", "4",
+            "--n-tokens", str(cfg.n_tokens), "--context-length", "32", "--batch-contexts", "4",
             "--shard-tokens", "128", "--device", "cpu", "--quiet"]  # fmt: skip
 
 

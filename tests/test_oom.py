@@ -95,5 +95,7 @@ def test_memory_error_while_caching_names_the_batch_and_the_flags(cache_cfg, tmp
 
     monkeypatch.setattr(cache_mod, "_forward", no_memory)
     cfg = CacheConfig(**{**cache_cfg.__dict__, "out": str(tmp_path / "c")})
-    with pytest.raises(WiremapError, match=r"caching ran out of memory.*4 contexts.*--batch-size"):
+    with pytest.raises(
+        WiremapError, match=r"caching ran out of memory.*4 contexts.*--batch-contexts"
+    ):
         build_cache(cfg, progress=False)

@@ -6,6 +6,8 @@ have left there: `wiremap cache`'s built-in default (a tiny llama, its corpus an
 demo's shape: the examples only need them to run) and `wiremap/data` (the shipped organism).
 Tiny settings replace long ones (`TINY`). A block whose first comment line is
 `# not run in tests: <why>` is skipped with that reason (it needs a hub model or a GPU).
+And every `wiremap ...` command line of its bash blocks parses: each option it gives is one
+that command takes.
 """
 
 from __future__ import annotations
@@ -104,3 +106,66 @@ def test_readme_example_runs(line, code, workdir, monkeypatch):
         server = scope.get("server")
         if hasattr(server, "shutdown"):
             server.shutdown()
+
+
+def readme_commands() -> list[tuple[int, list[str]]]:
+    """(line number, argv after `wiremap`) of each `wiremap ...` line in the README's bash
+    blocks, continuation lines joined, `[optional ...]` brackets dropped; lines with a
+    `<placeholder>` or `...` are left out."""
+    import shlex
+
+    lines = README.read_text(encoding="utf-8").splitlines()
+    commands, in_bash = [], False
+    for i, line in enumerate(lines):
+        if line.startswith("```"):
+            in_bash = line.strip() == "```bash"
+            continue
+        text = line.strip().removeprefix("srun ")
+        if not in_bash or not text.startswith("wiremap "):
+            continue
+        j = i
+        while text.split(" #")[0].rstrip().endswith("\\"):
+            j += 1
+            text = text.split(" #")[0].rstrip()[:-1] + " " + lines[j].strip()
+        text = text.split(" #")[0].replace("[", "").replace("]", "")
+        if "<" not in text and " ... " not in text:
+            commands.append((i + 1, shlex.split(text)[1:]))
+    return commands
+
+
+class _Parsed(Exception):
+    pass
+
+
+COMMANDS = readme_commands()
+
+
+@pytest.mark.parametrize("line,argv", COMMANDS, ids=[f"README.md:{n}" for n, _ in COMMANDS])
+def test_readme_command_parses(line, argv, monkeypatch, capsys):
+    """Every option a README command line gives is one its command takes (nothing is run:
+    the first complete parse stops it)."""
+    from jsonargparse import ArgumentParser
+
+    from wiremap.cli import main
+
+    parse_args, depth = ArgumentParser.parse_args, []
+
+    def parse_then_stop(self, *args, **kwargs):
+        depth.append(1)
+        try:
+            parse_args(self, *args, **kwargs)
+        finally:
+            depth.pop()
+        if not depth:
+            raise _Parsed
+
+    monkeypatch.setattr(ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.chdir(ROOT)  # the presets under configs/
+    with pytest.raises(_Parsed):
+        main(argv)
+    assert "error" not in capsys.readouterr().err
+
+
+def test_the_readme_has_commands_of_every_kind():
+    names = {argv[0] for _, argv in COMMANDS}
+    assert {"cache", "train", "attribute", "steer", "serve", "features", "demo"} <= names

@@ -4,7 +4,9 @@
     wiremap cache --help
 
 Each subcommand lives in its own module as `main(argv: list[str]) -> int` and is
-imported only when it runs, so `wiremap --help` is instant.
+imported only when it runs, so `wiremap --help` is instant. Its options come from a config
+dataclass or a function signature through `wiremap.commands` (jsonargparse; `train` is
+LightningCLI); a refusal is one `WiremapError` line, printed here.
 """
 
 from __future__ import annotations
@@ -20,15 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("wiremap.train.cache_cmd:main", "cache a language model's MLP activations to disk"),
     "train": ("wiremap.train.train_cmd:main", "train transcoders on a cached activation dataset"),
     "export": ("wiremap.train.export_cmd:main", "write transcoders from a training checkpoint"),
-    "serve": (
-        "wiremap.attribution.viewer_cmd:serve_main",
-        "open graph JSON files in a local viewer",
-    ),
+    "serve": ("wiremap.attribution.viewer_cmd:serve_main", "open graph JSON files in a viewer"),
     "features": ("wiremap.attribution.viewer_cmd:features_main", "compute feature cards"),
-    "attribute": (
-        "wiremap.attribution.cli:attribute_main",
-        "build an attribution graph of a prompt",
-    ),
+    "attribute": ("wiremap.attribution.cli:attribute_main", "build a prompt's attribution graph"),
     "steer": ("wiremap.attribution.cli:steer_main", "intervene on features; steer generation"),
     "organism": ("wiremap.train.organism_cmd:main", "build or evaluate the bundled model organism"),
     "real": ("wiremap.real:main", "locate the real-model tier's GGUF model; write its prose"),

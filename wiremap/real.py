@@ -17,7 +17,6 @@ same licence, about 0.45 MB) are used instead, and the source is named in what i
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,14 +162,20 @@ def _is_prose(paragraph: str) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="wiremap real", description="Locate the real-model tier's model; write its prose."
-    )
-    parser.add_argument("--prose", help="write the prose corpus (.txt) to this path")
-    parser.add_argument("--max-chars", type=int, default=None, help="stop after this many")
-    args = parser.parse_args(argv)
+    from wiremap.commands import parse
+
+    return real(**parse(argv, "wiremap real", real))
+
+
+def real(prose: str | None = None, max_chars: int | None = None) -> int:
+    """Locate the real-model tier's model; write its prose.
+
+    Args:
+        prose: write the prose corpus (.txt) to this path
+        max_chars: stop after this many characters
+    """
     print(f"model: {smollm2_gguf()}")
-    if args.prose:
-        source, n = write_prose(args.prose, args.max_chars)
-        print(f"prose: {n:,} characters from {source} -> {args.prose}")
+    if prose:
+        source, n = write_prose(prose, max_chars)
+        print(f"prose: {n:,} characters from {source} -> {prose}")
     return 0

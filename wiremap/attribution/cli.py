@@ -16,33 +16,46 @@ QK pairs that made those heads attend (wiremap/attribution/attention.py).
 
 `steer` edits features given as `LAYER:POS:FEATURE[=VALUE]` (POS `*` = every position,
 including generated ones): with --scale X they are multiplied by X, with --ablate set to
-zero, with --set they are set to VALUE (default mode when a VALUE is given: set). It
-prints the top next tokens before and after, and with --generate N a continuation.
+zero, with --add X shifted by X, and with none of these set to their VALUE. It prints the
+top next tokens before and after, and with --generate N a continuation.
+
+The options are the fields of `ModelArgs` and the parameters of `attribute_graph` / `steer`
+(`wiremap.commands`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from wiremap.commands import UsageError, at_least, parse, split
 from wiremap.errors import WiremapError
 
-
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="hub name or local model folder")
-    parser.add_argument("--transcoders", required=True, help="folder of exported transcoders")
-    parser.add_argument("--prompt", required=True, help="text to analyse (BOS is prepended)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
-    parser.add_argument("--dtype", default="float32", help="float32 (exact), bfloat16, float16")
-    parser.add_argument(
-        "--no-check-model-name",
-        action="store_true",
-        help="accept transcoders whose config names another model",
-    )
+ATTRIBUTE, STEER = "wiremap attribute", "wiremap steer"
 
 
-def _load(args):
+@dataclass
+class ModelArgs:
+    """The replacement model and the prompt, as `attribute` and `steer` take them."""
+
+    model: str
+    """Hub name or local model folder (or a .gguf file)."""
+    transcoders: str
+    """Folder of exported transcoders."""
+    prompt: str
+    """Text to analyse (BOS is prepended)."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:1, or auto."""
+    dtype: str = "float32"
+    """float32 (exact), bfloat16, float16."""
+    check_model_name: bool = True
+    """Refuse transcoders whose config names another model (--no-check-model-name: accept)."""
+
+
+def _load(args: ModelArgs):
     from wiremap.models.replacement import ReplacementModel
 
     if not Path(args.transcoders).exists():
@@ -52,95 +65,89 @@ def _load(args):
         args.transcoders,
         device=args.device,
         dtype=args.dtype,
-        check_model_name=not args.no_check_model_name,
+        check_model_name=args.check_model_name,
     )
-
-
-def attribute_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="wiremap attribute", description="Build an attribution graph for a prompt."
-    )
-    _model_args(p)
-    p.add_argument("--out", required=True, help="folder for {slug}.json, or a .json file")
-    p.add_argument("--slug", default=None, help="graph name [a-zA-Z0-9_.-] (default: prompt)")
-    p.add_argument("--scan", default=None, help="model id for Neuronpedia (default: model name)")
-    p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence kept")
-    p.add_argument(
-        "--node-pool",
-        choices=("all", "features"),
-        default="all",
-        help="what the node threshold is a share of: all nodes (circuit-tracer's rule) or "
-        "feature and error nodes only (keeps more features)",
-    )
-    p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge score kept")
-    p.add_argument(
-        "--max-feature-nodes",
-        type=int,
-        default=None,
-        help="feature budget (default: every active feature if it fits in memory, else the "
-        "most influential that fit)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="targets per backward pass (default: 256, fewer when memory is short)",
-    )
-    p.add_argument(
-        "--memory-limit",
-        type=parse_bytes,
-        default=None,
-        help="memory attribution may use, e.g. 8GB (default: what is free)",
-    )
-    p.add_argument(
-        "--target", action="append", default=None, help="a target token (repeatable) or id"
-    )
-    p.add_argument("--max-n-logits", type=int, default=10, help="most logit targets")
-    p.add_argument("--desired-logit-prob", type=float, default=0.95, help="their total prob")
-    p.add_argument("--keep-bos", action="store_true", help="keep BOS features and errors")
-    p.add_argument("--paths", type=int, default=5, help="how many top paths to print")
-    p.add_argument(
-        "--edges-per-node",
-        type=int,
-        default=16,
-        help="edge budget of the JSON: each node's strongest inputs and outputs kept (0 = all)",
-    )
-    p.add_argument(
-        "--max-edges", type=int, default=20000, help="edge budget: most links in the JSON (0 = all)"
-    )
-    p.add_argument(
-        "--features",
-        default=None,
-        help="feature cards folder (default: <transcoders>/features when it exists): their "
-        "per-feature JSON goes to <out folder>/features/<scan>/",
-    )
-    p.add_argument(
-        "--feature-json-base-url",
-        default=None,
-        help="public URL of that folder for Neuronpedia (default: features/<scan>, relative)",
-    )
-    p.add_argument(
-        "--no-full-graph",
-        action="store_true",
-        help="skip the full graph beside --out (<out>.safetensors: a dense adjacency takes "
-        "4·N² bytes for N nodes, e.g. 263 MB for 8,111 nodes)",
-    )
-    p.add_argument("--html", default=None, help="also write a self-contained HTML view here")
-    p.add_argument("--png", default=None, help="also write a static PNG of the pruned graph")
-    p.add_argument(
-        "--heads",
-        type=_n_edges,
-        nargs="?",
-        const=1000,
-        default=None,
-        help="store head loadings of the N strongest links (default 1000) and QK pairs of "
-        "their top heads in the JSON's 'heads' block",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    return p
 
 
 def attribute_main(argv: list[str]) -> int:
+    source, options = attribute_args(argv)
+    return attribute_graph(source, **options)
+
+
+def attribute_args(argv: list[str]) -> tuple[ModelArgs, dict]:
+    """(model and prompt, the other options of `attribute_graph`) from the command line."""
+    values = parse(
+        argv, ATTRIBUTE, ModelArgs, attribute_graph,
+        skip={"source"}, custom={"memory_limit": {"type": parse_bytes}},
+        bare={"heads": "1000"},
+        deprecated={"--keep_bos": "--include_bos", "--batch_size": "--target_batch"},
+    )  # fmt: skip
+    return split(values, ModelArgs)
+
+
+def attribute_graph(
+    source: ModelArgs,
+    out: str,
+    slug: str | None = None,
+    scan: str | None = None,
+    node_threshold: float = 0.8,
+    node_pool: Literal["all", "features"] = "all",
+    edge_threshold: float = 0.98,
+    max_feature_nodes: int | None = None,
+    target_batch: int | None = None,
+    memory_limit: int | None = None,
+    target: list[str] | None = None,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    include_bos: bool = False,
+    paths: int = 5,
+    edges_per_node: int = 16,
+    max_edges: int = 20000,
+    features: str | None = None,
+    feature_json_base_url: str | None = None,
+    full_graph: bool = True,
+    html: str | None = None,
+    png: str | None = None,
+    heads: int | None = None,
+    quiet: bool = False,
+) -> int:
+    """Build an attribution graph for a prompt.
+
+    Args:
+        source: the replacement model and the prompt
+        out: folder for {slug}.json, or a .json file
+        slug: graph name [a-zA-Z0-9_.-] (default: from the prompt)
+        scan: model id for Neuronpedia (default: the model name)
+        node_threshold: cumulative influence kept
+        node_pool: what the node threshold is a share of: all nodes (circuit-tracer's rule)
+            or feature and error nodes only (keeps more features)
+        edge_threshold: cumulative edge score kept
+        max_feature_nodes: feature budget (default: every active feature if it fits in
+            memory, else the most influential that fit)
+        target_batch: attribution targets per backward pass (default: 256, fewer when memory
+            is short; was --batch-size)
+        memory_limit: memory attribution may use, e.g. 8GB (default: what is free)
+        target: a target token or id (once per target)
+        max_n_logits: most logit targets
+        desired_logit_prob: their total probability
+        include_bos: BOS features and errors are sources too (left out by default; was
+            --keep-bos)
+        paths: how many top paths to print
+        edges_per_node: edge budget of the JSON: each node's strongest inputs and outputs
+            kept (0 = all)
+        max_edges: edge budget: most links in the JSON (0 = all)
+        features: feature cards folder (default: <transcoders>/features when it exists):
+            their per-feature JSON goes to <out folder>/features/<scan>/
+        feature_json_base_url: public URL of that folder for Neuronpedia (default:
+            features/<scan>, relative)
+        full_graph: also write the full graph beside --out (<out>.safetensors: a dense
+            adjacency takes 4·N² bytes for N nodes, e.g. 263 MB for 8,111 nodes)
+        html: also write a self-contained HTML view here
+        png: also write a static PNG of the pruned graph
+        heads: store head loadings of the N strongest links (--heads alone: 1000) and QK
+            pairs of their top heads in the JSON's 'heads' block
+        quiet: no progress output
+    """
     from wiremap.attribution.attribute import attribute
     from wiremap.attribution.export import (
         check_name,
@@ -150,66 +157,45 @@ def attribute_main(argv: list[str]) -> int:
         write_graph_json,
     )
 
-    args = attribute_parser().parse_args(argv)
-    out, slug = graph_file(args.out, args.slug, args.prompt)  # refuse bad names before the work
-    if args.scan:
-        check_name("scan", args.scan)
-    _check_attribute_args(args, out)
-    rm = _load(args)
+    path, slug = graph_file(out, slug, source.prompt)  # refuse bad names before the work
+    if scan:
+        check_name("scan", scan)
+    _check_attribute_args(
+        path, html, png, node_threshold, edge_threshold, desired_logit_prob,
+        max_n_logits=max_n_logits, paths=paths, edges_per_node=edges_per_node,
+        max_edges=max_edges, heads=heads,
+    )  # fmt: skip
+    rm = _load(source)
     graph = attribute(
-        args.prompt,
-        rm,
-        max_n_logits=args.max_n_logits,
-        desired_logit_prob=args.desired_logit_prob,
-        target_tokens=args.target,
-        max_feature_nodes=args.max_feature_nodes,
-        batch_size=args.batch_size,
-        zero_bos=not args.keep_bos,
-        memory_limit=args.memory_limit,
-        verbose=not args.quiet,
-    )
+        source.prompt, rm, max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob,
+        target_tokens=target, max_feature_nodes=max_feature_nodes, batch_size=target_batch,
+        zero_bos=not include_bos, memory_limit=memory_limit, verbose=not quiet,
+    )  # fmt: skip
     note = graph.settings["memory"]["note"]
-    if note and args.quiet:  # otherwise attribute() has said it
+    if note and quiet:  # otherwise attribute() has said it
         print(note)
-    graph.settings.update(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
-    scan = args.scan or default_scan(graph.settings)
-    store = _feature_store(args)
-    base_url = args.feature_json_base_url or (f"features/{scan}" if store else None)
+    graph.settings.update(node_threshold=node_threshold, edge_threshold=edge_threshold)
+    scan = scan or default_scan(graph.settings)
+    store = _feature_store(features, source.transcoders)
+    base_url = feature_json_base_url or (f"features/{scan}" if store else None)
     result = write_graph_json(
-        graph,
-        out,
-        slug=slug,
-        scan=scan,
-        feature_json_base_url=base_url,
-        node_threshold=args.node_threshold,
-        edge_threshold=args.edge_threshold,
-        node_pool=args.node_pool,
-        edges_per_node=args.edges_per_node or None,
-        max_edges=args.max_edges or None,
-    )
-    if args.heads:
-        _write_heads(rm, graph, out, args.heads)
-    print(summarize_paths(graph, k=args.paths, result=result))
-    listed = f"{out} (listed in {out.parent / 'graph-metadata.json'})"
-    if args.no_full_graph:
+        graph, path, slug=slug, scan=scan, feature_json_base_url=base_url,
+        node_threshold=node_threshold, edge_threshold=edge_threshold, node_pool=node_pool,
+        edges_per_node=edges_per_node or None, max_edges=max_edges or None,
+    )  # fmt: skip
+    if heads:
+        _write_heads(rm, graph, path, heads)
+    print(summarize_paths(graph, k=paths, result=result))
+    listed = f"{path} (listed in {path.parent / 'graph-metadata.json'})"
+    if not full_graph:
         print(f"wrote {listed}")
     else:
-        base = graph.save(out.with_suffix(""))
+        base = graph.save(path.with_suffix(""))
         print(f"wrote {listed} and {base}.safetensors / {base}.meta.json")
     if store is not None:
-        _write_feature_jsons(out, store, out.parent / "features" / scan)
-    _write_pictures(out, args.html, args.png)
+        _write_feature_jsons(path, store, path.parent / "features" / scan)
+    _write_pictures(path, html, png)
     return 0
-
-
-def _n_edges(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of edges, e.g. 1000")
-    return n
 
 
 def _write_heads(rm, graph, out: Path, n_edges: int) -> None:
@@ -224,12 +210,12 @@ def _write_heads(rm, graph, out: Path, n_edges: int) -> None:
     print(f"head loadings of {len(block['edges'])} edges, QK pairs of {len(block['qk'])} heads")
 
 
-def _feature_store(args):
+def _feature_store(features: str | None, transcoders: str):
     """The FeatureStore of --features (an error if missing), else of <transcoders>/features."""
     from wiremap.attribution.features import FeatureStore
 
-    folder = Path(args.features or Path(args.transcoders) / "features")
-    if args.features is None and not (folder / "index.json").is_file():
+    folder = Path(features or Path(transcoders) / "features")
+    if features is None and not (folder / "index.json").is_file():
         return None  # no cards computed: the graph has no feature_details
     return FeatureStore(folder)
 
@@ -244,25 +230,32 @@ def _write_feature_jsons(graph_json: Path, store, folder: Path) -> None:
     print(f"wrote {n} feature JSON files to {folder}")
 
 
-def _check_attribute_args(args, out: Path) -> None:
+def _check_attribute_args(
+    out: Path,
+    html: str | None,
+    png: str | None,
+    node_threshold: float,
+    edge_threshold: float,
+    desired_logit_prob: float,
+    heads: int | None,
+    **counts: int,
+) -> None:
     """Refuse bad settings before the model is loaded and the attribution runs."""
     from wiremap.attribution.prune import check_thresholds
 
-    check_thresholds(args.node_threshold, args.edge_threshold)
-    _at_least(1, max_n_logits=args.max_n_logits)
-    _at_least(0, paths=args.paths, edges_per_node=args.edges_per_node, max_edges=args.max_edges)
-    if not 0.0 < args.desired_logit_prob <= 1.0:
-        raise WiremapError(f"--desired-logit-prob {args.desired_logit_prob} is outside (0, 1]")
-    for path in (out, args.html, args.png):  # out: the graph file --out names
+    try:
+        check_thresholds(node_threshold, edge_threshold)
+    except WiremapError as err:  # a bad value given on the command line
+        raise UsageError(ATTRIBUTE, str(err)) from None
+    at_least(ATTRIBUTE, 1, max_n_logits=counts.pop("max_n_logits"))
+    at_least(ATTRIBUTE, 0, **counts)
+    if heads is not None:
+        at_least(ATTRIBUTE, 1, heads=heads)
+    if not 0.0 < desired_logit_prob <= 1.0:
+        raise UsageError(ATTRIBUTE, f"--desired-logit-prob {desired_logit_prob} is outside (0, 1]")
+    for path in (out, html, png):  # out: the graph file --out names
         if path is not None:
             check_writable(Path(path))
-
-
-def _at_least(low: int, **values: int) -> None:
-    for name, value in values.items():
-        if value < low:
-            flag = "--" + name.replace("_", "-")
-            raise WiremapError(f"{flag} {value}: give a whole number of at least {low}")
 
 
 def check_writable(path: Path) -> None:
@@ -305,28 +298,6 @@ def _write_pictures(graph_json: Path, html: str | None, png: str | None) -> None
         print(f"wrote {write_png(obj, png)}")
 
 
-def steer_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="wiremap steer", description="Edit transcoder features and see what the model says."
-    )
-    _model_args(p)
-    p.add_argument(
-        "--feature",
-        action="append",
-        required=True,
-        help="LAYER:POS:FEATURE[=VALUE]; POS * = every position (repeatable)",
-    )
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--scale", type=float, default=None, help="multiply the features by X")
-    mode.add_argument("--ablate", action="store_true", help="set the features to zero")
-    mode.add_argument("--add", type=float, default=None, help="add X to the features")
-    p.add_argument("--frozen", action="store_true", help="direct effects only (frozen model)")
-    p.add_argument("--generate", type=int, default=0, help="also generate N tokens, steered")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top", type=int, default=5, help="how many next tokens to show")
-    return p
-
-
 def parse_feature(spec: str) -> tuple[int, int | None, int, float | None]:
     """`L:POS:F[=VALUE]` -> (layer, pos or None, feature, value or None)."""
     head, _, value = spec.partition("=")
@@ -342,48 +313,81 @@ def parse_feature(spec: str) -> tuple[int, int | None, int, float | None]:
             float(value) if value else None,
         )
     except ValueError:
-        raise WiremapError(
+        raise UsageError(
+            STEER,
             f"--feature {spec!r}: write LAYER:POS:FEATURE or LAYER:POS:FEATURE=VALUE, "
-            "e.g. 5:3:1234 or 5:*:1234=2.0"
+            "e.g. 5:3:1234 or 5:*:1234=2.0",
         ) from None
 
 
-def _edits(args) -> tuple[list[tuple[int, int | None, int, float]], str]:
-    specs = [parse_feature(s) for s in args.feature]
-    if args.ablate:
-        return [(layer, pos, f, 0.0) for layer, pos, f, _ in specs], "ablate"
-    if args.scale is not None:
-        return [(layer, pos, f, args.scale) for layer, pos, f, _ in specs], "scale"
-    if args.add is not None:
-        return [(layer, pos, f, args.add) for layer, pos, f, _ in specs], "add"
-    if any(v is None for *_, v in specs):
-        raise WiremapError("give --scale X, --ablate, --add X, or a =VALUE for every --feature")
-    return [(layer, pos, f, v) for layer, pos, f, v in specs], "set"
-
-
 def steer_main(argv: list[str]) -> int:
+    source, options = split(parse(argv, STEER, ModelArgs, steer, skip={"source"}), ModelArgs)
+    return steer(source, **options)
+
+
+def steer(
+    source: ModelArgs,
+    feature: list[str],
+    scale: float | None = None,
+    ablate: bool = False,
+    add: float | None = None,
+    frozen: bool = False,
+    generate: int = 0,
+    temperature: float = 0.0,
+    top: int = 5,
+) -> int:
+    """Edit transcoder features and see what the model says.
+
+    Args:
+        source: the replacement model and the prompt
+        feature: LAYER:POS:FEATURE[=VALUE]; POS * = every position (once per feature)
+        scale: multiply the features by X
+        ablate: set the features to zero
+        add: add X to the features
+        frozen: direct effects only (frozen model)
+        generate: also generate N tokens, steered
+        temperature: sampling temperature of --generate (0 = greedy)
+        top: how many next tokens to show
+    """
     from wiremap.attribution.interventions import feature_intervention, generate_with_interventions
     from wiremap.attribution.targets import top_tokens
 
-    args = steer_parser().parse_args(argv)
-    _at_least(1, top=args.top)
-    _at_least(0, generate=args.generate)
-    if not args.temperature >= 0.0:
-        raise WiremapError(f"--temperature {args.temperature}: give 0 (greedy) or more")
-    edits, mode = _edits(args)
-    rm = _load(args)
-    ids = rm.tokenize(args.prompt)
+    at_least(STEER, 1, top=top)
+    at_least(STEER, 0, generate=generate)
+    if not temperature >= 0.0:
+        raise UsageError(STEER, f"--temperature {temperature}: give 0 (greedy) or more")
+    edits, mode = _edits(feature, scale, ablate, add)
+    rm = _load(source)
+    ids = rm.tokenize(source.prompt)
     before = rm.run(ids).logits
-    after = feature_intervention(rm, ids, edits, frozen=args.frozen, mode=mode).logits
-    kind = "frozen (direct effects)" if args.frozen else "free"
-    print(f"prompt: {args.prompt!r}; {mode} {len(edits)} feature(s), {kind}")
+    after = feature_intervention(rm, ids, edits, frozen=frozen, mode=mode).logits
+    kind = "frozen (direct effects)" if frozen else "free"
+    print(f"prompt: {source.prompt!r}; {mode} {len(edits)} feature(s), {kind}")
     for name, logits in (("before", before), ("after", after)):
-        tops = ", ".join(f"{t.token!r} {t.prob:.3f}" for t in top_tokens(rm, logits, args.top))
+        tops = ", ".join(f"{t.token!r} {t.prob:.3f}" for t in top_tokens(rm, logits, top))
         print(f"  {name:>6}: {tops}")
-    if args.generate > 0:
+    if generate > 0:
         for name, chosen in (("plain", []), ("steered", edits)):
             text = generate_with_interventions(
-                rm, ids, chosen, args.generate, mode=mode, temperature=args.temperature
+                rm, ids, chosen, generate, mode=mode, temperature=temperature
             )
-            print(f"  {name:>7}: {args.prompt}{text}")
+            print(f"  {name:>7}: {source.prompt}{text}")
     return 0
+
+
+def _edits(
+    feature: list[str], scale: float | None, ablate: bool, add: float | None
+) -> tuple[list[tuple[int, int | None, int, float]], str]:
+    specs = [parse_feature(s) for s in feature]
+    modes = {"scale": scale, "ablate": 0.0 if ablate else None, "add": add}
+    given = {mode: value for mode, value in modes.items() if value is not None}
+    if len(given) > 1:
+        raise UsageError(
+            STEER, f"give one of --scale, --ablate and --add, not {' and '.join(given)}"
+        )
+    if given:
+        mode, value = next(iter(given.items()))
+        return [(layer, pos, f, value) for layer, pos, f, _ in specs], mode
+    if any(v is None for *_, v in specs):
+        raise UsageError(STEER, "give --scale X, --ablate, --add X or a =VALUE for every --feature")
+    return [(layer, pos, f, v) for layer, pos, f, v in specs], "set"

@@ -164,7 +164,7 @@ def _oom_guard(cfg: CacheConfig, plan: Plan, d_model: int):
         f"{captured / 1e6:,.0f} MB"
     )
     fix = (
-        f"lower --batch-size (batch_contexts, now {plan.batch_contexts}) or --context-length, "
+        f"lower --batch-contexts (now {plan.batch_contexts}) or --context-length, "
         "pick fewer --layers, run the model in --model-dtype bfloat16, or free memory; rerun "
         "the same command (it resumes)"
     )

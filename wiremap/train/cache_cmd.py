@@ -6,52 +6,49 @@
     wiremap cache --model ./my-model --dataset 'data/*.jsonl' --text-column body
     wiremap cache --config configs/preset.yaml --n-tokens 50k   # flags override the preset
 
-Rerunning an interrupted command resumes it; see `wiremap.train.cache` for the format.
+Rerunning an interrupted command resumes it; see `wiremap.cache` for the format.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
 import re
-import textwrap
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 
 from wiremap.cache import CacheConfig, build_cache, read_manifest
 from wiremap.cache.text import warn
+from wiremap.commands import UsageError, parse, parser, renamed
 from wiremap.errors import WiremapError
 from wiremap.fileio import atomic_write
 
-DEFAULT_OUT = "wiremap_out/cache"
+PROG = "wiremap cache"
 BUILTIN_TOKENS = 16_384
 FIELDS = {f.name for f in fields(CacheConfig)}
 _SUFFIX = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000}
+# options whose spelling a type hint cannot say: 20k tokens, layers 0-3
+CUSTOM = {
+    "n_tokens": {"type": "count", "metavar": "N"},
+    "shard_tokens": {"type": "count", "metavar": "N"},
+    "layers": {"nargs": "+", "metavar": "L"},
+}
 
 
-def field_docs(cls) -> dict[str, str]:
-    """The docstring under each dataclass field (shown as the option's help)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):  # no source available (frozen install): no help texts
-        return {}
-    body = tree.body[0].body
-    docs = {}
-    for node, after in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(after, ast.Expr)
-            and isinstance(after.value, ast.Constant)
-            and isinstance(after.value.value, str)
-        ):
-            docs[node.target.id] = after.value.value
-    return docs
+def options(config: str | None = None, quiet: bool = False) -> None:
+    """Run a language model over text and store its MLP inputs and outputs as safetensors
+    shards with a manifest. With no --model/--dataset/--config it runs a built-in default (a
+    tiny local llama on toy text). Rerun a command to resume it.
+
+    Args:
+        config: read settings from `data.cache` in a YAML preset (PRESET.yaml); options
+            given as well override it
+        quiet: no progress bar
+    """
 
 
-def count(text: str) -> int:
+def count(text: str | int) -> int:
     """An integer such as `20000`, `20_000`, `20k`, `1M` or `1e6`."""
-    value = text.strip().lower()
+    value = str(text).strip().lower()
     try:
         if value and value[-1] in _SUFFIX:
             return int(float(value[:-1]) * _SUFFIX[value[-1]])
@@ -60,10 +57,11 @@ def count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a count (e.g. 20000, 20k, 1M)") from err
 
 
-def layer_list(items: list[str]) -> list[int]:
+def layer_list(items: list[str | int] | str | int) -> list[int]:
     """Layers from `0 1 2`, `0,1,2` or `0-3` (negative numbers count from the end)."""
+    items = items if isinstance(items, list) else [items]
     layers: list[int] = []
-    for item in ",".join(items).split(","):
+    for item in ",".join(map(str, items)).split(","):
         item = item.strip()
         if match := re.fullmatch(r"(\d+)-(\d+)", item):
             layers += range(int(match[1]), int(match[2]) + 1)
@@ -71,61 +69,20 @@ def layer_list(items: list[str]) -> list[int]:
             try:
                 layers.append(int(item))
             except ValueError as err:
-                raise WiremapError(f"--layers: {item!r} is not a layer number or range") from err
+                raise UsageError(
+                    PROG, f"--layers: {item!r} is not a layer number or range"
+                ) from err
     return layers
 
 
-# flag -> (CacheConfig field, extra argparse options)
-OPTIONS: dict[str, tuple[str, dict]] = {
-    "--model": ("model", {}),
-    "--revision": ("revision", {}),
-    "--dataset": ("dataset", {}),
-    "--dataset-config": ("dataset_config", {}),
-    "--split": ("split", {}),
-    "--text-column": ("text_column", {}),
-    "--streaming": ("streaming", {"action": "store_true"}),
-    "--n-tokens": ("n_tokens", {"type": count, "metavar": "N"}),
-    "--context-length": ("context_length", {"type": int, "metavar": "N"}),
-    "--batch-size": ("batch_size", {"type": int, "metavar": "N"}),
-    "--layers": ("layers", {"nargs": "+", "metavar": "L"}),
-    "--input-hook": ("input_hook", {"choices": ["mlp_in", "resid_mid"]}),
-    "--output-hook": ("output_hook", {"choices": ["mlp_out"]}),
-    "--dtype": ("dtype", {"choices": ["bfloat16", "float16", "float32"]}),
-    "--model-dtype": ("model_dtype", {"choices": ["float32", "bfloat16", "float16"]}),
-    "--device": ("device", {}),
-    "--out": ("out", {}),
-    "--shard-tokens": ("shard_tokens", {"type": count, "metavar": "N"}),
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="wiremap cache",
-        description=(
-            "Run a language model over text and store its MLP inputs and outputs as "
-            "safetensors shards with a manifest. With no --model/--dataset/--config it runs a "
-            "built-in default (a tiny local llama on toy text). Rerun a command to resume it."
-        ),
-    )
-    parser.add_argument(
-        "--config", metavar="PRESET.yaml", help="read settings from `data.cache` in a YAML preset"
-    )
-    docs = field_docs(CacheConfig)
-    defaults = {f.name: f.default for f in fields(CacheConfig)}
-    for flag, (name, extra) in OPTIONS.items():
-        text = docs.get(name, "")
-        if defaults.get(name) not in (None, False, MISSING):
-            text += f" (default: {defaults[name]})"
-        parser.add_argument(flag, dest=name, default=None, help=text, **extra)
-    parser.add_argument(
-        "--include-bos",
-        dest="exclude_bos",
-        action="store_false",
-        default=None,
-        help="also store the BOS position of each context (left out by default)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
+def build_parser():
+    custom = {k: {**v, "type": count} if v.get("type") == "count" else v for k, v in CUSTOM.items()}
+    # neither --model nor --dataset: the built-in default
+    defaults = {"model": "", "dataset": ""}
+    return parser(
+        PROG, CacheConfig, options, custom=custom, defaults=defaults,
+        deprecated=renamed(CacheConfig, {"batch_size": "batch_contexts"}),
+    )  # fmt: skip
 
 
 def read_preset(path: str) -> dict:
@@ -149,16 +106,17 @@ def read_preset(path: str) -> dict:
         )
     unknown = sorted(set(cache) - FIELDS)
     if unknown:
-        raise WiremapError(
+        raise UsageError(
+            PROG,
             f"preset {path}: unknown cache settings {', '.join(unknown)}; valid ones are "
-            f"{', '.join(sorted(FIELDS))}"
+            f"{', '.join(sorted(FIELDS))}",
         )
     for key in ("n_tokens", "shard_tokens"):
         if isinstance(cache.get(key), str):
             try:
                 cache[key] = count(cache[key])
             except argparse.ArgumentTypeError as err:
-                raise WiremapError(f"preset {path}: {key}: {err}") from err
+                raise UsageError(PROG, f"preset {path}: {key}: {err}") from err
     return dict(cache)
 
 
@@ -166,7 +124,7 @@ def builtin_default(values: dict) -> dict:
     """Settings for the built-in default: a tiny llama and a toy corpus under the output folder."""
     from wiremap.models.tiny import build_tiny_model, sample_corpus
 
-    out = Path(values.get("out") or DEFAULT_OUT)
+    out = Path(values["out"])
     model_dir, corpus = out / "tiny-model", out / "corpus.txt"
     warn(
         "no --model/--dataset/--config given: using the built-in default, a tiny random llama "
@@ -178,8 +136,7 @@ def builtin_default(values: dict) -> dict:
         building.replace(model_dir)  # whole or absent, even if the run is killed
     if not corpus.exists():
         atomic_write(corpus, "\n".join(sample_corpus(n_docs=2_000, seed=1)) + "\n")
-    defaults = {"n_tokens": BUILTIN_TOKENS, "out": str(out)}
-    return {**defaults, **values, "model": str(model_dir), "dataset": str(corpus)}
+    return {**values, "model": str(model_dir), "dataset": str(corpus)}
 
 
 def summary(path: Path) -> str:
@@ -194,20 +151,30 @@ def summary(path: Path) -> str:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    values = read_preset(args.config) if args.config else {}
-    given = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
-    if "layers" in given:
-        given["layers"] = layer_list(given["layers"])
-    values.update(given)
-    if not args.config and "model" not in values and "dataset" not in values:
-        values = builtin_default(values)
-    elif "model" not in values or "dataset" not in values:
-        raise WiremapError(
-            "give both --model and --dataset (or a --config preset naming them), or neither "
-            "to run the built-in default"
-        )
-    values.setdefault("out", DEFAULT_OUT)
-    path = build_cache(CacheConfig(**values), progress=not args.quiet)
+    values, quiet = settings(argv)
+    path = build_cache(CacheConfig(**values), progress=not quiet)
     print(summary(path))
     return 0
+
+
+def settings(argv: list[str]) -> tuple[dict, bool]:
+    """(CacheConfig settings, --quiet): the options, over a preset's, over the defaults."""
+    p = build_parser()
+    values = parse(argv, p)
+    if values["config"]:  # the preset's settings, then the options given as well
+        p.set_defaults(read_preset(values["config"]))
+    elif not values["model"] and not values["dataset"]:
+        p.set_defaults(n_tokens=BUILTIN_TOKENS)  # the built-in default is small
+    values = parse(argv, p)
+    quiet, config = values.pop("quiet"), values.pop("config")
+    if values["layers"] is not None:
+        values["layers"] = layer_list(values["layers"])
+    if not config and not values["model"] and not values["dataset"]:
+        return builtin_default(values), quiet
+    if not values["model"] or not values["dataset"]:
+        raise UsageError(
+            PROG,
+            "give both --model and --dataset (or a --config preset naming them), or neither "
+            "to run the built-in default",
+        )
+    return values, quiet

@@ -11,7 +11,6 @@ into its per-token JumpReLU, a summary in `config.yaml`, and the run's resolved 
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import zipfile
 from pathlib import Path
@@ -20,35 +19,30 @@ from typing import Any
 from wiremap.errors import WiremapError
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="wiremap export", description=__doc__.split("\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    p.add_argument("checkpoint", help="a training checkpoint: step=N.ckpt or last.ckpt")
-    p.add_argument(
-        "--out", default=None,
-        help="output folder (default: <run>/export-step=<N> beside the checkpoints folder)",
-    )  # fmt: skip
-    p.add_argument(
-        "--config", default=None,
-        help="the run's resolved config to copy as training_config.yaml "
-        "(default: <run>/config.yaml when it exists)",
-    )  # fmt: skip
-    return p
-
-
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    ckpt = Path(args.checkpoint)
+    from wiremap.commands import parse
+
+    return export(**parse(argv, "wiremap export", export, positional=True))
+
+
+def export(checkpoint: str, out: str | None = None, config: str | None = None) -> int:
+    """Write transcoders from any training checkpoint, without resuming the run.
+
+    Args:
+        checkpoint: a training checkpoint: step=N.ckpt or last.ckpt
+        out: output folder (default: <run>/export-step=<N> beside the checkpoints folder)
+        config: the run's resolved config to copy as training_config.yaml (default:
+            <run>/config.yaml when it exists)
+    """
+    ckpt = Path(checkpoint)
     module, step = load_checkpoint(ckpt)
-    out = Path(args.out) if args.out else run_dir(ckpt) / f"export-step={step}"
-    config = Path(args.config) if args.config else run_dir(ckpt) / "config.yaml"
-    if args.config and not config.is_file():
-        raise WiremapError(f"--config {args.config!r} does not exist; give the run's config.yaml")
-    export_checkpoint(module, step, ckpt, out, config)
-    note = "" if config.is_file() else f" (no {config} found: training_config.yaml left out)"
-    print(f"wiremap export: step {step} of {ckpt} -> {out}{note}")
+    folder = Path(out) if out else run_dir(ckpt) / f"export-step={step}"
+    resolved = Path(config) if config else run_dir(ckpt) / "config.yaml"
+    if config and not resolved.is_file():
+        raise WiremapError(f"--config {config!r} does not exist; give the run's config.yaml")
+    export_checkpoint(module, step, ckpt, folder, resolved)
+    note = "" if resolved.is_file() else f" (no {resolved} found: training_config.yaml left out)"
+    print(f"wiremap export: step {step} of {ckpt} -> {folder}{note}")
     return 0
 
 

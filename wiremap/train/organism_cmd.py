@@ -10,32 +10,48 @@ The shipped copy is only replaced when --out points at it.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wiremap.errors import WiremapError
 
-
-def _parser() -> argparse.ArgumentParser:
+if TYPE_CHECKING:
     from wiremap.train.organism import OrganismConfig
 
-    defaults = OrganismConfig()
-    parser = argparse.ArgumentParser(
-        prog="wiremap organism", description="Build or evaluate the built-in model organism."
-    )
-    sub = parser.add_subparsers(dest="action", required=True)
-    train = sub.add_parser("train", help="build corpus, tokenizer and model from scratch")
-    train.add_argument("--out", default="organism", help="output folder (default: ./organism)")
-    train.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
-    train.add_argument("--seed", type=int, default=defaults.seed, help="corpus/init seed")
-    train.add_argument("--layers", type=int, default=defaults.n_layers, help="decoder layers")
-    train.add_argument("--d-model", type=int, default=defaults.d_model, help="residual width")
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows/step")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    ev = sub.add_parser("eval", help="greedy accuracy on the organism's prompts")
-    ev.add_argument("--path", default=None, help="organism folder (default: the shipped one)")
-    return parser
+
+PROG = "wiremap organism"
+
+
+def main(argv: list[str]) -> int:
+    from wiremap.commands import UsageError
+
+    actions = {"train": train_main, "eval": eval_main}
+    if argv and argv[0] in actions:
+        return actions[argv[0]](argv[1:])
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"usage: {PROG} {{train,eval}} [options]\n\n{__doc__}")
+        raise SystemExit(0)
+    given = f"unknown action {argv[0]!r}" if argv else "no action given"
+    raise UsageError(PROG, f"{given}; give `train` or `eval`")
+
+
+def train_main(argv: list[str]) -> int:
+    from wiremap.commands import parse, split
+    from wiremap.train.organism import OrganismConfig
+
+    values = parse(
+        argv, f"{PROG} train", OrganismConfig, train, skip={"cfg"},
+        aliases={"--layers": "--n_layers"},
+    )  # fmt: skip
+    cfg, options = split(values, OrganismConfig)
+    return train(cfg, **options)
+
+
+def eval_main(argv: list[str]) -> int:
+    from wiremap.commands import parse
+
+    return evaluate(**parse(argv, f"{PROG} eval", evaluate))
 
 
 def _print_metrics(metrics: dict[str, float]) -> None:
@@ -44,41 +60,39 @@ def _print_metrics(metrics: dict[str, float]) -> None:
         print(f"  {group:<{width}}  {acc:6.1%}")
 
 
-def _train(args: argparse.Namespace) -> int:
-    from wiremap.train.organism import OrganismConfig, train_organism
+def train(cfg: OrganismConfig, out: str = "organism") -> int:
+    """Build the organism's corpus, tokenizer and model from scratch.
 
-    cfg = OrganismConfig(
-        n_layers=args.layers,
-        d_model=args.d_model,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    report = train_organism(cfg, args.out)
+    Args:
+        cfg: the OrganismConfig
+        out: output folder (wiremap/data/organism replaces the shipped copy)
+    """
+    from wiremap.train.organism import train_organism
+
+    report = train_organism(cfg, out)
     print(
         f"organism: {report['n_parameters']:,} parameters, trained in "
-        f"{report['train_seconds']:.0f} s, saved to {args.out}"
+        f"{report['train_seconds']:.0f} s, saved to {out}"
     )
     _print_metrics(report["metrics"])
     print(f"held-out cities (two-hop never trained): {', '.join(report['heldout_cities'])}")
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def evaluate(path: str | None = None) -> int:
+    """Greedy accuracy of an organism on its prompts.
+
+    Args:
+        path: organism folder (default: the shipped one)
+    """
     from wiremap.models.organism import organism_path
     from wiremap.train.organism import evaluate_path
 
-    path = Path(args.path) if args.path else organism_path()
-    if not (path / "config.json").exists():
-        raise WiremapError(f"{path} holds no organism; build one with `wiremap organism train`")
-    metrics = evaluate_path(path)
-    print(f"organism at {path}:")
+    folder = Path(path) if path else organism_path()
+    if not (folder / "config.json").exists():
+        raise WiremapError(f"{folder} holds no organism; build one with `wiremap organism train`")
+    metrics = evaluate_path(folder)
+    print(f"organism at {folder}:")
     _print_metrics(metrics)
     print(json.dumps(metrics))
     return 0
-
-
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    return _train(args) if args.action == "train" else _eval(args)

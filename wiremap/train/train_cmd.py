@@ -26,12 +26,14 @@ import dataclasses
 import os
 import sys
 import warnings
+from argparse import ArgumentError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from wiremap.commands import UsageError, one_line, underscored
 from wiremap.errors import WiremapError, oom_to_error
 from wiremap.train.callbacks import (
     ExportTranscoders,
@@ -119,6 +121,10 @@ def wandb_has_credentials() -> bool:
         return False
 
 
+# settings that count something: a whole number of at least 1 (the batch size under either name)
+COUNTS = ("model.d_transcoder", "model.k", "data.batch_size", "data.batch_tokens")
+
+
 class WiremapCLI(LightningCLI):
     """LightningCLI with a `run` section, cache-linked dimensions and wiremap's callbacks."""
 
@@ -135,6 +141,11 @@ class WiremapCLI(LightningCLI):
             raise WiremapError(
                 "set trainer.max_steps (the data stream is endless), e.g. --trainer.max_steps 10000"
             )
+        for key in COUNTS:  # refused here, not as a negative tensor size deep in torch
+            value = self.config.get(key)
+            if isinstance(value, int) and value < 1:
+                problem = f"{key} {value}: give a whole number of at least 1"
+                raise UsageError("wiremap train", problem)
 
     def instantiate_trainer(self, **kwargs: Any):
         run = as_run(self.config_init.run)
@@ -240,8 +251,19 @@ def make_logger(run: RunConfig):
     )
 
 
-def build_cli(argv: list[str], **kwargs: Any) -> WiremapCLI:
-    """Parse `argv` and instantiate everything (no training); used by `main` and tests."""
+def build_cli(argv: list[str] | dict, **kwargs: Any) -> WiremapCLI:
+    """Parse `argv` and instantiate everything (no training); used by `main` and tests.
+
+    Option names may be dashed (`--ckpt-path`, `--trainer.max-steps`); a refusal is one
+    line (`ArgumentError`), which `wiremap.fit` reports with the pointer to `--help`.
+    """
+    try:
+        return _cli(underscored(argv) if isinstance(argv, list) else argv, **kwargs)
+    except ArgumentError as err:
+        raise ArgumentError(None, one_line(str(err))) from None
+
+
+def _cli(argv: list[str] | dict, **kwargs: Any) -> WiremapCLI:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         return WiremapCLI(
@@ -292,10 +314,10 @@ def oom_guard(cli):
     d_tc = module.transcoder.d_transcoder
     figures = (
         f"{n_params / 1e6:,.1f}M parameters ({n_params * 16 / 1e9:.2f} GB with gradients and "
-        f"Adam state in fp32), batch_size={dm.batch_size} tokens, d_transcoder={d_tc}"
+        f"Adam state in fp32), batch_tokens={dm.batch_tokens}, d_transcoder={d_tc}"
     )
     fix = (
-        f"lower --data.batch_size (now {dm.batch_size}) or --model.d_transcoder (now {d_tc}), "
+        f"lower --data.batch_tokens (now {dm.batch_tokens}) or --model.d_transcoder (now {d_tc}), "
         "or train on a larger device; resume with --ckpt_path last"
     )
     return oom_to_error("training", figures, fix)
