@@ -33,12 +33,12 @@ import torch
 
 from wiremap.cache import CacheConfig, build_cache, read_manifest
 from wiremap.cache.build import _forward
+from wiremap.cache.command import count
 from wiremap.cache.text import TextSpec, iter_texts, pack_contexts, tokenize
 from wiremap.models.adapters import get_adapter
 from wiremap.models.hooks import stop_after
 from wiremap.models.loading import load_model
 from wiremap.models.tiny import build_tiny_model, sample_corpus
-from wiremap.train.cache_cmd import count
 
 
 def _batches(tokenizer, corpus: Path, cfg: CacheConfig) -> list[torch.Tensor]:

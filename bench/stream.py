@@ -14,7 +14,7 @@ On the same model, text and settings, in one run (best of `--repeats`, interleav
 and prints tokens/s of each, their ratios, and disk bytes per token: the cache folder's size
 over its tokens (`2·L·d·2` bytes of bf16 activations plus tokens and positions) against the
 bytes a streamed pass writes (none: it holds `--buffer-size` rows in memory). Both readers
-hand out the identical batches (tests/test_stream.py), so the times compare like for like.
+hand out the identical batches (tests/train/test_stream.py), so the times compare like for like.
 A training run costs its transcoder steps on top of either; the stream wins when each token
 is trained on once, the cache when sweeps reuse it.
 """
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from wiremap.cache import CacheConfig, build_cache
+from wiremap.cache.command import count
 from wiremap.models.loading import load_model
-from wiremap.train.cache_cmd import count
 from wiremap.train.data import ActivationDataModule
 
 

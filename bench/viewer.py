@@ -1,5 +1,6 @@
 """The viewer on a real-model-sized graph: file sizes and the page's own timings, with and
-without the edge budget, measured in one run (needs Chromium, as tests/test_viewer_browser.py).
+without the edge budget, measured in one run (needs Chromium, as
+tests/attribution/test_viewer_browser.py).
 
     python bench/viewer.py                       # 1,000 features, 30 layers, 10 positions
     python bench/viewer.py --features 2000 --repeat 5

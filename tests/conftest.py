@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -17,6 +19,12 @@ import torch  # noqa: E402
 # Tests run tiny models: intra-op threads only add synchronisation overhead there (and on a
 # loaded 2-core machine OpenMP threads spinning against each other slow tests 10x or more).
 torch.set_num_threads(1)
+
+# tests/ mirrors the package (models/, cache/, train/, attribution/; package-wide tests at the
+# top). `helpers.py` and the graph builders some test modules share (test_prune's hand_graph,
+# test_viewer_browser's Browser, ...) import by name from any folder, also when one file runs.
+HERE = Path(__file__).parent
+sys.path[:0] = [str(HERE / d) for d in ("", "models", "cache", "train", "attribution")]
 
 
 @pytest.fixture(autouse=True)

@@ -143,7 +143,7 @@ def test_old_attribute_flags_warn_and_still_work():
 
 
 def test_cache_options_counts_layers_and_bos():
-    from wiremap.train.cache_cmd import settings
+    from wiremap.cache.command import settings
 
     argv = ["--model", "m", "--dataset", "d", "--n-tokens", "20k", "--layers", "0-2", "5"]
     values, quiet = settings([*argv, "--include-bos", "--streaming", "--quiet"])
@@ -156,7 +156,7 @@ def test_cache_options_counts_layers_and_bos():
 
 
 def test_cache_preset_then_options(tmp_path):
-    from wiremap.train.cache_cmd import settings
+    from wiremap.cache.command import settings
 
     preset = tmp_path / "p.yaml"
     preset.write_text("data:\n  cache: {model: m, dataset: d, n_tokens: 1k, layers: [1, 2]}\n")

@@ -62,9 +62,9 @@ def tiny(code: str) -> str:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A folder holding what the README's blocks read (see the module docstring)."""
+    from wiremap.cache import command as cache_cmd
     from wiremap.models.io import save_transcoders
     from wiremap.models.transcoders import build_transcoder
-    from wiremap.train import cache_cmd
 
     work = tmp_path_factory.mktemp("readme")
     (work / "wiremap").mkdir()

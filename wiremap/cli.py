@@ -19,7 +19,7 @@ from wiremap.errors import WiremapError, disk_error
 
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "cache": ("wiremap.train.cache_cmd:main", "cache a language model's MLP activations to disk"),
+    "cache": ("wiremap.cache.command:main", "cache a language model's MLP activations to disk"),
     "train": ("wiremap.train.train_cmd:main", "train transcoders on a cached activation dataset"),
     "export": ("wiremap.train.export_cmd:main", "write transcoders from a training checkpoint"),
     "serve": ("wiremap.attribution.viewer_cmd:serve_main", "open graph JSON files in a viewer"),

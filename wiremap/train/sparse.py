@@ -22,7 +22,7 @@ slice of the bags, decoded against W_dec_i viewed as [F, (L−i)·d].
 
 The sparse math runs in float32 with autocast off: the gathers are memory-bound, so bf16
 would save little and round more. Values and gradients equal the dense reference path to
-float32 rounding, and to bf16 rounding under bf16 autocast (tests/test_sparse.py).
+float32 rounding, and to bf16 rounding under bf16 autocast (tests/train/test_sparse.py).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ Stream order (shared with `ActivationDataModule(order="stream")` on a cache):
    the partial window gives its whole batches and the text starts over (next epoch).
 
 A cache built from the same model, text and settings holds exactly these rows, so reading
-it in stream order gives the very same batches (`tests/test_stream.py`). Under DDP the
+it in stream order gives the very same batches (`tests/train/test_stream.py`). Under DDP the
 cache in stream order splits each global batch across processes instead (as in window order).
 
 Resuming. At every window start the stream records a `Cursor`: the forward batch it starts

@@ -14,12 +14,12 @@ import torch
 
 import wiremap.cache.writer as writer_mod
 from wiremap.cache import ActivationCache, CacheConfig, build_cache, read_manifest
+from wiremap.cache.command import main as cache_main
 from wiremap.cache.text import iter_texts, pack_contexts, tokenize
 from wiremap.errors import WiremapError
 from wiremap.models.hooks import capture
 from wiremap.models.loading import load_model
 from wiremap.models.tiny import sample_corpus
-from wiremap.train.cache_cmd import main as cache_main
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -158,7 +158,7 @@ def slow_write(f, data):  # widen the window in which a kill lands inside a writ
     f.write(data[: len(data) // 2]); f.flush(); time.sleep(0.25); f.write(data[len(data) // 2 :])
 
 c.write_all = slow_write
-from wiremap.train.cache_cmd import main
+from wiremap.cache.command import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -188,7 +188,7 @@ def test_missing_gguf_package(gguf_path, monkeypatch):
 
 def test_wiremap_cache_on_a_gguf_file_equals_its_source(source, gguf_path, tmp_path):
     from wiremap.cache import ActivationCache
-    from wiremap.train.cache_cmd import main as cache_main
+    from wiremap.cache.command import main as cache_main
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(sample_corpus(n_docs=40, seed=1)) + "\n")

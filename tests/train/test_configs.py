@@ -9,13 +9,13 @@ import pytest
 import yaml
 
 from wiremap.cache import CacheConfig
+from wiremap.cache.command import read_preset
 from wiremap.errors import WiremapError
-from wiremap.train.cache_cmd import read_preset
 from wiremap.train.data import ActivationDataModule
 from wiremap.train.module import LossConfig, OptimConfig, TranscoderModule
 from wiremap.train.train_cmd import WiremapCLI
 
-PRESETS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+PRESETS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
 
 class ParseOnly(WiremapCLI):
@@ -67,7 +67,7 @@ def test_max_steps_is_required():
 def test_a_preset_with_the_old_names_still_loads(tmp_path):
     """`data.batch_size`, `data.cache.batch_size` and `data.cache.exclude_bos` (before
     `batch_tokens`, `batch_contexts`, `include_bos`): accepted for one version, with a warning."""
-    preset = yaml.safe_load((Path(__file__).parent.parent / "configs/debug-cpu.yaml").read_text())
+    preset = yaml.safe_load((Path(__file__).parents[2] / "configs/debug-cpu.yaml").read_text())
     data = preset["data"]
     data["batch_size"] = data.pop("batch_tokens")
     data["cache"].update(batch_size=8, exclude_bos=False)

@@ -29,7 +29,7 @@ def test_train_with_stdout_a_pipe_prints_progress_lines(cache_cfg, tmp_path):  #
         "--data.cache.n_tokens", str(c.n_tokens), "--data.cache.context_length", "32",
         "--data.cache.shard_tokens", "1024", "--data.cache.out", c.out,
     ]  # fmt: skip
-    root = Path(__file__).parent.parent
+    root = Path(__file__).parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "wiremap.cli", "train", *argv],
