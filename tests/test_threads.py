@@ -115,7 +115,7 @@ def test_attribute_restores_the_callers_thread_count(tiny_model_dir, monkeypatch
     assert graph.settings["threads"] == 2 and set(seen) == {2}
     assert torch.get_num_threads() == caller_threads
     with pytest.raises(WiremapError):
-        attribute(PROMPT, rm, verbose=False, batch_size=0)
+        attribute(PROMPT, rm, verbose=False, target_batch=0)
     assert torch.get_num_threads() == caller_threads
 
 

@@ -1,6 +1,6 @@
 """Source nodes of an attribution graph and the contraction that turns gradients into edges.
 
-    table = SourceTable.build(rm, run, zero_bos=True)
+    table = SourceTable.build(rm, run)                   # include_bos=False
     edges = table.contract(g_embed, g_writes, n_pos)     # [batch, table.n_cols]
 
 Columns: active features (sorted by layer, pos, feature), then error nodes (layer-major,
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from wiremap.attribution.renamed import renamed_keywords
+
 
 @dataclass
 class _Block:
@@ -36,7 +38,7 @@ class _Block:
 class SourceTable:
     features: Tensor  # [n_feat, 3] (layer, pos, feature)
     activations: Tensor  # [n_feat]
-    errors: Tensor  # [L, pos, d] (zero at BOS when zero_bos)
+    errors: Tensor  # [L, pos, d] (zero at BOS unless include_bos)
     tokens: Tensor  # [pos, d]
     blocks: list[_Block]
     n_layers: int
@@ -59,16 +61,21 @@ class SourceTable:
         return self.token_start + self.n_pos
 
     @classmethod
-    def build(cls, rm, run, zero_bos: bool = True) -> SourceTable:
+    def build(
+        cls, rm, run, include_bos: bool = False, *, zero_bos: bool | None = None
+    ) -> SourceTable:
+        """The sources of `run` (`rm.run(ids)`); BOS features and errors only if `include_bos`
+        (`zero_bos`, the old name and the opposite, works for this version with a warning)."""
+        _, include_bos = renamed_keywords("SourceTable.build", None, include_bos, zero_bos=zero_bos)
         acts = run.activations.coalesce()
         idx, vals = acts.indices(), acts.values()
         keep = vals != 0
-        if zero_bos:
+        if not include_bos:
             keep &= idx[1] != 0
         # coalesced indices are sorted lexicographically: (layer, pos, feature)
         features, activations = idx[:, keep].T.contiguous(), vals[keep]
         errors = run.errors.clone()
-        if zero_bos:
+        if not include_bos:
             errors[:, 0] = 0
         n_layers, n_pos = run.reads.shape[:2]
         blocks = _blocks(rm.transcoders, features, activations, errors, n_layers, n_pos)
