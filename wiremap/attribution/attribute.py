@@ -70,8 +70,8 @@ class RowEngine:
         self.lin, self.table, self.threads = lin, table, threads
         self.n_backward = 0
 
-    def rows(self, targets: _Targets) -> Tensor:
-        """[B, n_cols] edges from every source to each target."""
+    def rows(self, targets: _Targets, out: Tensor | None = None) -> Tensor:
+        """[B, n_cols] edges from every source to each target (written into `out` if given)."""
         if self.threads is not None:
             self.threads.refresh()  # the load may have changed since the last batch
         n_pos = int(targets.pos.max()) + 1
@@ -95,7 +95,10 @@ class RowEngine:
         self.n_backward += 1
         g_embed = got[0][:, 0]
         g_writes = [None if g is None else g[:, 0] for g in got[1:]]
-        return self.table.contract(g_embed, g_writes, n_pos)
+        if out is not None and out.device != g_embed.device:
+            out.copy_(self.table.contract(g_embed, g_writes, n_pos))
+            return out
+        return self.table.contract(g_embed, g_writes, n_pos, out)
 
     @staticmethod
     def _injections(run, targets: _Targets, n_pos: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -370,7 +373,7 @@ def _rows_in_batches(engine, rm, table, order: Tensor, target_batch: int, verbos
     rows, start = out, 0
     for size in layer_batches(table.features[order, 0].cpu(), target_batch):
         which = order[start : start + size]
-        rows[start : start + size] = engine.rows(_feature_targets(rm, table, which))
+        engine.rows(_feature_targets(rm, table, which), out=rows[start : start + size])
         start += size
         _log(verbose, f"  rows {start}/{order.numel()}", end="\r")
     _log(verbose and order.numel() > 0, "")

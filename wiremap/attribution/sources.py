@@ -31,7 +31,7 @@ class _Block:
 
     out: int
     writes: Tensor  # [pos, d, slots] a · decoder vectors and the error vector (zero padding)
-    cols: Tensor  # [pos, slots] column of each slot (n_cols = a scratch column for padding)
+    cols: Tensor  # [pos, slots] column of each slot (padding: the token column of its pos)
 
 
 @dataclass
@@ -81,14 +81,17 @@ class SourceTable:
         blocks = _blocks(rm.transcoders, features, activations, errors, n_layers, n_pos)
         return cls(features, activations, errors, run.resid0, blocks, n_layers, n_pos)
 
-    def contract(self, g_embed: Tensor, g_writes: list[Tensor | None], n_pos: int) -> Tensor:
+    def contract(
+        self, g_embed: Tensor, g_writes: list[Tensor | None], n_pos: int, out: Tensor | None = None
+    ) -> Tensor:
         """Edges [B, n_cols] from residual gradients over the first `n_pos` positions.
 
         `g_embed [B, n_pos, d]` is the gradient at the first layer's input, `g_writes[l]`
         the gradient at layer l's MLP output (None where the targets do not depend on it).
+        Written into `out` [B, n_cols] when given (it saves a copy of the rows).
         """
         batch = g_embed.shape[0]
-        edges = g_embed.new_zeros(batch, self.n_cols + 1)  # last column: padding scratch
+        edges = g_embed.new_zeros(batch, self.n_cols) if out is None else out.zero_()
         tok = self.token_start
         edges[:, tok : tok + n_pos] = torch.einsum("bpd,pd->bp", g_embed, self.tokens[:n_pos])
         for block in self.blocks:
@@ -98,13 +101,14 @@ class SourceTable:
             # one read of the gradient per layer: [pos, B, d] @ [pos, d, slots]
             part = torch.bmm(g.transpose(0, 1), block.writes[:n_pos])
             cols = block.cols[:n_pos].reshape(-1)
+            # a padding slot adds an exact 0 (its write is zero) to a token column
             edges.index_add_(1, cols, part.permute(1, 0, 2).reshape(batch, -1))
-        return edges[:, :-1]
+        return edges
 
 
 def _blocks(tc, features, acts, errors, n_layers: int, n_pos: int) -> list[_Block]:
     """One block per output layer: the writes of every feature decoding to it, and its error."""
-    scratch = _scratch(features, n_layers, n_pos)
+    tokens = int(features.shape[0]) + n_layers * n_pos  # first token column
     parts: dict[int, list[tuple[Tensor, Tensor]]] = {layer: [] for layer in range(n_layers)}
     for src in range(n_layers):
         rows = (features[:, 0] == src).nonzero().flatten()
@@ -115,7 +119,7 @@ def _blocks(tc, features, acts, errors, n_layers: int, n_pos: int) -> list[_Bloc
         n_slots = int(slot.max()) + 1
         uniq, inverse = torch.unique(feat, return_inverse=True)
         dec = tc.decoder(src, uniq)[inverse].to(acts.dtype)  # [m, n_out, d]
-        cols = torch.full((n_pos, n_slots), scratch, dtype=torch.long, device=acts.device)
+        cols = tokens + torch.arange(n_pos, device=acts.device)[:, None].repeat(1, n_slots)
         cols[pos, slot] = rows
         for offset in range(dec.shape[1]):
             writes = acts.new_zeros(n_pos, dec.shape[-1], n_slots)
@@ -129,10 +133,6 @@ def _blocks(tc, features, acts, errors, n_layers: int, n_pos: int) -> list[_Bloc
         writes, cols = zip(*parts[out], strict=True)
         blocks.append(_Block(out, torch.cat(writes, dim=2), torch.cat(cols, dim=1)))
     return blocks
-
-
-def _scratch(features: Tensor, n_layers: int, n_pos: int) -> int:
-    return int(features.shape[0]) + n_layers * n_pos + n_pos
 
 
 def _slots(pos: Tensor) -> Tensor:
