@@ -14,7 +14,8 @@ that the batch needs, then one batched vector–Jacobian product (`is_grads_batc
 carries many targets at once — each target's encoder row (or logit direction) is the
 gradient at its own (layer, pos) — and a contraction of the resulting residual gradients
 with every source's write. Rows are visited sorted by (layer, pos), so a batch runs back
-only through the layers below its targets and over the positions up to theirs.
+only through the layers below its targets and over the positions up to theirs; no batch of
+an uncapped graph spans two layers (`layer_batches`).
 
 With `max_feature_nodes`, features are visited best-first: after the logit rows, the
 unvisited features with the largest influence on the logits (DESIGN.md §7, computed from
@@ -421,9 +422,8 @@ def _best_first(engine, rm, table, targets, logit_rows, budget, target_batch, ev
         for picked in take.split(target_batch):
             # sorted by (layer, pos): the batch runs back through as few layers as possible
             picked = picked.sort().values
-            rows[len(order) : len(order) + picked.numel()] = engine.rows(
-                _feature_targets(rm, table, picked)
-            )
+            done = len(order)
+            engine.rows(_feature_targets(rm, table, picked), out=rows[done : done + picked.numel()])
             visited[picked] = True
             order.extend(picked.tolist())
             _log(verbose, f"  visited {len(order)}/{budget} features", end="\r")
