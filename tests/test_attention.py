@@ -451,3 +451,14 @@ def test_demo_attention_stage_on_the_organism():
     for report in found.values():
         for head in report["heads"]:
             assert 0.0 <= head["weight"] <= 1.0 and head["key_side"] and head["pairs"]
+
+
+def test_head_loadings_old_batch_keyword_warns(tiny_model_dir):
+    rm = make_rm(tiny_model_dir, "llama", **LLAMA)
+    graph = attribute(PROMPT, rm, verbose=False)
+    pairs, _ = some_edges(graph, 3)
+    new = head_loadings_batch(rm, graph, pairs, target_batch=2)
+    with pytest.warns(DeprecationWarning, match="head_loadings_batch\\(batch_size"):
+        old = head_loadings_batch(rm, graph, pairs, batch_size=2)
+    for a, b in zip(new, old, strict=True):
+        torch.testing.assert_close(a.heads, b.heads)

@@ -18,7 +18,6 @@ lets an intervention on one feature propagate to later features.
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ from torch import Tensor, nn
 
 from wiremap.errors import WiremapError
 from wiremap.models.adapters import Adapter, get_adapter, get_module
-from wiremap.models.hooks import capture, splice_mlp_out
 from wiremap.models.frozen import FrozenModel, freeze
+from wiremap.models.hooks import capture, splice_mlp_out
 from wiremap.models.loading import model_max_length
 
 # (layer, activations [batch, pos, F]) -> edited activations
