@@ -5,6 +5,7 @@
     python bench/attribute.py --threads 1     # one intra-op thread (a loaded machine)
     python bench/attribute.py --load 1        # idle vs 1 busy process, wiremap vs circuit-tracer
     python bench/attribute.py --load 2 --size large --repeats 3
+    python bench/attribute.py --load 0 --size large --rounds 3 --ct-python PY  # interleaved
 
 Model: tiny Llama config, 8 layers, d_model 256 (random weights); transcoders: PLT,
 F = 4096 per layer, TopK k = 32 (random). Cases: a 32-token prompt uncapped and with
@@ -12,7 +13,9 @@ max_feature_nodes=2000, and a 1,024-token prompt with a feature budget.
 Memory is the process's peak resident set size (`resource.getrusage(...).ru_maxrss`),
 reported as the peak during attribution minus the resident size before it; every case
 runs in its own process so peaks do not carry over. The load average is printed because
-the machine is shared.
+the machine is shared. With `--load`, `--rounds K` alternates K worker processes of each
+tool (wiremap, circuit-tracer, wiremap, ...) and pools their timed calls, so a change in
+the machine's load during the run hits both tools alike; the ratio is of the medians.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 CASES = {
-    "uncapped": dict(n_tokens=32, budget=None, batch_size=256),
-    "budget2000": dict(n_tokens=32, budget=2000, batch_size=256),
-    "long": dict(n_tokens=1024, budget=256, batch_size=64),
+    "uncapped": dict(n_tokens=32, budget=None, target_batch=256),
+    "budget2000": dict(n_tokens=32, budget=2000, target_batch=256),
+    "long": dict(n_tokens=1024, budget=256, target_batch=64),
 }
 
 
@@ -86,13 +89,17 @@ def run_case(name: str, root: Path, threads: int | None) -> None:
     before = _rss_mb()
     start = time.perf_counter()
     graph = attribute(
-        prompt, rm, max_feature_nodes=spec["budget"], batch_size=spec["batch_size"], verbose=False
+        prompt,
+        rm,
+        max_feature_nodes=spec["budget"],
+        target_batch=spec["target_batch"],
+        verbose=False,
     )
     seconds = time.perf_counter() - start
     peak = _peak_mb()
     s = graph.settings
     print(
-        f"{name:>10}: {graph.n_pos} tokens, budget={spec['budget']}, batch={spec['batch_size']}, "
+        f"{name:>10}: {graph.n_pos} tokens, budget={spec['budget']}, batch={spec['target_batch']}, "
         f"{s['n_active_features']} active features, {graph.n_features} feature nodes, "
         f"{s['n_backward_passes']} backward passes, {seconds:.2f} s, "
         f"peak RSS +{max(peak - before, 0):.0f} MiB (baseline {before:.0f} MiB), "
@@ -227,10 +234,23 @@ def run_load(args) -> None:
     for n in sorted({0, args.load}):
         with busy_processes(n, args.burn_seconds):
             load = os.getloadavg()[0]
-            ours = _worker(sys.executable, "ours", folder, args.repeats)
-            theirs = _worker(ct, "ct", folder, args.repeats, ours.get("batch", 512)) if ct else {}
+            ours, theirs = {}, {}
+            for _ in range(args.rounds):
+                _pool(ours, _worker(sys.executable, "ours", folder, args.repeats))
+                if ct:
+                    batch = ours.get("batch", 512)
+                    _pool(theirs, _worker(ct, "ct", folder, args.repeats, batch))
         rows.append((n, load, ours, theirs))
     _print_table(args.size, rows)
+
+
+def _pool(into: dict, result: dict) -> None:
+    """Add one worker's result to the pooled one: timed calls appended, the rest kept."""
+    times = into.get("times", []) + result.get("times", [])
+    into.update(result)
+    if times:
+        into["times"] = times
+        into.pop("error", None)
 
 
 def _median(r: dict) -> float | None:
@@ -271,7 +291,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--load", type=int, default=None, help="N busy processes: idle vs loaded")
     parser.add_argument("--size", choices=list(SIZES), default="tiny", help="model for --load")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per tool (--load)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per worker (--load)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="worker processes per tool, alternated (--load)"
+    )
     parser.add_argument(
         "--burn-seconds", type=float, default=900, help="busy processes stop after this (s)"
     )

@@ -87,7 +87,7 @@ def run_ours(rm, prompt: str, budget: int | None, batch: int | None) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    g = attribute(prompt, rm, verbose=False, max_feature_nodes=budget, batch_size=batch)
+    g = attribute(prompt, rm, verbose=False, max_feature_nodes=budget, target_batch=batch)
     seconds = time.perf_counter() - start
     s = g.settings
     return dict(

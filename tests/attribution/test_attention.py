@@ -52,9 +52,9 @@ def some_edges(graph, n=40):
 def test_head_loadings_sum_to_the_edge(tiny_model_dir, arch, tc_arch, overrides, budget):
     rm = make_rm(tiny_model_dir, arch, tc_arch, **overrides)
     # with a budget, error nodes carry the unvisited features folded into them
-    graph = attribute(PROMPT, rm, verbose=False, max_feature_nodes=budget, batch_size=8)
+    graph = attribute(PROMPT, rm, verbose=False, max_feature_nodes=budget, target_batch=8)
     pairs, A = some_edges(graph)
-    loads = head_loadings_batch(rm, graph, pairs, batch_size=7, source_batch=5)
+    loads = head_loadings_batch(rm, graph, pairs, target_batch=7, source_batch=5)
     crossing = 0
     for load, (s, t) in zip(loads, pairs, strict=True):
         assert load.edge == pytest.approx(float(A[t, s]))
@@ -450,3 +450,14 @@ def test_demo_attention_stage_on_the_organism():
     for report in found.values():
         for head in report["heads"]:
             assert 0.0 <= head["weight"] <= 1.0 and head["key_side"] and head["pairs"]
+
+
+def test_head_loadings_old_batch_keyword_warns(tiny_model_dir):
+    rm = make_rm(tiny_model_dir, "llama", **LLAMA)
+    graph = attribute(PROMPT, rm, verbose=False)
+    pairs, _ = some_edges(graph, 3)
+    new = head_loadings_batch(rm, graph, pairs, target_batch=2)
+    with pytest.warns(DeprecationWarning, match="head_loadings_batch\\(batch_size"):
+        old = head_loadings_batch(rm, graph, pairs, batch_size=2)
+    for a, b in zip(new, old, strict=True):
+        torch.testing.assert_close(a.heads, b.heads)

@@ -63,7 +63,7 @@ def source_writes(rm, graph, run, s: int):
     elif kind == "error":
         layer, pos = graph.node_layer_pos(s)
         w = torch.zeros(1, n_pos, d)
-        if pos > 0 or not graph.settings["zero_bos"]:  # BOS errors are no sources by default
+        if pos > 0 or graph.settings["include_bos"]:  # BOS errors are no sources by default
             w[0, pos] = run.errors[layer, pos]
         writes[layer] = w
     else:
@@ -82,7 +82,7 @@ def target_rows(graph):
 @pytest.mark.parametrize("arch,tc_arch", CASES)
 def test_intervention_oracle(tiny_model_dir, arch, tc_arch):
     rm = make_rm(tiny_model_dir, arch, tc_arch)
-    graph = attribute(PROMPT, rm, verbose=False, batch_size=16)
+    graph = attribute(PROMPT, rm, verbose=False, target_batch=16)
     A = graph.dense_adjacency()
     run = rm.run(graph.input_ids)
     rows = target_rows(graph)
@@ -110,7 +110,7 @@ def test_intervention_oracle(tiny_model_dir, arch, tc_arch):
 def test_completeness_identity(tiny_model_dir, arch, tc_arch):
     rm = make_rm(tiny_model_dir, arch, tc_arch, no_bias=True)
     # BOS features and errors are sources too, so nothing but the sources feeds a target
-    graph = attribute(PROMPT, rm, verbose=False, zero_bos=False)
+    graph = attribute(PROMPT, rm, verbose=False, include_bos=True)
     A = graph.dense_adjacency()
     run = rm.run(graph.input_ids)
     with rm.frozen(graph.input_ids) as lin:
@@ -124,7 +124,7 @@ def test_completeness_identity(tiny_model_dir, arch, tc_arch):
 
 def test_adjacency_equals_brute_force_jacobian(tiny_model_dir):
     rm = make_rm(tiny_model_dir, "llama", "skip_clt", n_feat=16)
-    graph = attribute("A dog likes", rm, verbose=False, batch_size=5)
+    graph = attribute("A dog likes", rm, verbose=False, target_batch=5)
     A = graph.dense_adjacency()
     run = rm.run(graph.input_ids)
     n_src = graph.logit_slice.start
@@ -150,7 +150,7 @@ def test_feature_budget_keeps_exact_edges_and_folds_the_rest(tiny_model_dir):
     rm = make_rm(tiny_model_dir, "gpt2", "clt")
     full = attribute(PROMPT, rm, verbose=False)
     budget = full.n_features // 3
-    part = attribute(PROMPT, rm, verbose=False, max_feature_nodes=budget, batch_size=8)
+    part = attribute(PROMPT, rm, verbose=False, max_feature_nodes=budget, target_batch=8)
     assert part.n_features == budget and part.settings["n_active_features"] == full.n_features
     # the visited features are nodes of the full graph; edges among them are the same
     key = {tuple(f): i for i, f in enumerate(full.active_features.tolist())}
@@ -170,11 +170,11 @@ def test_feature_budget_keeps_exact_edges_and_folds_the_rest(tiny_model_dir):
 
 def test_batch_size_and_sparse_layout_do_not_change_edges(tiny_model_dir, monkeypatch):
     rm = make_rm(tiny_model_dir, "gemma2", "skip_plt")
-    a = attribute(PROMPT, rm, verbose=False, batch_size=256)
+    a = attribute(PROMPT, rm, verbose=False, target_batch=256)
     import wiremap.attribution.attribute as module
 
     monkeypatch.setattr(module, "DENSE_MAX_NODES", 10)
-    b = attribute(PROMPT, rm, verbose=False, batch_size=3)
+    b = attribute(PROMPT, rm, verbose=False, target_batch=3)
     assert b.is_sparse and not a.is_sparse
     torch.testing.assert_close(b.dense_adjacency(), a.dense_adjacency(), rtol=1e-5, atol=1e-6)
     assert b.settings["n_backward_passes"] > a.settings["n_backward_passes"]
@@ -204,11 +204,11 @@ def test_bos_zeroed_and_graph_fields(tiny_model_dir, tmp_path):
 def test_explicit_targets(tiny_model_dir):
     rm = make_rm(tiny_model_dir, "llama", "plt", no_bias=True)
     tokens = [" moon", 17]
-    graph = attribute(PROMPT, rm, verbose=False, target_tokens=tokens, zero_bos=False)
+    graph = attribute(PROMPT, rm, verbose=False, target_tokens=tokens, include_bos=True)
     assert graph.logit_tokens.tolist() == [rm.tokenizer(" moon").input_ids[0], 17]
     label, direction = logit_difference(rm, " moon", 17)
     diff = attribute(
-        PROMPT, rm, verbose=False, target_directions={label: direction}, zero_bos=False
+        PROMPT, rm, verbose=False, target_directions={label: direction}, include_bos=True
     )
     assert diff.logit_strings == [label] and diff.logit_tokens.tolist() == [-1]
     n_src = graph.logit_slice.start
@@ -300,7 +300,7 @@ def test_ranking_once_visits_by_direct_effect(tiny_model_dir):
     rm = make_rm(tiny_model_dir, "llama", "plt")
     full = attribute(PROMPT, rm, verbose=False)
     budget = full.n_features // 3
-    once = attribute(PROMPT, rm, verbose=False, max_feature_nodes=budget, batch_size=8,
+    once = attribute(PROMPT, rm, verbose=False, max_feature_nodes=budget, target_batch=8,
                      rerank_every=0)  # fmt: skip
     # ranked once: the budget's features with the largest direct effect on the logits
     A = full.dense_adjacency()[full.logit_slice, : full.logit_slice.start].abs()
@@ -309,3 +309,42 @@ def test_ranking_once_visits_by_direct_effect(tiny_model_dir):
     key = {tuple(f): i for i, f in enumerate(full.active_features.tolist())}
     assert {key[tuple(f)] for f in once.active_features.tolist()} == expected
     assert once.settings["n_backward_passes"] == 1 + -(-budget // 8)
+
+
+def test_old_keywords_warn_and_give_the_same_graph(tiny_model_dir, tmp_path):
+    from wiremap.attribution.renamed import include_bos_of
+    from wiremap.attribution.sources import SourceTable
+
+    rm = make_rm(tiny_model_dir, "llama", "plt")
+    new = attribute(PROMPT, rm, verbose=False, target_batch=7, include_bos=True)
+    assert new.settings["include_bos"] is True and "zero_bos" not in new.settings
+    with pytest.warns(DeprecationWarning, match="batch_size=.*target_batch"):
+        with pytest.warns(DeprecationWarning, match="zero_bos=False is include_bos=True"):
+            old = attribute(PROMPT, rm, verbose=False, batch_size=7, zero_bos=False)
+    assert old.settings["batch_size"] == 7 and old.settings["include_bos"] is True
+    torch.testing.assert_close(old.dense_adjacency(), new.dense_adjacency())
+    with pytest.raises(WiremapError, match="give only target_batch"):
+        attribute(PROMPT, rm, verbose=False, target_batch=7, batch_size=8)
+    run = rm.run(rm.tokenize(PROMPT))
+    with pytest.warns(DeprecationWarning, match="SourceTable.build"):
+        table = SourceTable.build(rm, run, zero_bos=True)
+    assert table.n_features == SourceTable.build(rm, run).n_features
+    assert (table.features[:, 1] > 0).all() and (table.errors[:, 0] == 0).all()
+    # graphs saved before the rename store zero_bos; they load and read the same
+    new.settings = {k: v for k, v in new.settings.items() if k != "include_bos"}
+    new.settings["zero_bos"] = False
+    new.save(tmp_path / "old")
+    back = Graph.load(tmp_path / "old")
+    assert include_bos_of(back.settings) is True and include_bos_of({"zero_bos": True}) is False
+    assert include_bos_of({}) is False and include_bos_of({"include_bos": True}) is True
+
+
+def test_batches_never_span_two_layers():
+    from wiremap.attribution.attribute import layer_batches
+
+    layers = torch.tensor([0] * 5 + [1] * 9 + [3] * 4)
+    sizes = layer_batches(layers, 4)
+    assert sizes == [3, 2, 3, 3, 3, 4] and sum(sizes) == layers.numel()
+    ends = torch.tensor(sizes).cumsum(0)
+    starts = ends - torch.tensor(sizes)
+    assert all(layers[s] == layers[e - 1] for s, e in zip(starts, ends, strict=True))

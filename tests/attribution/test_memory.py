@@ -37,20 +37,20 @@ def usable(free: int) -> int:
 
 
 def test_everything_fits_keeps_every_feature():
-    plan = plan_memory(counts(), budget=None, batch_size=None, host_free=10**12)
-    assert plan.max_feature_nodes is None and plan.batch_size == 256 and plan.note is None
+    plan = plan_memory(counts(), budget=None, target_batch=None, host_free=10**12)
+    assert plan.max_feature_nodes is None and plan.target_batch == 256 and plan.note is None
     assert plan.needed_bytes == plan.full_bytes <= plan.available_bytes
 
 
 def test_too_big_picks_the_largest_budget_that_fits_and_says_so():
     c = counts()
     free = 8 * 10**9
-    plan = plan_memory(c, budget=None, batch_size=None, host_free=free)
+    plan = plan_memory(c, budget=None, target_batch=None, host_free=free)
     n = plan.max_feature_nodes
     assert n is not None and 100 <= n < c.n_features
     assert plan.needed_bytes <= usable(free) < plan.full_bytes
     # one more feature would not fit: the budget is the largest
-    grown = plan_memory(c, budget=n + 1, batch_size=plan.batch_size, host_free=10**15)
+    grown = plan_memory(c, budget=n + 1, target_batch=plan.target_batch, host_free=10**15)
     assert grown.needed_bytes > usable(free)
     assert "--max-feature-nodes" in plan.note and f"{n:,}" in plan.note
 
@@ -58,26 +58,26 @@ def test_too_big_picks_the_largest_budget_that_fits_and_says_so():
 def test_explicit_budget_or_tiny_memory_is_an_error_with_both_figures():
     c = counts()
     with pytest.raises(WiremapError, match=r"needs about .* GB but .* is usable.*--max-feature"):
-        plan_memory(c, budget=40_000, batch_size=None, host_free=8 * 10**9)
+        plan_memory(c, budget=40_000, target_batch=None, host_free=8 * 10**9)
     with pytest.raises(WiremapError, match="even 100 feature nodes"):
-        plan_memory(c, budget=None, batch_size=None, host_free=3 * 10**7)
+        plan_memory(c, budget=None, target_batch=None, host_free=3 * 10**7)
 
 
 def test_batch_size_shrinks_for_long_prompts_unless_given():
     c = counts(n_features=900_000, n_pos=1000)
-    plan = plan_memory(c, budget=None, batch_size=None, host_free=20 * 10**9)
-    assert plan.batch_size < 256 and "--batch-size" in plan.note or plan.batch_size < 256
+    plan = plan_memory(c, budget=None, target_batch=None, host_free=20 * 10**9)
+    assert plan.target_batch < 256 and "--batch-size" in plan.note or plan.target_batch < 256
     assert plan.max_feature_nodes is not None and plan.needed_bytes <= usable(20 * 10**9)
     with pytest.raises(WiremapError, match="--batch-size"):
-        plan_memory(c, budget=None, batch_size=256, host_free=20 * 10**9)
+        plan_memory(c, budget=None, target_batch=256, host_free=20 * 10**9)
 
 
 def test_two_pools_keep_rows_on_the_host():
     c = counts(n_features=900_000, n_pos=1000)
-    one = plan_memory(c, budget=None, batch_size=None, host_free=20 * 10**9)
-    two = plan_memory(c, budget=None, batch_size=None, host_free=20 * 10**9, device_free=10**11)
+    one = plan_memory(c, budget=None, target_batch=None, host_free=20 * 10**9)
+    two = plan_memory(c, budget=None, target_batch=None, host_free=20 * 10**9, device_free=10**11)
     # with the backward passes on a device, the host holds more rows
-    assert two.max_feature_nodes > one.max_feature_nodes and two.batch_size == 256
+    assert two.max_feature_nodes > one.max_feature_nodes and two.target_batch == 256
 
 
 def test_rows_grow_with_the_budget():
@@ -148,7 +148,7 @@ MEASURE = textwrap.dedent(
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) so it covers attribution alone, not loading
     before = status("VmRSS")
-    g = attribute(prompt, rm, verbose=False, max_feature_nodes=600, batch_size=64)
+    g = attribute(prompt, rm, verbose=False, max_feature_nodes=600, target_batch=64)
     peak = status("VmHWM")
     print(g.n_pos, peak - before, g.settings["memory"]["needed_bytes"])
     """
@@ -168,3 +168,11 @@ def test_estimate_is_within_a_factor_of_the_measured_peak(tiny_model_dir):
     assert estimated > 50e6  # the case is big enough for the peak to mean something
     # within a factor: the estimate is an upper bound with slack (allocator, scratch rows)
     assert estimated / 4 < measured < estimated * 2, (measured, estimated)
+
+
+def test_old_batch_size_keyword_warns():
+    with pytest.warns(DeprecationWarning, match="plan_memory\\(batch_size"):
+        plan = plan_memory(counts(), budget=None, batch_size=64, host_free=10**12)
+    assert plan.target_batch == 64
+    with pytest.warns(DeprecationWarning, match="MemoryPlan.batch_size"):
+        assert plan.batch_size == 64

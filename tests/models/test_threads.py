@@ -79,13 +79,15 @@ def test_choice_is_bounded_by_cap_cores_and_idle_cores(tmp_path, eight_cores):
     assert T.choose_threads(cap=32, proc=swamped, cgroup_root=root) == 1
 
 
-def test_passive_waits_drop_the_idle_core_limit(tmp_path, monkeypatch, eight_cores):
+def test_passive_waits_keep_the_idle_core_limit(tmp_path, monkeypatch, eight_cores):
+    # measured: beside busy jobs, sleeping threads on busy cores were slower than one thread
     root = fake_cgroup(tmp_path, "", {"cpu.max": "max 100000"})
     swamped = fake_proc(tmp_path / "swamped", "0::/\n", running=40)
-    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
-    assert T.choose_threads(cap=32, proc=swamped, cgroup_root=root) == 8
-    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
-    assert T.choose_threads(cap=32, proc=swamped, cgroup_root=root) == 1
+    busy = fake_proc(tmp_path / "busy", "0::/\n", running=14)  # 13 others on 16 cores
+    for policy in ("passive", "active"):
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+        assert T.choose_threads(cap=32, proc=swamped, cgroup_root=root) == 1
+        assert T.choose_threads(cap=32, proc=busy, cgroup_root=root) == 3
 
 
 def test_env_var_fixes_the_count_and_bad_values_are_clear(tmp_path, monkeypatch, eight_cores):
@@ -115,7 +117,7 @@ def test_attribute_restores_the_callers_thread_count(tiny_model_dir, monkeypatch
     assert graph.settings["threads"] == 2 and set(seen) == {2}
     assert torch.get_num_threads() == caller_threads
     with pytest.raises(WiremapError):
-        attribute(PROMPT, rm, verbose=False, batch_size=0)
+        attribute(PROMPT, rm, verbose=False, target_batch=0)
     assert torch.get_num_threads() == caller_threads
 
 

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from wiremap.attribution.attribute import FINAL, RowEngine, _column_map, _Targets
 from wiremap.attribution.graph import Graph
+from wiremap.attribution.renamed import include_bos_of, renamed_keywords
 from wiremap.attribution.sources import SourceTable
 from wiremap.attribution.targets import demeaned_unembedding
 from wiremap.errors import WiremapError
@@ -145,16 +146,22 @@ def head_loadings_batch(
     rm,
     graph: Graph,
     pairs: Sequence[tuple[int | str, int | str]],
-    batch_size: int | None = None,
+    target_batch: int | None = None,
     source_batch: int | None = None,
+    *,
+    batch_size: int | None = None,
 ) -> list[HeadLoadings]:
     """Head loadings of many edges (source, target) in the order given.
 
     One residual-only forward pass per `source_batch` sources and one batched backward
-    pass per `batch_size` targets; a target's gradients are dropped once its edges are done.
+    pass per `target_batch` targets (`batch_size`: its old name, this version only); a
+    target's gradients are dropped once its edges are done.
     None: up to 64 targets / 128 sources, fewer where a batch's per-layer tensors
     (batch × positions × d_model × layers) would pass `BATCH_ELEMENTS`.
     """
+    target_batch, _ = renamed_keywords(
+        "head_loadings_batch", target_batch, False, batch_size=batch_size
+    )
     ids = _index_of(graph)
     pairs = [(_node(graph, ids, s), _node(graph, ids, t)) for s, t in pairs]
     for s, t in pairs:
@@ -166,16 +173,16 @@ def head_loadings_batch(
     targets = sorted({t for _, t in pairs})
     per_row = graph.n_pos * rm.d_model * (rm.n_layers + 1)
     fits = max(1, BATCH_ELEMENTS // per_row)
-    batch_size, source_batch = batch_size or min(64, fits), source_batch or min(128, fits)
+    target_batch, source_batch = target_batch or min(64, fits), source_batch or min(128, fits)
     input_ids = graph.input_ids.to(rm.device)
     with torch.no_grad():
-        table = SourceTable.build(rm, rm.run(input_ids), zero_bos=_zero_bos(graph))
+        table = SourceTable.build(rm, rm.run(input_ids), include_bos=include_bos_of(graph.settings))
     out: dict[tuple[int, int], HeadLoadings] = {}
     edges = _edges(graph, pairs)
     with rm.frozen(input_ids) as lin:
         carried = _residual_only(rm, lin, graph, table, sources, source_batch)
-        for start in range(0, len(targets), batch_size):
-            chunk = targets[start : start + batch_size]
+        for start in range(0, len(targets), target_batch):
+            chunk = targets[start : start + target_batch]
             grads = dict(zip(chunk, _head_gradients(rm, lin, graph, chunk), strict=True))
             for s, t in pairs:
                 if t in grads:
@@ -378,10 +385,6 @@ def _check_edge(graph: Graph, s: int, t: int) -> None:
         )
 
 
-def _zero_bos(graph: Graph) -> bool:
-    return bool((graph.settings or {}).get("zero_bos", True))
-
-
 def _index_of(graph: Graph) -> dict[str, int]:
     from wiremap.attribution.export import node_ids
 
@@ -482,7 +485,7 @@ def _qk_batch(rm, prompt_or_graph, requests) -> list[QKAttribution | WiremapErro
     for request in requests:
         _check_qk(rm, *request, len(ids))
     with torch.no_grad():
-        table = SourceTable.build(rm, rm.run(ids), zero_bos=False)
+        table = SourceTable.build(rm, rm.run(ids), include_bos=True)
     names, col_map = _qk_nodes(graph, table, ids)
     done: dict[tuple[int, int, int], tuple] = {}
     out = []

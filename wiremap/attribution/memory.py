@@ -1,8 +1,8 @@
 """Memory planning for attribution: what a graph will need, what is free, and the budget.
 
     counts = GraphCounts.from_table(rm, table, n_logits=3)
-    plan = plan_memory(counts, budget=None, batch_size=None, host_free=free_bytes("cpu"))
-    plan.max_feature_nodes, plan.batch_size, plan.note   # the decision, and why
+    plan = plan_memory(counts, budget=None, target_batch=None, host_free=free_bytes("cpu"))
+    plan.max_feature_nodes, plan.target_batch, plan.note   # the decision, and why
 
 The graph's memory is dominated by a few tensors whose sizes are known once the clean pass
 has counted the active features (B = targets per backward pass, N = feature rows kept,
@@ -26,12 +26,14 @@ raised anyway (estimates are estimates) become the same error through `oom_guard
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 
+from wiremap.attribution.renamed import renamed_keywords
 from wiremap.errors import WiremapError, oom_to_error
 
 USABLE = 0.7
@@ -97,10 +99,10 @@ def _module_bytes(module: torch.nn.Module) -> int:
 
 
 # -- the estimate ------------------------------------------------------------------------
-def backward_bytes(c: GraphCounts, batch_size: int) -> int:
+def backward_bytes(c: GraphCounts, target_batch: int) -> int:
     """Peak of one batched backward pass: gradients, its edges, the frozen patterns."""
-    grads = batch_size * c.n_pos * c.d_model * c.elem * (c.n_layers + 1 + GRAD_COPIES)
-    edges = 2 * batch_size * (c.n_cols + 1) * c.elem  # the edges and one contraction part
+    grads = target_batch * c.n_pos * c.d_model * c.elem * (c.n_layers + 1 + GRAD_COPIES)
+    edges = 2 * target_batch * (c.n_cols + 1) * c.elem  # the edges and one contraction part
     patterns = (c.n_layers * c.n_heads + 1) * c.n_pos**2 * c.elem
     return grads + edges + patterns
 
@@ -200,7 +202,7 @@ class MemoryPlan:
     """What attribution will do about memory, and the figures it decided on."""
 
     max_feature_nodes: int | None  # None: every active feature
-    batch_size: int
+    target_batch: int  # targets per backward pass
     needed_bytes: int  # with the chosen budget and batch size
     full_bytes: int  # the uncapped graph with the chosen batch size
     available_bytes: int  # usable: USABLE × free (host + device pools on a GPU)
@@ -210,36 +212,46 @@ class MemoryPlan:
     def as_settings(self) -> dict:
         return asdict(self)
 
+    @property
+    def batch_size(self) -> int:
+        """Deprecated name of `target_batch` (goes away in the next version)."""
+        warnings.warn("MemoryPlan.batch_size is renamed MemoryPlan.target_batch",
+                      DeprecationWarning, stacklevel=2)  # fmt: skip
+        return self.target_batch
+
 
 def plan_memory(
     counts: GraphCounts,
     *,
     budget: int | None,
-    batch_size: int | None,
+    target_batch: int | None = None,
     host_free: int,
     device_free: int | None = None,
+    batch_size: int | None = None,
 ) -> MemoryPlan:
-    """Choose the batch size and feature budget that fit (module docstring).
+    """Choose the targets per backward pass and the feature budget that fit (module docstring).
 
-    `budget`/`batch_size` None = choose; `device_free` None = one pool (CPU).
+    `budget`/`target_batch` None = choose; `device_free` None = one pool (CPU).
+    `batch_size`: the old name of `target_batch` (this version only, with a warning).
     """
+    target_batch, _ = renamed_keywords("plan_memory", target_batch, False, batch_size=batch_size)
     host = int(host_free * USABLE)
     device = None if device_free is None else int(device_free * USABLE)
-    batch = _choose_batch(counts, batch_size, host, device)
+    batch = _choose_batch(counts, target_batch, host, device)
     uncapped = budget is None or budget >= counts.n_features
     n_rows = counts.n_features if uncapped else budget
     need_host, need_dev = _needs(counts, n_rows, batch, device is not None)
     full_host, full_dev = _needs(counts, counts.n_features, batch, device is not None)
     fits = _fits(need_host, need_dev, host, device)
     common = dict(
-        batch_size=batch,
+        target_batch=batch,
         full_bytes=full_host + full_dev,
         available_bytes=host + (device or 0),
         resident_bytes=counts.resident_bytes,
     )
     if fits:
         return MemoryPlan(None if uncapped else budget, needed_bytes=need_host + need_dev,
-                          note=_batch_note(batch, batch_size), **common)  # fmt: skip
+                          note=_batch_note(batch, target_batch), **common)  # fmt: skip
     if budget is not None:
         raise _too_big(
             f"max_feature_nodes={budget}", need_host + need_dev, host + (device or 0), counts
@@ -269,7 +281,7 @@ def _fits(need_host: int, need_dev: int, host: int, device: int | None) -> bool:
     return need_host <= host and (device is None or need_dev <= device)
 
 
-def _choose_batch(c: GraphCounts, batch_size, host: int, device: int | None) -> int:
+def _choose_batch(c: GraphCounts, target_batch, host: int, device: int | None) -> int:
     """The asked batch size if it fits next to the smallest graph, else the largest that does."""
     least = min(c.n_features, MIN_FEATURE_NODES)
     pool = device if device is not None else host - rows_bytes(c, least)
@@ -277,11 +289,11 @@ def _choose_batch(c: GraphCounts, batch_size, host: int, device: int | None) -> 
     def need(b: int) -> int:
         return backward_bytes(c, b) + frozen_bytes(c)
 
-    if batch_size is not None:
-        if need(batch_size) > pool:
-            raise _too_big(f"batch_size={batch_size}", need(batch_size), max(pool, 0), c,
+    if target_batch is not None:
+        if need(target_batch) > pool:
+            raise _too_big(f"target_batch={target_batch}", need(target_batch), max(pool, 0), c,
                            flag="--batch-size")  # fmt: skip
-        return batch_size
+        return target_batch
     # a chosen batch leaves at least half of one pool to the rows (more rows, more graph)
     share = 1.0 if device is not None else 0.5
     batch = DEFAULT_BATCH
@@ -290,7 +302,7 @@ def _choose_batch(c: GraphCounts, batch_size, host: int, device: int | None) -> 
     if need(batch) > pool:
         total = need(batch) + (0 if device is not None else rows_bytes(c, least))
         have = device if device is not None else host
-        raise _too_big(f"even {least} feature nodes and batch_size={batch}", total, have, c)
+        raise _too_big(f"even {least} feature nodes and target_batch={batch}", total, have, c)
     return batch
 
 

@@ -1,6 +1,6 @@
 """Source nodes of an attribution graph and the contraction that turns gradients into edges.
 
-    table = SourceTable.build(rm, run, zero_bos=True)
+    table = SourceTable.build(rm, run)                   # include_bos=False
     edges = table.contract(g_embed, g_writes, n_pos)     # [batch, table.n_cols]
 
 Columns: active features (sorted by layer, pos, feature), then error nodes (layer-major,
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from wiremap.attribution.renamed import renamed_keywords
+
 
 @dataclass
 class _Block:
@@ -29,14 +31,14 @@ class _Block:
 
     out: int
     writes: Tensor  # [pos, d, slots] a · decoder vectors and the error vector (zero padding)
-    cols: Tensor  # [pos, slots] column of each slot (n_cols = a scratch column for padding)
+    cols: Tensor  # [pos, slots] column of each slot (padding: the token column of its pos)
 
 
 @dataclass
 class SourceTable:
     features: Tensor  # [n_feat, 3] (layer, pos, feature)
     activations: Tensor  # [n_feat]
-    errors: Tensor  # [L, pos, d] (zero at BOS when zero_bos)
+    errors: Tensor  # [L, pos, d] (zero at BOS unless include_bos)
     tokens: Tensor  # [pos, d]
     blocks: list[_Block]
     n_layers: int
@@ -59,29 +61,37 @@ class SourceTable:
         return self.token_start + self.n_pos
 
     @classmethod
-    def build(cls, rm, run, zero_bos: bool = True) -> SourceTable:
+    def build(
+        cls, rm, run, include_bos: bool = False, *, zero_bos: bool | None = None
+    ) -> SourceTable:
+        """The sources of `run` (`rm.run(ids)`); BOS features and errors only if `include_bos`
+        (`zero_bos`, the old name and the opposite, works for this version with a warning)."""
+        _, include_bos = renamed_keywords("SourceTable.build", None, include_bos, zero_bos=zero_bos)
         acts = run.activations.coalesce()
         idx, vals = acts.indices(), acts.values()
         keep = vals != 0
-        if zero_bos:
+        if not include_bos:
             keep &= idx[1] != 0
         # coalesced indices are sorted lexicographically: (layer, pos, feature)
         features, activations = idx[:, keep].T.contiguous(), vals[keep]
         errors = run.errors.clone()
-        if zero_bos:
+        if not include_bos:
             errors[:, 0] = 0
         n_layers, n_pos = run.reads.shape[:2]
         blocks = _blocks(rm.transcoders, features, activations, errors, n_layers, n_pos)
         return cls(features, activations, errors, run.resid0, blocks, n_layers, n_pos)
 
-    def contract(self, g_embed: Tensor, g_writes: list[Tensor | None], n_pos: int) -> Tensor:
+    def contract(
+        self, g_embed: Tensor, g_writes: list[Tensor | None], n_pos: int, out: Tensor | None = None
+    ) -> Tensor:
         """Edges [B, n_cols] from residual gradients over the first `n_pos` positions.
 
         `g_embed [B, n_pos, d]` is the gradient at the first layer's input, `g_writes[l]`
         the gradient at layer l's MLP output (None where the targets do not depend on it).
+        Written into `out` [B, n_cols] when given (it saves a copy of the rows).
         """
         batch = g_embed.shape[0]
-        edges = g_embed.new_zeros(batch, self.n_cols + 1)  # last column: padding scratch
+        edges = g_embed.new_zeros(batch, self.n_cols) if out is None else out.zero_()
         tok = self.token_start
         edges[:, tok : tok + n_pos] = torch.einsum("bpd,pd->bp", g_embed, self.tokens[:n_pos])
         for block in self.blocks:
@@ -91,13 +101,14 @@ class SourceTable:
             # one read of the gradient per layer: [pos, B, d] @ [pos, d, slots]
             part = torch.bmm(g.transpose(0, 1), block.writes[:n_pos])
             cols = block.cols[:n_pos].reshape(-1)
+            # a padding slot adds an exact 0 (its write is zero) to a token column
             edges.index_add_(1, cols, part.permute(1, 0, 2).reshape(batch, -1))
-        return edges[:, :-1]
+        return edges
 
 
 def _blocks(tc, features, acts, errors, n_layers: int, n_pos: int) -> list[_Block]:
     """One block per output layer: the writes of every feature decoding to it, and its error."""
-    scratch = _scratch(features, n_layers, n_pos)
+    tokens = int(features.shape[0]) + n_layers * n_pos  # first token column
     parts: dict[int, list[tuple[Tensor, Tensor]]] = {layer: [] for layer in range(n_layers)}
     for src in range(n_layers):
         rows = (features[:, 0] == src).nonzero().flatten()
@@ -108,7 +119,7 @@ def _blocks(tc, features, acts, errors, n_layers: int, n_pos: int) -> list[_Bloc
         n_slots = int(slot.max()) + 1
         uniq, inverse = torch.unique(feat, return_inverse=True)
         dec = tc.decoder(src, uniq)[inverse].to(acts.dtype)  # [m, n_out, d]
-        cols = torch.full((n_pos, n_slots), scratch, dtype=torch.long, device=acts.device)
+        cols = tokens + torch.arange(n_pos, device=acts.device)[:, None].repeat(1, n_slots)
         cols[pos, slot] = rows
         for offset in range(dec.shape[1]):
             writes = acts.new_zeros(n_pos, dec.shape[-1], n_slots)
@@ -122,10 +133,6 @@ def _blocks(tc, features, acts, errors, n_layers: int, n_pos: int) -> list[_Bloc
         writes, cols = zip(*parts[out], strict=True)
         blocks.append(_Block(out, torch.cat(writes, dim=2), torch.cat(cols, dim=1)))
     return blocks
-
-
-def _scratch(features: Tensor, n_layers: int, n_pos: int) -> int:
-    return int(features.shape[0]) + n_layers * n_pos + n_pos
 
 
 def _slots(pos: Tensor) -> Tensor:

@@ -15,8 +15,11 @@ it ran 10-70x slower with 2 threads than with 1. So the count is
 where *cores allowed* is the CPU affinity mask capped by a cgroup CPU quota (v2
 `cpu.max`, v1 `cpu.cfs_quota_us`), and *idle cores* is `os.cpu_count()` minus the
 runnable tasks of other processes (the median of a few samples of `/proc/stat`), at least 1.
-With `OMP_WAIT_POLICY=PASSIVE` (or `GOMP_SPINCOUNT=0`) in the environment from the start,
-waiting threads sleep, and the idle-core limit is dropped (`passive_waits`).
+Passive waits (`OMP_WAIT_POLICY=PASSIVE`: waiting threads sleep) are not the default and
+do not lift the idle-core limit, measured on the 2-core machine beside 5 other jobs (load
+3.5-5.5; bench/attribute.py --size large, 4 interleaved runs each): 1 spinning thread took
+5.1-14.5 s (median 6.7 s), 2 sleeping threads 9.5-12.6 s (median 10.1 s). A library could
+not make them the default anyway: OpenMP reads the variable once, when torch is imported.
 `WIREMAP_THREADS=N` fixes the count instead. Nothing here changes the process for good:
 the caller's thread count comes back when the context ends. (With OpenMP the count belongs
 to the calling thread: a context in one thread leaves the others' counts alone.)
@@ -133,21 +136,8 @@ def choose_threads(
         return int(fixed)
     cap = torch.get_num_threads() if cap is None else cap
     allowed = allowed_cores(proc, cgroup_root)
-    if passive_waits():
-        return max(1, min(cap, allowed))
     idle = (os.cpu_count() or 1) - busy_elsewhere(proc)
     return max(1, min(cap, allowed, idle))
-
-
-def passive_waits() -> bool:
-    """Whether OpenMP threads sleep rather than spin while they wait (set before start-up).
-
-    Then a preempted thread costs a wake-up, not a timeslice of spinning: beside one busy
-    process on 2 cores, 2 threads took 0.2-0.7 s where 1 took 0.5-0.7 s and 2 spinning
-    threads 3.5-13 s, so every allowed core is used.
-    """
-    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
-    return policy == "PASSIVE" or os.environ.get("GOMP_SPINCOUNT", "").strip() == "0"
 
 
 class ThreadGovernor:
