@@ -66,9 +66,9 @@ def test_explicit_budget_or_tiny_memory_is_an_error_with_both_figures():
 def test_batch_size_shrinks_for_long_prompts_unless_given():
     c = counts(n_features=900_000, n_pos=1000)
     plan = plan_memory(c, budget=None, target_batch=None, host_free=20 * 10**9)
-    assert plan.target_batch < 256 and "--batch-size" in plan.note or plan.target_batch < 256
+    assert plan.target_batch < 256 and "--target-batch" in plan.note or plan.target_batch < 256
     assert plan.max_feature_nodes is not None and plan.needed_bytes <= usable(20 * 10**9)
-    with pytest.raises(WiremapError, match="--batch-size"):
+    with pytest.raises(WiremapError, match="--target-batch"):
         plan_memory(c, budget=None, target_batch=256, host_free=20 * 10**9)
 
 

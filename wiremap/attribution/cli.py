@@ -168,8 +168,8 @@ def attribute_graph(
     rm = _load(source)
     graph = attribute(
         source.prompt, rm, max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob,
-        target_tokens=target, max_feature_nodes=max_feature_nodes, batch_size=target_batch,
-        zero_bos=not include_bos, memory_limit=memory_limit, verbose=not quiet,
+        target_tokens=target, max_feature_nodes=max_feature_nodes, target_batch=target_batch,
+        include_bos=include_bos, memory_limit=memory_limit, verbose=not quiet,
     )  # fmt: skip
     note = graph.settings["memory"]["note"]
     if note and quiet:  # otherwise attribute() has said it

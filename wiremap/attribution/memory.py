@@ -292,7 +292,7 @@ def _choose_batch(c: GraphCounts, target_batch, host: int, device: int | None) -
     if target_batch is not None:
         if need(target_batch) > pool:
             raise _too_big(f"target_batch={target_batch}", need(target_batch), max(pool, 0), c,
-                           flag="--batch-size")  # fmt: skip
+                           flag="--target-batch")  # fmt: skip
         return target_batch
     # a chosen batch leaves at least half of one pool to the rows (more rows, more graph)
     share = 1.0 if device is not None else 0.5
@@ -320,12 +320,12 @@ def _largest_budget(c: GraphCounts, batch: int, host: int, device: int | None) -
 
 def _batch_note(batch: int, asked: int | None) -> str | None:
     if asked is None and batch < DEFAULT_BATCH:
-        return f"memory: {batch} targets per backward pass (--batch-size sets it)"
+        return f"memory: {batch} targets per backward pass (--target-batch sets it)"
     return None
 
 
 def _too_big(what: str, need: int, have: int, c: GraphCounts, flag: str | None = None):
-    flags = flag or "--max-feature-nodes (a smaller budget) or --batch-size"
+    flags = flag or "--max-feature-nodes (a smaller budget) or --target-batch"
     return WiremapError(
         f"attribution with {what} needs about {_gb(need)} but {_gb(have)} is usable "
         f"({c.n_pos} tokens, {c.n_features:,} active features); lower {flags}, "
@@ -346,6 +346,6 @@ def oom_guard(plan: MemoryPlan | None, what: str = "attribution") -> Iterator[No
         if plan is not None
         else "no plan had been made yet"
     )
-    fix = "lower --max-feature-nodes or --batch-size, or shorten the prompt"
+    fix = "lower --max-feature-nodes or --target-batch, or shorten the prompt"
     with oom_to_error(what, figures, fix):
         yield
