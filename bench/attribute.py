@@ -122,7 +122,7 @@ def _load_setup(root: Path, size: str) -> Path:
     """Model, JumpReLU transcoders (circuit-tracer's layout) and prompt under root/size."""
     import torch
 
-    from wiremap.models.io import save_transcoders
+    from wiremap.models.formats import save_transcoders
     from wiremap.models.loading import load_model
     from wiremap.models.tiny import build_tiny_model, sample_corpus
     from wiremap.models.transcoders import build_transcoder
