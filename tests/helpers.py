@@ -70,3 +70,22 @@ def random_transcoder(arch, n_layers, d_model, d_transcoder, activation="relu", 
         if activation == "jumprelu":
             tc.activation.set_threshold(torch.rand(n_layers, d_transcoder) * 0.3)
     return tc
+
+
+TRAIN_BASE = {
+    "run.logger": "none",
+    "run.checkpoint_every": 2,
+    "run.replacement_every": 0,
+    "trainer.max_steps": 4,
+    "trainer.enable_progress_bar": "false",
+    "trainer.val_check_interval": 2,
+    "data.cache.context_length": 32,
+}
+
+
+def train_argv(cfg, root, settings: dict, *extra: str) -> list[str]:
+    """`wiremap train` arguments for a few steps on the cache of `cfg` (a CacheConfig) under
+    `root`: TRAIN_BASE, then `settings` ({"model.d_transcoder": 16, ...}), then `extra`."""
+    cache = {f"data.cache.{k}": getattr(cfg, k) for k in ("model", "dataset", "n_tokens", "out")}
+    merged = {"run.root": root, **TRAIN_BASE, **cache, **settings}
+    return [*(a for key, value in merged.items() for a in (f"--{key}", str(value))), *extra]

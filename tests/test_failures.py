@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_cache
+from helpers import tiny_cache, train_argv
 
 import wiremap.checksums as checksums
 import wiremap.fileio as fileio
@@ -294,17 +294,12 @@ def test_model_name_error_names_the_cli_flag(tiny_model_dir):
 
 # -- training presets and checkpoints ------------------------------------------------------
 def _train_argv(cfg: CacheConfig, root: Path, *extra: str) -> list[str]:
-    return [
-        "--run.name", "r", "--run.root", str(root), "--run.logger", "none",
-        "--run.checkpoint_every", "2", "--run.replacement_every", "0",
-        "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "false",
-        "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-        "--model.arch", "plt", "--model.d_transcoder", "16", "--data.batch_tokens", "64",
-        "--data.buffer_size", "256", "--data.cache.model", cfg.model,
-        "--data.cache.dataset", cfg.dataset, "--data.cache.n_tokens", str(cfg.n_tokens),
-        "--data.cache.context_length", "32", "--data.cache.batch_contexts", "4",
-        "--data.cache.shard_tokens", "256", "--data.cache.out", cfg.out, *extra,
-    ]  # fmt: skip
+    settings = {
+        "run.name": "r", "trainer.limit_val_batches": 1, "model.arch": "plt",
+        "model.d_transcoder": 16, "data.batch_tokens": 64, "data.buffer_size": 256,
+        "data.cache.batch_contexts": 4, "data.cache.shard_tokens": 256,
+    }  # fmt: skip
+    return train_argv(cfg, root, settings, *extra)
 
 
 def test_unknown_preset_key_prints_the_error_first_and_briefly(cache_cfg, tmp_path, capsys):

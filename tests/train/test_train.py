@@ -10,7 +10,7 @@ import time
 import lightning as L
 import pytest
 import torch
-from helpers import Crash, tiny_cache
+from helpers import Crash, tiny_cache, train_argv
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from wiremap.cache import CacheConfig
@@ -269,18 +269,13 @@ def test_cli_run_exports_and_logs_fvu_l0_to_wandb_offline(cache_cfg, tmp_path, m
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.chdir(tmp_path)
-    c = cache_cfg
-    argv = [
-        "--run.name", "t", "--run.root", str(tmp_path), "--run.logger", "wandb",
-        "--run.checkpoint_every", "2", "--run.replacement_every", "2",
-        "--run.replacement_contexts", "2", "--trainer.max_steps", "4",
-        "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false",
-        "--model.d_transcoder", "32", "--data.batch_tokens", "128", "--data.val_fraction", "0.1",
-        "--trainer.val_check_interval", "2", "--data.cache.model", c.model,
-        "--data.cache.dataset", c.dataset, "--data.cache.n_tokens", str(c.n_tokens),
-        "--data.cache.context_length", "32", "--data.cache.shard_tokens", "1024",
-        "--data.cache.out", c.out,
-    ]  # fmt: skip
+    settings = {
+        "run.name": "t", "run.logger": "wandb", "run.replacement_every": 2,
+        "run.replacement_contexts": 2, "trainer.log_every_n_steps": 2,
+        "model.d_transcoder": 32, "data.batch_tokens": 128, "data.val_fraction": 0.1,
+        "data.cache.shard_tokens": 1024,
+    }  # fmt: skip
+    argv = train_argv(cache_cfg, tmp_path, settings)
     assert main(argv) == 0
     run = tmp_path / "t"
     export = run / "transcoders"
