@@ -26,7 +26,6 @@ raised anyway (estimates are estimates) become the same error through `oom_guard
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -34,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from wiremap.attribution.renamed import renamed_keywords
-from wiremap.errors import WiremapError, oom_to_error
+from wiremap.errors import WiremapError, deprecated, oom_to_error
 
 USABLE = 0.7
 """Share of the free memory a plan may fill (the allocator's slack, Python, the OS). The
@@ -215,8 +214,7 @@ class MemoryPlan:
     @property
     def batch_size(self) -> int:
         """Deprecated name of `target_batch` (goes away in the next version)."""
-        warnings.warn("MemoryPlan.batch_size is renamed MemoryPlan.target_batch",
-                      DeprecationWarning, stacklevel=2)  # fmt: skip
+        deprecated("MemoryPlan.batch_size", "MemoryPlan.target_batch")
         return self.target_batch
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -42,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from wiremap.errors import WiremapError
+from wiremap.errors import WiremapError, deprecated
 from wiremap.models.activations import Activation, build_activation
 from wiremap.models.registry import Registry
 
@@ -226,34 +225,23 @@ class Transcoder(nn.Module):
 
     # -- names until 0.1 (one more version, with a DeprecationWarning) ----------------
     def encode_layer(self, x: Tensor, layer: int) -> Tensor:
-        _deprecated("encode_layer(x, layer)", "encode(x, layer)")
+        deprecated("Transcoder.encode_layer(x, layer)", "encode(x, layer)")
         return self.encode(x, layer)
 
     def pre_activation(self, x: Tensor, layer: int) -> Tensor:
-        _deprecated("pre_activation(x, layer)", "pre_activations(x, layer)")
+        deprecated("Transcoder.pre_activation(x, layer)", "pre_activations(x, layer)")
         return self.pre_activations(x, layer)
 
     def skip_layer(self, x: Tensor, layer: int) -> Tensor:
-        _deprecated("skip_layer(x, layer)", "skip(x, layer)")
+        deprecated("Transcoder.skip_layer(x, layer)", "skip(x, layer)")
         return self.skip(x, layer)
-
-
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(
-        f"Transcoder.{old} is deprecated and goes away in the next version; use {new}",
-        DeprecationWarning,
-        stacklevel=3,
-    )
 
 
 def x_then_layer(x: Any, layer: Any, method: str) -> tuple[Tensor, int]:
     """`(x, layer)` for a `method(x, layer)` that took `(layer, x)` until 0.1 (then warns)."""
     if isinstance(x, int) and isinstance(layer, Tensor):
-        warnings.warn(
-            f"{method}(layer, x) is deprecated and goes away in the next version; pass "
-            f"{method}(x, layer), the order of every per-layer method",
-            DeprecationWarning,
-            stacklevel=3,
+        deprecated(
+            f"{method}(layer, x)", f"{method}(x, layer), the order of every per-layer method"
         )
         return layer, x
     return x, layer
@@ -261,7 +249,7 @@ def x_then_layer(x: Any, layer: Any, method: str) -> tuple[Tensor, int]:
 
 def _old_name_alias(old: str, new: str) -> property:
     def get(self: Transcoder):
-        _deprecated(old, new)
+        deprecated(f"Transcoder.{old}", new)
         return getattr(self, new)
 
     return property(get, doc=f"Deprecated alias of `{new}` (the parameter's name until 0.1).")
